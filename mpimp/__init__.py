@@ -1,0 +1,49 @@
+"""mpimp: MPI-native model-parallel training for PyTorch.
+
+Each MPI rank owns a shard of the model; pipeline (layer-wise), tensor (intra-layer)
+and data parallelism compose in a dp x pp x tp grid of ranks (:func:`init`).
+Activations and gradients travel as MPI messages through mpi4py (:mod:`mpimp.comm`).
+"""
+
+from __future__ import annotations
+
+from .comm import (
+    Request,
+    all_gather,
+    all_reduce,
+    barrier,
+    broadcast,
+    iall_reduce,
+    irecv,
+    isend,
+    recv,
+    reduce_scatter,
+    send,
+    wait_all,
+)
+from .errors import ConfigError, DeadlineError, MpimpError, TransportError
+from .topology import Topology, init
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "__version__",
+    "init",
+    "Topology",
+    "send",
+    "recv",
+    "isend",
+    "irecv",
+    "all_reduce",
+    "iall_reduce",
+    "reduce_scatter",
+    "all_gather",
+    "broadcast",
+    "barrier",
+    "wait_all",
+    "Request",
+    "MpimpError",
+    "ConfigError",
+    "TransportError",
+    "DeadlineError",
+]
