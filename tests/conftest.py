@@ -1,0 +1,60 @@
+"""Shared test set-up: one suite for plain ``pytest`` and ``mpirun -n N pytest --with-mpi``.
+
+* Multi-rank tests are marked ``@pytest.mark.mpi(min_size=k)`` (pytest-mpi) and compare
+  the parallel result with a single-process reference computed inside the same test.
+* A test that fails on one rank aborts the whole MPI job (after printing the failure with
+  the rank), so the other ranks never wait forever in a collective; each test also has a
+  timeout (pytest-timeout) and the Makefile bounds each mpirun with ``timeout``.
+* Every wait inside mpimp has a deadline (MPIMP_TIMEOUT, 120 s in tests).
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import pytest
+
+os.environ.setdefault("MPIMP_TIMEOUT", "120")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+torch.set_num_threads(1)
+
+
+def pytest_report_header(config: pytest.Config) -> list[str]:
+    return [
+        f"MPI: {MPI.Get_library_version().splitlines()[0].strip()}",
+        f"MPI rank {MPI.COMM_WORLD.Get_rank()} of {MPI.COMM_WORLD.Get_size()}, "
+        f"torch {torch.__version__}",
+    ]
+
+
+@pytest.hookimpl(hookwrapper=True)
+def pytest_runtest_makereport(item: pytest.Item, call: pytest.CallInfo) -> object:
+    outcome = yield
+    report = outcome.get_result()
+    world = MPI.COMM_WORLD
+    if report.failed and world.Get_size() > 1:
+        sys.stderr.write(
+            f"\n=== rank {world.Get_rank()} of {world.Get_size()}: {item.nodeid} FAILED "
+            f"({report.when}); aborting the MPI job so no rank hangs ===\n{report.longreprtext}\n"
+        )
+        sys.stderr.flush()
+        world.Abort(1)
+
+
+@pytest.fixture
+def comm() -> MPI.Comm:
+    """A private duplicate of COMM_WORLD for one test (freed afterwards)."""
+    c = MPI.COMM_WORLD.Dup()
+    yield c
+    c.Free()
+
+
+def require_size(comm: MPI.Comm, divisible_by: int) -> None:
+    """Skip (with the reason) when the world size does not fit the layout a test needs."""
+    if comm.Get_size() % divisible_by:
+        pytest.skip(f"needs a world size divisible by {divisible_by}, have {comm.Get_size()}")
