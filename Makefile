@@ -14,7 +14,6 @@ export OMPI_MCA_rmaps_base_oversubscribe := true
 export PRTE_MCA_rmaps_default_mapping_policy := :oversubscribe
 export OMP_NUM_THREADS := 1
 export MPIMP_TIMEOUT ?= 120
-MPIRUN := $(shell if [ -x $(VENV)/bin/mpirun ]; then echo $(VENV)/bin/mpirun; else echo mpirun; fi)
 MPIRUN_FLAGS ?= --oversubscribe
 PYTEST := $(PY) -m pytest -p no:cacheprovider
 
