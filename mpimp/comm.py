@@ -35,6 +35,7 @@ from mpi4py import MPI
 
 from .buffers import (
     CODE_DTYPES,
+    cuda_aware,
     dtype_code,
     from_wire,
     host_buffer,
@@ -400,13 +401,14 @@ def _op(op: str) -> MPI.Op:
         raise ConfigError(f"op={op!r} is not supported; use one of {sorted(_OPS)} or 'avg'") from None
 
 
-def _reduce16_op(dtype: torch.dtype, op: str) -> MPI.Op | None:
-    """Native 16-bit reduction operator, or None to fall back to fp32 accumulation."""
+def _reduce16_op(t: torch.Tensor, op: str) -> MPI.Op | None:
+    """Native 16-bit reduction operator for ``t``'s buffer, or None to fall back to fp32 accumulation."""
     try:
         from .native_ops import reduction_op
     except ImportError:  # pragma: no cover - native ops module absent
         return None
-    return reduction_op(dtype, op)
+    on_device = t.device.type == "cuda" and cuda_aware()  # else MPI sees a host (staged) buffer
+    return reduction_op(t.dtype, op, device="cuda" if on_device else "cpu")
 
 
 def iall_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Request:
@@ -421,7 +423,7 @@ def iall_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Reques
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     dtype = mpi_datatype(work.dtype)
     if is_16bit_float(work.dtype):
-        native = _reduce16_op(work.dtype, "sum" if avg else op)
+        native = _reduce16_op(work, "sum" if avg else op)
         if native is None:
             work = work.float()
             dtype = MPI.FLOAT
@@ -472,7 +474,7 @@ def reduce_scatter(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
     src = tensor.detach().contiguous()
     out_dtype = src.dtype
     if is_16bit_float(src.dtype):
-        native = _reduce16_op(src.dtype, "sum" if avg else op)
+        native = _reduce16_op(src, "sum" if avg else op)
         if native is None:
             src = src.float()
         else:
