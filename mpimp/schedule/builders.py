@@ -1,0 +1,148 @@
+"""Schedule builders: pure functions ``(p, m[, v]) -> one list of actions per rank``.
+
+Problem: GPipe, 1F1B, interleaved 1F1B and zero-bubble schedules differ only in the
+*order* in which each rank runs its forwards and backwards.  Writing each as its own
+executor loop (Megatron has 360- and 1,100-line ones) makes them untestable without
+ranks; here each is a short pure function whose output the verifier can check offline.
+
+Pictures for p = 4 ranks, m = 8 micro-batches (digits: F of that micro-batch, letters
+a..h: B of micro-batch 0..7, w: weight gradient, . idle; one column = one time unit)::
+
+    gpipe   r0  01234567........hgfedcba     peak in-flight activations: m
+    1f1b    r0  0123...a4.b5.c6.d7.e.f.g.h   peak: p - r on rank r (<= p)
+
+* ``gpipe``: all forwards, then all backwards (fill-drain; Huang et al., 2019).
+* ``1f1b``: ``p - r - 1`` warm-up forwards on rank r, then alternate one forward and one
+  backward, then drain (Narayanan et al., 2019: PipeDream-Flush).
+* ``interleaved-1f1b``: rank r holds virtual stages r, r + p, r + 2p, ...; forwards go
+  in groups of p micro-batches per virtual stage (Megatron-LM, Narayanan et al., 2021).
+  Needs m divisible by p.  Bubble shrinks by a factor v.
+* ``zb-h1``: backward split into B (input gradient, on the critical path) and W (weight
+  gradient, deferrable) as in Qi et al., 2023, "Zero Bubble Pipeline Parallelism":
+  1F1B's order with rank r holding back r weight gradients to fill the drain bubble.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+from ..errors import ConfigError
+from .actions import Action, Table
+
+__all__ = ["gpipe", "one_f_one_b", "interleaved_1f1b", "zb_h1", "build", "BUILDERS"]
+
+
+def _check(name: str, p: int, m: int, v: int = 1) -> None:
+    for label, value in (("pipeline stages p", p), ("micro-batches m (chunks)", m),
+                         ("virtual stages v", v)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name}: {label} = {value!r} must be an integer >= 1")
+
+
+def _only_v1(name: str, v: int) -> None:
+    if v != 1:
+        raise ConfigError(
+            f"schedule {name!r} has one stage per rank, got virtual_stages={v}; "
+            f"use schedule='interleaved-1f1b' for virtual stages"
+        )
+
+
+def gpipe(p: int, m: int, v: int = 1) -> Table:
+    """Fill-drain: every rank runs F0..F(m-1), then B0..B(m-1)."""
+    _check("gpipe", p, m, v)
+    _only_v1("gpipe", v)
+    return [[Action(r, "F", i) for i in range(m)] + [Action(r, "B", i) for i in range(m)]
+            for r in range(p)]
+
+
+def one_f_one_b(p: int, m: int, v: int = 1) -> Table:
+    """1F1B: ``min(p - r - 1, m)`` warm-up forwards, then F/B pairs, then the remaining B."""
+    _check("1f1b", p, m, v)
+    _only_v1("1f1b", v)
+    table = []
+    for r in range(p):
+        warm = min(p - r - 1, m)
+        row = [Action(r, "F", i) for i in range(warm)]
+        for i in range(m - warm):
+            row += [Action(r, "F", warm + i), Action(r, "B", i)]
+        row += [Action(r, "B", i) for i in range(m - warm, m)]
+        table.append(row)
+    return table
+
+
+def interleaved_1f1b(p: int, m: int, v: int = 2) -> Table:
+    """Megatron's interleaved 1F1B over ``v`` virtual stages per rank (m divisible by p)."""
+    _check("interleaved-1f1b", p, m, v)
+    if v == 1:
+        return one_f_one_b(p, m)
+    if m % p:
+        raise ConfigError(
+            f"interleaved-1f1b needs the number of micro-batches (chunks={m}) divisible by the "
+            f"pipeline size p={p}; use chunks={max(p, m // p * p)} or {(m // p + 1) * p}, "
+            f"or schedule='1f1b'"
+        )
+    total = m * v
+
+    def fwd(k: int, r: int) -> Action:
+        chunk = (k // p) % v
+        return Action(chunk * p + r, "F", (k // (p * v)) * p + k % p)
+
+    def bwd(k: int, r: int) -> Action:
+        chunk = v - 1 - (k // p) % v
+        return Action(chunk * p + r, "B", (k // (p * v)) * p + k % p)
+
+    table = []
+    for r in range(p):
+        warm = total if m == p else min((p - r - 1) * 2 + (v - 1) * p, total)
+        row = [fwd(k, r) for k in range(warm)]
+        for k in range(total - warm):
+            row += [fwd(warm + k, r), bwd(k, r)]
+        row += [bwd(k, r) for k in range(total - warm, total)]
+        table.append(row)
+    return table
+
+
+def zb_h1(p: int, m: int, v: int = 1) -> Table:
+    """ZB-H1: 1F1B's warm-up, backward split into B (input grad) and W (weight grad).
+
+    Rank r runs ``p - r - 1`` warm-up forwards, then F/B pairs; the W of the oldest
+    micro-batch follows each pair from the r-th pair on (so rank r holds r extra W's
+    back), each drain B is followed by a W, and the held-back W's fill the tail.  With
+    equal F, B, W costs the bubble is ``(p - 1)`` units instead of 1F1B's ``3 (p - 1)``
+    and no rank holds more than p micro-batches (1F1B's peak, on rank 0).
+    """
+    _check("zb-h1", p, m, v)
+    _only_v1("zb-h1", v)
+    table = []
+    for r in range(p):
+        warm = min(p - r - 1, m)
+        row = [Action(r, "F", i) for i in range(warm)]
+        w = 0
+        for i in range(m - warm):
+            row += [Action(r, "F", warm + i), Action(r, "B", i)]
+            if i >= r:
+                row.append(Action(r, "W", w))
+                w += 1
+        for i in range(m - warm, m):
+            row += [Action(r, "B", i), Action(r, "W", w)]
+            w += 1
+        row += [Action(r, "W", i) for i in range(w, m)]
+        table.append(row)
+    return table
+
+
+BUILDERS: dict[str, Callable[[int, int, int], Table]] = {
+    "gpipe": gpipe,
+    "1f1b": one_f_one_b,
+    "interleaved-1f1b": interleaved_1f1b,
+    "zb-h1": zb_h1,
+}
+
+
+def build(name: str, p: int, m: int, v: int = 1) -> Table:
+    """The compute-only table of schedule ``name`` for p ranks, m micro-batches, v virtual stages."""
+    try:
+        builder = BUILDERS[name]
+    except KeyError:
+        raise ConfigError(f"unknown schedule {name!r}; use one of {sorted(BUILDERS)} or an action table") from None
+    return builder(p, m, v)

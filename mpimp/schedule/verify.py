@@ -1,0 +1,293 @@
+"""Offline verifier and cost-model simulator for action tables (one process, no MPI).
+
+Problem: a wrong schedule on real ranks shows up as a hang after the deadline, on one of
+hundreds of ranks, with no clue which action was wrong.  Here every rank's table is
+dry-run in one process with the executor's semantics:
+
+* sends are non-blocking (the executor uses ``isend`` and completes them at the end of
+  the step), receives block until the matching send has been issued;
+* ``F(s, i)`` needs its input (stage 0, an earlier ``RECV_F(s, i)``, or ``F(s-1, i)`` on
+  the same rank); ``B(s, i)`` needs ``F(s, i)`` and its output gradient (last stage,
+  ``RECV_B(s, i)`` or ``B(s+1, i)`` on the same rank); ``W(s, i)`` needs ``B(s, i)``;
+* every (stage, micro-batch) has exactly one F and one B, at most one W, and every send
+  is matched by exactly one receive.
+
+A violation raises :class:`ScheduleError` whose message is the rank x step grid with
+the offending action(s) marked ``>>1F0<<``.  The same dry run, given a
+:class:`CostModel`, advances a clock per rank and becomes the simulator: predicted step
+time, bubble fraction and peak activation memory (micro-batches held between F and the
+end of their backward, W included) per rank.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from ..errors import ConfigError
+from .actions import COMPUTE, Action, Table, lower, parse_table, stage_owners
+
+__all__ = ["ScheduleError", "CostModel", "Report", "verify", "simulate", "format_grid"]
+
+
+class ScheduleError(ConfigError):
+    """An action table that cannot run; the message holds the marked rank x step grid."""
+
+
+@dataclass(frozen=True)
+class CostModel:
+    """Seconds per action and per message: ``B`` is the input-gradient half when W is split.
+
+    A B without a matching W costs ``b + w`` (a full backward).  A message costs
+    ``latency + nbytes / bandwidth`` between the send and the earliest matching receive.
+    ``activation_bytes`` (per micro-batch per stage) turns peak in-flight micro-batches
+    into bytes.
+    """
+
+    f: float = 1.0
+    b: float = 1.0
+    w: float = 1.0
+    latency: float = 0.0
+    bandwidth: float = float("inf")
+    message_bytes: float = 0.0
+    activation_bytes: float = 0.0
+
+    def message_time(self) -> float:
+        return self.latency + (self.message_bytes / self.bandwidth if self.bandwidth else 0.0)
+
+
+@dataclass
+class Report:
+    """Result of a dry run: per-rank peak in-flight micro-batches and, with a cost model, times."""
+
+    num_ranks: int
+    num_stages: int
+    num_microbatches: int
+    peak_inflight: list[int]
+    step_time: float = 0.0
+    busy: list[float] = field(default_factory=list)
+    events: list[list[tuple[Action, float, float]]] = field(default_factory=list)
+
+    @property
+    def bubble_per_rank(self) -> list[float]:
+        if not self.step_time:
+            return [0.0] * self.num_ranks
+        return [1.0 - b / self.step_time for b in self.busy]
+
+    @property
+    def bubble(self) -> float:
+        """Mean over ranks of the idle fraction of the step."""
+        per = self.bubble_per_rank
+        return sum(per) / len(per) if per else 0.0
+
+    def peak_activation_bytes(self, cost: CostModel) -> list[float]:
+        return [n * cost.activation_bytes for n in self.peak_inflight]
+
+
+def format_grid(table: Sequence[Sequence[Action]], marks: dict[int, int], width: int = 6) -> str:
+    """The rank x step grid, each marked action as ``>>1F0<<``, columns near the marks only."""
+    if not table:
+        return "(empty table)"
+    cols = [c for c in marks.values()] or [0]
+    lo = max(0, min(cols) - width)
+    hi = max(cols) + width + 1
+    lines = []
+    longest = max(len(row) for row in table)
+    hi = min(hi, longest)
+    header = "step    " + " ".join(f"{c:>11}" for c in range(lo, hi))
+    lines.append(header + ("  ..." if hi < longest else ""))
+    for r, row in enumerate(table):
+        cells = []
+        for c in range(lo, hi):
+            if c >= len(row):
+                cells.append(f"{'':>11}")
+                continue
+            text = str(row[c])
+            if marks.get(r) == c:
+                text = f">>{text}<<"
+            cells.append(f"{text:>11}")
+        lines.append(f"rank {r:<3}" + " ".join(cells))
+    if lo > 0:
+        lines.insert(1, f"(steps {lo}..{hi - 1} of {longest})")
+    return "\n".join(lines)
+
+
+def _fail(table: Table, marks: dict[int, int], why: str) -> ScheduleError:
+    return ScheduleError(f"invalid pipeline schedule: {why}\n{format_grid(table, marks)}")
+
+
+def _check_counts(table: Table, owner: dict[int, int], num_stages: int, m: int) -> None:
+    seen: dict[tuple[int, str, int], tuple[int, int]] = {}
+    for r, row in enumerate(table):
+        for c, a in enumerate(row):
+            if a.stage < 0 or a.stage >= num_stages or a.mb < 0 or a.mb >= m:
+                raise _fail(table, {r: c}, f"rank {r} step {c}: {a} is outside stages 0..{num_stages - 1}, "
+                                           f"micro-batches 0..{m - 1}")
+            if owner.get(a.stage) != r and a.kind in COMPUTE:
+                raise _fail(table, {r: c}, f"{a} on rank {r} but stage {a.stage} lives on rank {owner.get(a.stage)}")
+            if owner.get(a.stage, r) != r:
+                raise _fail(table, {r: c}, f"{a} on rank {r} but stage {a.stage} lives on rank {owner[a.stage]}")
+            key = (a.stage, a.kind, a.mb)
+            if key in seen:
+                r0, c0 = seen[key]
+                marks = {r: c} if r0 == r else {r0: c0, r: c}
+                raise _fail(table, marks, f"{a} appears twice (rank {r0} step {c0} and rank {r} step {c})")
+            seen[key] = (r, c)
+    for s in range(num_stages):
+        for i in range(m):
+            for kind in ("F", "B"):
+                if (s, kind, i) not in seen:
+                    r = owner.get(s, 0)
+                    raise _fail(table, {r: len(table[r]) - 1 if table[r] else 0},
+                                f"stage {s} never runs {s}{kind}{i} (every stage needs one F and one B "
+                                f"per micro-batch; expected on rank {r})")
+
+
+def verify(table: str | Sequence[Sequence[object]], num_microbatches: int | None = None,
+           cost: CostModel | None = None) -> Report:
+    """Dry-run a table (lowering it first when it has no communication actions).
+
+    Returns a :class:`Report` (peak in-flight micro-batches per rank; with ``cost``, the
+    simulated clock); raises :class:`ScheduleError` with the marked grid on any error.
+    """
+    compute = parse_table(table)  # type: ignore[arg-type]
+    if not compute or not any(compute):
+        raise ScheduleError("invalid pipeline schedule: the table is empty (one list of actions per rank)")
+    try:
+        owner = stage_owners(compute)
+    except ConfigError as exc:
+        raise ScheduleError(f"invalid pipeline schedule: {exc}\n{format_grid(compute, {})}") from None
+    lowered = compute if any(a.kind not in COMPUTE for row in compute for a in row) else lower(compute)
+    num_stages = max(owner) + 1
+    missing = sorted(set(range(num_stages)) - set(owner))
+    if missing:
+        raise ScheduleError(f"invalid pipeline schedule: stages {missing} have no actions (stages must be "
+                            f"numbered 0..{num_stages - 1})\n{format_grid(lowered, {})}")
+    m = num_microbatches if num_microbatches is not None else 1 + max(a.mb for row in lowered for a in row)
+    _check_counts(lowered, owner, num_stages, m)
+    return _run(lowered, owner, num_stages, m, cost)
+
+
+def simulate(table: str | Sequence[Sequence[object]], cost: CostModel,
+             num_microbatches: int | None = None) -> Report:
+    """Predicted step time, bubble and peak activations of a table on a cost model."""
+    return verify(table, num_microbatches, cost)
+
+
+def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel | None) -> Report:
+    p = len(table)
+    has_w = {(a.stage, a.mb) for row in table for a in row if a.kind == "W"}
+    done: set[tuple[int, str, int]] = set()
+    sent: dict[tuple[int, str, int], float] = {}  # (stage, SEND_F|SEND_B, mb) -> arrival time
+    received: set[tuple[int, str, int]] = set()
+    pos = [0] * p
+    clock = [0.0] * p
+    busy = [0.0] * p
+    inflight = [0] * p
+    peak = [0] * p
+    events: list[list[tuple[Action, float, float]]] = [[] for _ in range(p)]
+    msg = cost.message_time() if cost else 0.0
+
+    def error(r: int, why: str) -> ScheduleError:
+        return _fail(table, {r: pos[r]}, f"rank {r} step {pos[r]}: {table[r][pos[r]]}: {why}")
+
+    def ready(r: int, a: Action) -> float | None:
+        """Earliest start time if the action can run now, None if it must wait."""
+        s, k, i = a
+        if k == "F":
+            if s == 0:
+                return clock[r]
+            if owner[s - 1] == r:
+                if (s - 1, "F", i) in done:
+                    return clock[r]
+                raise error(r, f"needs the output of {s - 1}F{i} on this rank first")
+            if (s, "RECV_F", i) in done:
+                return clock[r]
+            raise error(r, f"its input comes from rank {owner[s - 1]}: {s}RECV_F{i} must come before it")
+        if k == "B":
+            if (s, "F", i) not in done:
+                raise error(r, f"backward before its forward {s}F{i}")
+            if s == num_stages - 1:
+                return clock[r]
+            if owner[s + 1] == r:
+                if (s + 1, "B", i) in done:
+                    return clock[r]
+                raise error(r, f"needs the input gradient of {s + 1}B{i} on this rank first")
+            if (s, "RECV_B", i) in done:
+                return clock[r]
+            raise error(r, f"its output gradient comes from rank {owner[s + 1]}: {s}RECV_B{i} must come before it")
+        if k == "W":
+            if (s, "B", i) not in done:
+                raise error(r, f"weight gradient before its backward {s}B{i}")
+            return clock[r]
+        if k == "SEND_F":
+            if s == num_stages - 1 or owner[s + 1] == r:
+                raise error(r, "no remote next stage to send to")
+            if (s, "F", i) not in done:
+                raise error(r, f"sends the output of {s}F{i} before computing it")
+            return clock[r]
+        if k == "SEND_B":
+            if s == 0 or owner[s - 1] == r:
+                raise error(r, "no remote previous stage to send to")
+            if (s, "B", i) not in done:
+                raise error(r, f"sends the input gradient of {s}B{i} before computing it")
+            return clock[r]
+        # receives: RECV_F(s, i) matches SEND_F(s-1, i); RECV_B(s, i) matches SEND_B(s+1, i)
+        src = (s - 1, "SEND_F", i) if k == "RECV_F" else (s + 1, "SEND_B", i)
+        if not 0 <= src[0] < num_stages or owner[src[0]] == r:
+            raise error(r, "no remote stage to receive from")
+        if src in sent:
+            return max(clock[r], sent[src])
+        return None
+
+    def duration(a: Action) -> float:
+        if cost is None or a.kind not in COMPUTE:
+            return 0.0
+        if a.kind == "F":
+            return cost.f
+        if a.kind == "W":
+            return cost.w
+        return cost.b if (a.stage, a.mb) in has_w else cost.b + cost.w
+
+    remaining = sum(len(row) for row in table)
+    while remaining:
+        progressed = False
+        for r in range(p):
+            while pos[r] < len(table[r]):
+                a = table[r][pos[r]]
+                start = ready(r, a)
+                if start is None:
+                    break
+                end = start + duration(a)
+                clock[r] = end
+                if a.kind in COMPUTE:
+                    busy[r] += end - start
+                events[r].append((a, start, end))
+                key = (a.stage, a.kind, a.mb)
+                done.add(key)
+                if a.kind in ("SEND_F", "SEND_B"):
+                    sent[key] = end + msg
+                elif a.kind in ("RECV_F", "RECV_B"):
+                    received.add(key)
+                if a.kind == "F":
+                    inflight[r] += 1
+                    peak[r] = max(peak[r], inflight[r])
+                elif (a.kind == "B" and (a.stage, a.mb) not in has_w) or a.kind == "W":
+                    inflight[r] -= 1
+                pos[r] += 1
+                remaining -= 1
+                progressed = True
+        if not progressed:
+            marks = {r: pos[r] for r in range(p) if pos[r] < len(table[r])}
+            stuck = ", ".join(f"rank {r} waits in {table[r][c]}" for r, c in marks.items())
+            raise _fail(table, marks, f"deadlock: {stuck}")
+    unmatched = [k for k in sent if ((k[0] + 1, "RECV_F", k[2]) if k[1] == "SEND_F"
+                                     else (k[0] - 1, "RECV_B", k[2])) not in received]
+    if unmatched:
+        s, kind, i = unmatched[0]
+        r = owner[s]
+        col = table[r].index(Action(s, kind, i))
+        raise _fail(table, {r: col}, f"{s}{kind}{i} is never received")
+    step = max(clock) if cost else 0.0
+    return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
+                  step_time=step, busy=busy if cost else [], events=events if cost else [])
