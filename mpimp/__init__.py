@@ -22,6 +22,7 @@ from .comm import (
     wait_all,
 )
 from .errors import ConfigError, DeadlineError, MpimpError, TransportError
+from .pipeline import Pipeline
 from .topology import Topology, init
 
 __version__ = "0.1.0"
@@ -30,6 +31,7 @@ __all__ = [
     "__version__",
     "init",
     "Topology",
+    "Pipeline",
     "send",
     "recv",
     "isend",
