@@ -7,6 +7,7 @@ Activations and gradients travel as MPI messages through mpi4py (:mod:`mpimp.com
 
 from __future__ import annotations
 
+from . import models, nn
 from .comm import (
     Request,
     all_gather,
@@ -32,6 +33,8 @@ __all__ = [
     "init",
     "Topology",
     "Pipeline",
+    "nn",
+    "models",
     "send",
     "recv",
     "isend",

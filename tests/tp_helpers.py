@@ -1,0 +1,47 @@
+"""Helpers shared by the tensor-parallel tests: sub-communicators of the size a test needs."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from contextlib import contextmanager
+
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpimp
+
+
+@contextmanager
+def tp_topology(comm: MPI.Comm, tp: int, pp: int = 1) -> Iterator[mpimp.Topology | None]:
+    """A ``pp x tp`` topology over the first ``k * pp * tp`` ranks of ``comm`` (groups of
+    consecutive ranks, each running the test independently); None on the ranks left over
+    (e.g. rank 2 at world 3 for tp = 2).  Skips when the world is too small."""
+    size, rank, need = comm.Get_size(), comm.Get_rank(), tp * pp
+    if size < need:
+        pytest.skip(f"needs at least {need} ranks (pp={pp} x tp={tp}), have {size}")
+    color = rank // need if rank < (size // need) * need else MPI.UNDEFINED
+    sub = comm.Split(color, rank)
+    if sub == MPI.COMM_NULL:
+        yield None
+        return
+    topo = mpimp.init(pp=pp, tp=tp, comm=sub)
+    try:
+        yield topo
+    finally:
+        topo.free()
+        sub.Free()
+
+
+@contextmanager
+def single_topology() -> Iterator[mpimp.Topology]:
+    """A one-rank topology (the single-process reference model)."""
+    topo = mpimp.init(comm=MPI.COMM_SELF)
+    try:
+        yield topo
+    finally:
+        topo.free()
+
+
+def assert_close(actual: torch.Tensor, expected: torch.Tensor, name: str = "", tol: float = 1e-5) -> None:
+    torch.testing.assert_close(actual, expected, atol=tol, rtol=tol, msg=lambda m: f"{name}: {m}")
