@@ -394,11 +394,29 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
 
 # ----------------------------------------------------------------------------- collectives
 
-def _op(op: str) -> MPI.Op:
+def _op(op: str, dtype: torch.dtype | None = None) -> MPI.Op:
+    """The MPI operator for ``op`` ("avg" -> SUM), refusing combinations MPI cannot reduce.
+
+    Checked locally and identically on every rank, before any communication.
+    """
     try:
-        return _OPS[op]
+        mpi_op = _OPS["sum" if op == "avg" else op]
     except KeyError:
         raise ConfigError(f"op={op!r} is not supported; use one of {sorted(_OPS)} or 'avg'") from None
+    if dtype is None:
+        return mpi_op
+    mpi_datatype(dtype)  # unsupported dtypes raise, naming the dtype
+    name = str(dtype).removeprefix("torch.")
+    if dtype == torch.bool:
+        raise ConfigError(f"cannot {op}-reduce a bool tensor; reduce tensor.to(torch.uint8) "
+                          f"(max/min act as or/and) and convert back")
+    if op == "avg" and not (dtype.is_floating_point or dtype.is_complex):
+        raise ConfigError(f"op='avg' needs a floating-point tensor, got {name}; "
+                          f"reduce with op='sum' and divide, or convert to float first")
+    if op in ("max", "min") and dtype.is_complex:
+        raise ConfigError(f"op={op!r} is undefined for complex tensors ({name}); reduce the real "
+                          f"and imaginary parts (torch.view_as_real) or the magnitudes instead")
+    return mpi_op
 
 
 def _reduce16_op(t: torch.Tensor, op: str) -> MPI.Op | None:
@@ -419,7 +437,7 @@ def iall_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Reques
     rounding per step) when built, otherwise through an fp32 copy (exact sum, one rounding).
     """
     avg = op == "avg"
-    mpi_op = _op("sum" if avg else op)
+    mpi_op = _op(op, tensor.dtype)
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     dtype = mpi_datatype(work.dtype)
     if is_16bit_float(work.dtype):
@@ -470,7 +488,7 @@ def reduce_scatter(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
             f"got shape {list(tensor.shape)}; pad dim 0 to a multiple of {p}"
         )
     avg = op == "avg"
-    mpi_op = _op("sum" if avg else op)
+    mpi_op = _op(op, tensor.dtype)
     src = tensor.detach().contiguous()
     out_dtype = src.dtype
     if is_16bit_float(src.dtype):
@@ -481,11 +499,11 @@ def reduce_scatter(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
             mpi_op = native
     out = torch.empty((src.shape[0] // p, *src.shape[1:]), dtype=src.dtype, device=src.device)
     dtype = mpi_datatype(src.dtype) if src.dtype != torch.float32 else MPI.FLOAT
-    sbuf, _ = to_wire(src)
+    sbuf, sstaged = to_wire(src)  # the staging copy must outlive the operation
     rbuf, staged = from_wire(out)
     _trace(comm, f"Ireduce_scatter_block {out.numel()} x {src.dtype} op {op}")
     req = comm.Ireduce_scatter_block([sbuf, out.numel(), dtype], [rbuf, out.numel(), dtype], mpi_op)
-    _MPIRequest(req, f"reduce_scatter of {src.numel()} elements over {p} ranks", (src, out, staged)).wait(timeout)
+    _MPIRequest(req, f"reduce_scatter of {src.numel()} elements over {p} ranks", (src, sstaged, out, staged)).wait(timeout)
     if staged is not None:
         out.copy_(staged)
     if avg:
@@ -500,12 +518,12 @@ def all_gather(tensor: torch.Tensor, comm: MPI.Comm, dim: int = 0,
     src = tensor.detach().contiguous()
     dtype_code(src.dtype)
     out = torch.empty((p, *src.shape), dtype=src.dtype, device=src.device)
-    sbuf, _ = to_wire(src)
+    sbuf, sstaged = to_wire(src)  # the staging copy must outlive the operation
     rbuf, staged = from_wire(out)
     nbytes = src.numel() * src.element_size()
     _trace(comm, f"Iallgather {nbytes} B")
     req = comm.Iallgather([sbuf, nbytes, MPI.BYTE], [rbuf, nbytes, MPI.BYTE])
-    _MPIRequest(req, f"all_gather of {nbytes} B over {p} ranks", (src, out, staged)).wait(timeout)
+    _MPIRequest(req, f"all_gather of {nbytes} B over {p} ranks", (src, sstaged, out, staged)).wait(timeout)
     if staged is not None:
         out.copy_(staged)
     if src.dim() == 0:

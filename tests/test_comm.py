@@ -1,0 +1,494 @@
+"""Tensor transport: point-to-point and collectives, checked against single-process references.
+
+Every multi-rank test builds each rank's tensors deterministically from the rank (a seeded
+generator), so any rank can compute what every other rank holds and therefore the exact
+expected result of a message or a reduction.  Point-to-point tests use the ring
+``r -> r+1 (mod p)``; at one rank that is a send to oneself, which MPI supports.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpimp
+from mpimp import comm as transport
+
+DTYPES = [
+    torch.float32, torch.float64, torch.float16, torch.bfloat16,
+    torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8,
+    torch.bool, torch.complex64, torch.complex128,
+]
+# 0-dim, empty, small (packed path) and large (> 32 KiB: zero-copy struct datatype path)
+SHAPES = [(), (0,), (3, 0, 2), (5, 7), (200, 201)]
+
+
+def make(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    """The tensor with this seed: identical on every rank that asks for it."""
+    g = torch.Generator().manual_seed(seed)
+    if dtype == torch.bool:
+        return torch.randint(0, 2, shape, generator=g).bool()
+    if dtype.is_complex:
+        return torch.randn(shape, generator=g, dtype=dtype)
+    if dtype.is_floating_point:
+        return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+    info = torch.iinfo(dtype)
+    return torch.randint(max(info.min, -1000), min(info.max, 1000) + 1, shape, generator=g).to(dtype)
+
+
+def same(a: torch.Tensor, b: torch.Tensor) -> bool:
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+def ring(comm: MPI.Comm) -> tuple[int, int]:
+    """(destination, source) of this rank on the ring r -> r+1."""
+    p, r = comm.Get_size(), comm.Get_rank()
+    return (r + 1) % p, (r - 1) % p
+
+
+def exchange(obj: object, comm: MPI.Comm, tag: int = 0, **recv_kwargs: object) -> object:
+    dst, src = ring(comm)
+    req = mpimp.isend(obj, dst, comm, tag=tag)
+    got = mpimp.recv(src, comm, tag=tag, **recv_kwargs)
+    req.wait()
+    return got
+
+
+# ----------------------------------------------------------------------------- point-to-point
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", DTYPES, ids=lambda d: str(d).removeprefix("torch."))
+def test_send_recv_every_dtype_and_shape(comm: MPI.Comm, dtype: torch.dtype) -> None:
+    _, src = ring(comm)
+    for k, shape in enumerate(SHAPES):
+        mine = make(dtype, shape, seed=1000 * comm.Get_rank() + k)
+        got = exchange(mine, comm, tag=k)
+        assert isinstance(got, torch.Tensor)
+        assert same(got, make(dtype, shape, seed=1000 * src + k)), (dtype, shape)
+        assert got.is_contiguous()
+        # blocking send on the other side of the ring
+        if comm.Get_size() > 1:
+            if comm.Get_rank() % 2 == 0:
+                mpimp.send(mine, ring(comm)[0], comm, tag=50 + k)
+                got = mpimp.recv(src, comm, tag=50 + k)
+            else:
+                got = mpimp.recv(src, comm, tag=50 + k)
+                mpimp.send(mine, ring(comm)[0], comm, tag=50 + k)
+            assert same(got, make(dtype, shape, seed=1000 * src + k))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_both_wire_paths_are_exercised() -> None:
+    small = make(torch.float32, (5, 7), 0)
+    large = make(torch.float32, (200, 201), 0)
+    spec_small, _, _ = transport._send_buffer([small], False)
+    spec_large, _, _ = transport._send_buffer([large], False)
+    assert spec_small[2] == MPI.BYTE  # packed into one buffer
+    assert spec_large[0] is MPI.BOTTOM  # struct datatype over absolute addresses
+    transport._free_datatype((None, None, spec_large[2]))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_tuples_round_trip_and_stay_tuples(comm: MPI.Comm) -> None:
+    _, src = ring(comm)
+
+    def parts(rank: int) -> tuple[torch.Tensor, ...]:
+        return (
+            make(torch.bfloat16, (100, 300), 10 * rank),  # large: struct path with padding
+            make(torch.int64, (), 10 * rank + 1),
+            make(torch.bool, (0, 4), 10 * rank + 2),
+            make(torch.complex64, (3,), 10 * rank + 3),
+            make(torch.float16, (7, 1, 3), 10 * rank + 4),
+        )
+
+    for tag, build in enumerate([
+        parts,  # large + small mixed
+        lambda r: parts(r)[1:],  # all small: packed path
+        lambda r: (make(torch.float32, (4,), r),),  # a 1-tuple stays a 1-tuple
+        lambda r: (make(torch.float64, (9000,), r),),  # large 1-tuple
+        lambda r: (),  # the empty tuple
+    ]):
+        got = exchange(build(comm.Get_rank()), comm, tag=tag)
+        want = build(src)
+        assert isinstance(got, tuple) and len(got) == len(want)
+        for g, w in zip(got, want):
+            assert same(g, w)
+    # a list is sent as a tuple; a bare tensor arrives bare
+    got = exchange([make(torch.int8, (3,), comm.Get_rank())], comm, tag=9)
+    assert isinstance(got, tuple) and same(got[0], make(torch.int8, (3,), src))
+    got = exchange(make(torch.int8, (3,), comm.Get_rank()), comm, tag=10)
+    assert isinstance(got, torch.Tensor)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_shapes_and_dtypes_change_between_messages_on_one_tag(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    plan = [(torch.float32, (2, 3)), (torch.bfloat16, (50000,)), (torch.int64, ()),
+            (torch.float32, (0,)), (torch.complex128, (4, 4, 4)), (torch.uint8, (33000,)),
+            (torch.float32, (2, 3))]
+    sends = [mpimp.isend(make(d, s, 100 * comm.Get_rank() + i), dst, comm, tag=3)
+             for i, (d, s) in enumerate(plan)]
+    for i, (d, s) in enumerate(plan):  # MPI keeps messages of one (source, tag) in order
+        assert same(mpimp.recv(src, comm, tag=3), make(d, s, 100 * src + i))
+    mpimp.wait_all(sends)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_non_contiguous_tensors_are_sent_correctly(comm: MPI.Comm) -> None:
+    _, src = ring(comm)
+
+    def views(rank: int) -> list[torch.Tensor]:
+        base = make(torch.float32, (64, 300), rank)
+        return [base.t(), base[:, ::3], base[::2, 5:], make(torch.int16, (3,), rank).expand(4, 3),
+                make(torch.bfloat16, (4, 5), rank).t()]
+
+    for tag, (mine, want) in enumerate(zip(views(comm.Get_rank()), views(src))):
+        assert not mine.is_contiguous()
+        got = exchange(mine, comm, tag=tag)
+        assert same(got, want.contiguous())
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("shape", [(4, 4), (100, 100)], ids=["small", "large"])
+def test_recv_into_out(comm: MPI.Comm, shape: tuple[int, int]) -> None:
+    _, src = ring(comm)
+    mine = make(torch.float32, shape, comm.Get_rank())
+    out = torch.full(shape, -1.0)
+    got = exchange(mine, comm, tag=1, out=out)
+    assert got is out and same(out, make(torch.float32, shape, src))
+    # wrong size: the error names what out is and what the message holds
+    wrong = torch.empty(shape[0] + 1)
+    with pytest.raises(mpimp.TransportError) as err:
+        exchange(mine, comm, tag=2, out=wrong)
+    assert f"float32[{shape[0] + 1}]" in str(err.value) and f"float32[{shape[0]}, {shape[1]}]" in str(err.value)
+    # wrong dtype, same number of bytes
+    with pytest.raises(mpimp.TransportError) as err:
+        exchange(mine, comm, tag=3, out=torch.empty(shape, dtype=torch.int32))
+    assert f"int32[{shape[0]}, {shape[1]}]" in str(err.value) and f"float32[{shape[0]}, {shape[1]}]" in str(err.value)
+    # the failed receives consumed their messages: the next one arrives intact
+    got = exchange(mine * 2, comm, tag=4, out=torch.empty(shape))
+    assert same(got, make(torch.float32, shape, src) * 2)
+
+
+def test_unsupported_dtype_raises_config_error_naming_it() -> None:
+    bad = [d for d in (getattr(torch, "uint16", None), getattr(torch, "uint32", None),
+                       getattr(torch, "float8_e4m3fn", None)) if d is not None]
+    assert bad, "this torch has none of uint16, uint32, float8_e4m3fn"
+    comm = MPI.COMM_SELF
+    for dtype in bad:
+        t = torch.zeros(4, dtype=dtype)
+        name = str(dtype).removeprefix("torch.")
+        for call, arg in ((mpimp.isend, t), (mpimp.isend, (torch.ones(2), t)),
+                          (mpimp.all_reduce, t), (mpimp.broadcast, t), (mpimp.all_gather, t)):
+            with pytest.raises(mpimp.ConfigError, match=name):
+                call(arg, 0, comm) if call is mpimp.isend else call(arg, comm)
+    assert comm.Iprobe(MPI.ANY_SOURCE, MPI.ANY_TAG) is False  # nothing was sent
+
+
+@pytest.mark.mpi(min_size=1)
+def test_many_outstanding_requests_completed_in_reverse_order(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    n = 24
+    sizes = [(i * 997) % 20000 for i in range(n)]  # mixes packed and struct paths
+    recvs = [mpimp.irecv(src, comm, tag=100 + i) for i in range(n)]
+    sends = [mpimp.isend(make(torch.float32, (sizes[i],), 1000 * comm.Get_rank() + i), dst, comm,
+                         tag=100 + i) for i in range(n)]
+    results = mpimp.wait_all(list(reversed(recvs + sends)))
+    got = list(reversed(results))[:n]
+    for i in range(n):
+        assert same(got[i], make(torch.float32, (sizes[i],), 1000 * src + i))
+    assert all(r is None for r in results[:n])  # sends complete with None
+    assert all(r.test() for r in recvs + sends)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_test_polls_without_blocking(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    req = mpimp.irecv(src, comm, tag=21)
+    assert req.test() is False  # nobody has sent yet: every send comes after the barrier
+    comm.Barrier()
+    send = mpimp.isend(make(torch.int32, (40000,), comm.Get_rank()), dst, comm, tag=21)
+    start = time.monotonic()
+    while not req.test():
+        send.test()
+        assert time.monotonic() - start < 60
+    assert req.test() is True
+    assert same(req.wait(), make(torch.int32, (40000,), src))
+    send.wait()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_recv_without_sender_raises_deadline_error(comm: MPI.Comm) -> None:
+    _, src = ring(comm)
+    rank = MPI.COMM_WORLD.Get_rank()
+    start = time.monotonic()
+    with pytest.raises(mpimp.DeadlineError) as err:
+        mpimp.recv(src, comm, tag=777, timeout=0.5)
+    elapsed = time.monotonic() - start
+    assert 0.5 <= elapsed < 30
+    text = str(err.value)
+    assert f"rank {rank}:" in text and f"from rank {src}" in text and "tag 777" in text
+    with pytest.raises(mpimp.DeadlineError, match="tag 778"):
+        mpimp.irecv(src, comm, tag=778).wait(timeout=0.2)
+    comm.Barrier()
+
+
+# ----------------------------------------------------------------------------- collectives
+
+def _reference(values: list[torch.Tensor], op: str) -> torch.Tensor:
+    stack = torch.stack([v.to(torch.float64 if v.is_floating_point() else v.dtype) for v in values])
+    if op == "sum":
+        return stack.sum(0)
+    if op == "avg":
+        return stack.sum(0) / len(values)
+    if op == "prod":
+        return stack.prod(0)
+    if op == "max":
+        return stack.max(0).values
+    return stack.min(0).values
+
+
+def _operand(dtype: torch.dtype, shape: tuple[int, ...], rank: int, op: str) -> torch.Tensor:
+    t = make(dtype, shape, seed=7000 + rank)
+    if op == "prod":  # keep products of up to 4 ranks in range
+        t = (t.remainder(5) - 2) if not t.is_floating_point() else 1 + 0.25 * t
+    elif not t.is_floating_point():
+        # no overflow: signed overflow is undefined in MPI (Open MPI's vectorised int8 sum
+        # saturates some elements and wraps others)
+        t = t.remainder(61) - 30
+    return t
+
+
+def _assert_reduced(got: torch.Tensor, want: torch.Tensor, scale: torch.Tensor) -> None:
+    """Floats: within a few roundings of the magnitude summed (order of summation differs)."""
+    if got.dtype.is_floating_point:
+        eps = torch.finfo(got.dtype).eps
+        err = (got.double() - want.double()).abs()
+        assert bool((err <= 4 * eps * scale + 1e-300).all()), float((err / scale).max())
+    else:
+        assert torch.equal(got, want.to(got.dtype))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("op", ["sum", "max", "min", "prod", "avg"])
+def test_all_reduce_matches_the_reference(comm: MPI.Comm, op: str) -> None:
+    p, rank = comm.Get_size(), comm.Get_rank()
+    dtypes = [torch.float32, torch.float64, torch.float16, torch.bfloat16]
+    if op != "avg":
+        dtypes += [torch.int64, torch.int32, torch.int8]
+    for dtype in dtypes:
+        for shape in [(), (0,), (17,), (64, 300)]:
+            mine = _operand(dtype, shape, rank, op)
+            want = _reference([_operand(dtype, shape, r, op) for r in range(p)], op)
+            scale = _reference([_operand(dtype, shape, r, op).abs() for r in range(p)],
+                               "sum" if op in ("sum", "avg") else "max")
+            got = mpimp.all_reduce(mine, comm, op=op)
+            assert got is mine and got.dtype == dtype and got.shape == want.shape
+            _assert_reduced(got, want, scale.abs() if op != "prod" else want.abs())
+
+
+@pytest.mark.mpi(min_size=1)
+def test_all_reduce_non_contiguous_and_non_blocking(comm: MPI.Comm) -> None:
+    p, rank = comm.Get_size(), comm.Get_rank()
+    base = make(torch.float64, (8, 10), rank)
+    view = base[:, ::2]
+    req = mpimp.iall_reduce(view, comm, op="sum")
+    got = req.wait()
+    want = sum(make(torch.float64, (8, 10), r) for r in range(p))
+    assert got is view
+    torch.testing.assert_close(base[:, ::2], want[:, ::2], rtol=1e-12, atol=0)
+    assert torch.equal(base[:, 1::2], make(torch.float64, (8, 10), rank)[:, 1::2])  # untouched
+
+
+def _half_ulp(x: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """Half a unit in the last place of ``dtype`` at the magnitude of ``x`` (fp64 tensor)."""
+    bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]
+    tiny = {torch.bfloat16: 2.0 ** -133, torch.float16: 2.0 ** -24}[dtype]
+    _, e = torch.frexp(x)
+    return torch.clamp(torch.pow(2.0, (e - bits).double()), min=tiny) / 2
+
+
+def _assert_rounded_once(got: torch.Tensor, exact: torch.Tensor, dtype: torch.dtype) -> None:
+    assert got.dtype == dtype
+    err = (got.double() - exact).abs()
+    bound = _half_ulp(exact, dtype) * 1.001
+    assert bool((err <= bound).all()), f"error {float((err / bound).max()):.2f} half-ulps > 1"
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+def test_16bit_sums_are_numerically_sound(comm: MPI.Comm, dtype: torch.dtype,
+                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """16-bit sums against the exact (fp64) sum of every rank's values.
+
+    * Over 2 ranks (one combining step) any sound implementation rounds once.
+    * The fp32 path (no native operator) rounds once over the whole communicator.
+    * Whatever operator is active, over p ranks the error stays within p-1 roundings at the
+      magnitude of sum |x_r| (one per combining step of a tree or ring).
+    Element 0 is adversarial: 2**bits on even ranks, 1 on odd ones.  Accumulating in the
+    16-bit type with truncation, or in a narrower type, fails the one-rounding checks.
+    """
+    p, rank = comm.Get_size(), comm.Get_rank()
+    bits = {torch.bfloat16: 8, torch.float16: 11}[dtype]
+
+    def operand(r: int) -> torch.Tensor:
+        t = torch.cat([make(torch.float64, (4000,), 50 + r) * 10.0 ** (r % 3),
+                       make(torch.float64, (4000,), 60 + r) * 1e-3]).to(dtype)
+        t[0] = 2.0 ** bits if r % 2 == 0 else 1.0
+        return t
+
+    pair = comm.Split(rank // 2, rank)  # ranks {0,1}, {2,3}, ... (a lone last rank at odd p)
+    try:
+        first, q = rank - pair.Get_rank(), pair.Get_size()
+        exact = sum(operand(r).double() for r in range(first, first + q))  # exact in fp64
+        _assert_rounded_once(mpimp.all_reduce(operand(rank), pair), exact, dtype)
+        _assert_rounded_once(mpimp.all_reduce(operand(rank), pair, op="avg"), exact / q, dtype)
+    finally:
+        pair.Free()
+
+    exact = sum(operand(r).double() for r in range(p))
+    scale = sum(operand(r).double().abs() for r in range(p))
+    got = mpimp.all_reduce(operand(rank), comm)
+    err = (got.double() - exact).abs()
+    assert bool((err <= (p - 1) * _half_ulp(scale, dtype) * 1.001).all())
+
+    monkeypatch.setattr(transport, "_reduce16_op", lambda *args, **kwargs: None)  # fp32 path
+    _assert_rounded_once(mpimp.all_reduce(operand(rank), comm), exact, dtype)
+    _assert_rounded_once(mpimp.all_reduce(operand(rank), comm, op="avg"), exact / p, dtype)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_reduce_scatter_matches_the_reference(comm: MPI.Comm) -> None:
+    p, rank = comm.Get_size(), comm.Get_rank()
+    for dtype, op in [(torch.float32, "sum"), (torch.float64, "avg"), (torch.int64, "max"),
+                      (torch.bfloat16, "sum"), (torch.float16, "avg")]:
+        for rows in (2 * p, p):
+            shape = (rows, 3, 5)
+            mine = make(dtype, shape, 300 + rank)
+            want = _reference([make(dtype, shape, 300 + r) for r in range(p)], op)
+            k = rows // p
+            got = mpimp.reduce_scatter(mine, comm, op=op)
+            assert got.dtype == dtype and got.shape == (k, 3, 5)
+            scale = _reference([make(dtype, shape, 300 + r).abs() for r in range(p)], "sum")
+            rows_k = slice(rank * k, (rank + 1) * k)
+            _assert_reduced(got, want[rows_k], scale[rows_k])
+            assert torch.equal(mine, make(dtype, shape, 300 + rank))  # input untouched
+
+
+@pytest.mark.mpi(min_size=1)
+def test_reduce_scatter_rejects_a_non_divisible_dim_0(comm: MPI.Comm) -> None:
+    p = comm.Get_size()
+    with pytest.raises(mpimp.ConfigError, match=f"divisible by {p}"):
+        mpimp.reduce_scatter(torch.ones(()), comm)
+    if p > 1:
+        with pytest.raises(mpimp.ConfigError, match=rf"divisible by {p} ranks, got shape \[{p + 1}, 2\]"):
+            mpimp.reduce_scatter(torch.ones(p + 1, 2), comm)
+    # nothing is left half-collective: a real one still works
+    assert torch.equal(mpimp.reduce_scatter(torch.ones(p, 2), comm), torch.full((1, 2), float(p)))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.bool, torch.int64])
+def test_all_gather_along_dim_0_and_1(comm: MPI.Comm, dtype: torch.dtype) -> None:
+    p, rank = comm.Get_size(), comm.Get_rank()
+    parts = [make(dtype, (3, 4, 2), 400 + r) for r in range(p)]
+    for dim in (0, 1, -1):
+        got = mpimp.all_gather(parts[rank], comm, dim=dim)
+        assert same(got, torch.cat(parts, dim=dim))
+    scalars = [make(dtype, (), 500 + r) for r in range(p)]
+    assert same(mpimp.all_gather(scalars[rank], comm), torch.stack(scalars))
+    big = [make(dtype, (20000,), 600 + r) for r in range(p)]
+    assert same(mpimp.all_gather(big[rank], comm), torch.cat(big))
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.complex64, torch.uint8])
+def test_broadcast_from_the_last_rank(comm: MPI.Comm, dtype: torch.dtype) -> None:
+    p, rank = comm.Get_size(), comm.Get_rank()
+    root = p - 1
+    for shape in [(), (6, 5), (300, 70)]:
+        mine = make(dtype, shape, 800 + rank)
+        got = mpimp.broadcast(mine, comm, root=root)
+        assert got is mine and same(got, make(dtype, shape, 800 + root))
+    base = make(dtype, (6, 8), 900 + rank)
+    view = base[:, 1::2]  # non-contiguous target: written in place
+    mpimp.broadcast(view, comm, root=root)
+    assert same(base[:, 1::2], make(dtype, (6, 8), 900 + root)[:, 1::2])
+    assert same(base[:, ::2], make(dtype, (6, 8), 900 + rank)[:, ::2])
+
+
+@pytest.mark.mpi(min_size=1)
+def test_collective_option_errors_are_raised_before_communicating(comm: MPI.Comm) -> None:
+    with pytest.raises(mpimp.ConfigError, match="op='mean'"):
+        mpimp.all_reduce(torch.ones(3), comm, op="mean")
+    with pytest.raises(mpimp.ConfigError, match="avg"):
+        mpimp.all_reduce(torch.ones(3, dtype=torch.int64), comm, op="avg")
+    with pytest.raises(mpimp.ConfigError, match="bool"):
+        mpimp.all_reduce(torch.ones(3, dtype=torch.bool), comm)
+    with pytest.raises(mpimp.ConfigError, match="complex"):
+        mpimp.all_reduce(torch.ones(3, dtype=torch.complex64), comm, op="max")
+    mpimp.barrier(comm, timeout=60)
+    want = torch.full((3,), float(comm.Get_size()))
+    assert torch.equal(mpimp.all_reduce(torch.ones(3), comm), want)
+
+
+# ----------------------------------------------------------------------------- zero copy, tracing
+
+@pytest.mark.mpi(min_size=1)
+def test_large_contiguous_sends_use_the_tensors_own_memory() -> None:
+    """The struct datatype points at the tensors' own addresses: no second payload buffer."""
+    a = make(torch.float32, (1 << 20,), 1)  # 4 MiB
+    b = make(torch.bfloat16, (3, 50000), 2)
+    spec, keep, total = transport._send_buffer([a, b], True)
+    dtype = spec[2]
+    try:
+        integers, addresses, *_ = dtype.Get_contents()
+        lengths = integers[1:]  # integers = [count, blocklength...]
+        assert spec[0] is MPI.BOTTOM and spec[1] == 1
+        assert a.data_ptr() in addresses and b.data_ptr() in addresses
+        assert sum(lengths) == total == dtype.Get_size()
+        # every byte of the message that is not payload is header or padding (< 64 B per part)
+        payload = {a.data_ptr(): a.numel() * 4, b.data_ptr(): b.numel() * 2}
+        others = [n for n, addr in zip(lengths, addresses) if addr not in payload]
+        assert sum(others) < 64 * 4
+        assert {addr: n for n, addr in zip(lengths, addresses) if addr in payload} == payload
+    finally:
+        transport._free_datatype(keep)
+
+
+def _clean_env(**extra: str) -> dict[str, str]:
+    """The environment for a child MPI job: without this process's own MPI launch variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def test_mpimp_debug_traces_every_call_on_stderr() -> None:
+    script = (
+        "import torch, mpimp\n"
+        "from mpi4py import MPI\n"
+        "c = MPI.COMM_WORLD\n"
+        "q = mpimp.isend(torch.ones(3), 0, c, tag=5)\n"
+        "assert torch.equal(mpimp.recv(0, c, tag=5), torch.ones(3))\n"
+        "q.wait()\n"
+        "mpimp.all_reduce(torch.ones(2), c)\n"
+    )
+    quiet = subprocess.run([sys.executable, "-c", script], env=_clean_env(MPIMP_DEBUG="0"),
+                           capture_output=True, text=True, timeout=120)
+    assert quiet.returncode == 0, quiet.stderr
+    assert "Isend" not in quiet.stderr
+    loud = subprocess.run([sys.executable, "-c", script], env=_clean_env(MPIMP_DEBUG="1"),
+                          capture_output=True, text=True, timeout=120)
+    assert loud.returncode == 0, loud.stderr
+    lines = loud.stderr.splitlines()
+    assert any(line.startswith("r0 | Isend -> 0 tag 5") for line in lines), loud.stderr
+    assert any(line.startswith("r0 | Irecv <- 0 tag 5") for line in lines), loud.stderr
+    assert any(line.startswith("r0 | Iallreduce 2 x torch.float32 op sum") for line in lines), loud.stderr
