@@ -1,0 +1,120 @@
+"""``mpimp plan``: predict a pipeline schedule's step time, bubble and memory without ranks.
+
+Problem: choosing p, m and a schedule for thousands of ranks by trial runs is slow and
+expensive.  The schedule is data, so the simulator (:func:`mpimp.schedule.simulate`)
+replays every rank's table on a cost model in one process (a few seconds for
+``--pp 64 --chunks 256``)::
+
+    mpimp plan --pp 64 --chunks 256 --schedule zb-h1
+    mpimp plan --pp 8 --chunks 32 --schedule interleaved-1f1b --virtual-stages 2 \\
+               --f 1.2e-3 --b 1.3e-3 --w 1.1e-3 --latency 5e-6 --bandwidth 2.5e10 \\
+               --message-bytes 4194304 --activation-bytes 2.1e8
+
+Times are per micro-batch for one rank's share of the layers (a virtual stage gets 1/v
+of them, and 1/v of ``--activation-bytes``); ``--b`` is the
+input-gradient half of the backward and ``--w`` the weight-gradient half (a schedule
+without W charges ``b + w`` for each backward).  Without ``--schedule`` every built-in
+schedule is compared.  Runs on one process (under mpirun only rank 0 prints).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from dataclasses import replace
+
+from .errors import ConfigError
+from .schedule import BUILDERS, CostModel, build, simulate
+
+__all__ = ["COMMANDS", "plan", "format_plan"]
+
+
+def plan(schedule: str, pp: int, chunks: int, virtual_stages: int = 1,
+         cost: CostModel | None = None) -> dict[str, object]:
+    """Simulate one schedule; returns step time, bubble, ideal time and peak memory."""
+    cost = cost or CostModel()
+    table = build(schedule, pp, chunks, virtual_stages)
+    v = virtual_stages
+    # a virtual stage holds 1/v of the rank's layers: 1/v of its time and activation memory
+    per_stage = replace(cost, f=cost.f / v, b=cost.b / v, w=cost.w / v, activation_bytes=cost.activation_bytes / v)
+    report = simulate(table, per_stage, chunks)
+    ideal = chunks * (cost.f + cost.b + cost.w)  # one rank's compute with no idle time
+    return {
+        "schedule": schedule, "pp": pp, "chunks": chunks, "virtual_stages": v,
+        "step_time": report.step_time, "ideal_time": ideal, "bubble": report.bubble,
+        "bubble_per_rank": report.bubble_per_rank,
+        "peak_inflight": report.peak_inflight,
+        "peak_activation_bytes": report.peak_activation_bytes(per_stage),
+    }
+
+
+def _bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if abs(n) < 1024 or unit == "TiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{n:.0f} B"
+        n /= 1024
+    return f"{n:.1f} TiB"  # pragma: no cover
+
+
+def format_plan(rows: list[dict[str, object]], cost: CostModel) -> str:
+    lines = [f"cost model: F {cost.f:g} s, B {cost.b:g} s, W {cost.w:g} s per micro-batch per rank; "
+             f"message {cost.message_time():g} s; activations {_bytes(cost.activation_bytes)} per micro-batch",
+             f"{'schedule':<18}{'pp':>5}{'chunks':>7}{'v':>3}{'step time':>12}{'ideal':>12}{'bubble':>9}"
+             f"{'peak mb (r0)':>14}{'peak mb (max)':>15}{'peak act mem':>14}"]
+    for r in rows:
+        peak = r["peak_inflight"]
+        mem = r["peak_activation_bytes"]
+        assert isinstance(peak, list) and isinstance(mem, list)
+        lines.append(f"{r['schedule']!s:<18}{r['pp']!s:>5}{r['chunks']!s:>7}{r['virtual_stages']!s:>3}"
+                     f"{r['step_time']:>12.4g}{r['ideal_time']:>12.4g}{r['bubble']:>8.1%}"
+                     f"{peak[0]:>14}{max(peak):>15}{_bytes(max(mem)):>14}")
+    return "\n".join(lines)
+
+
+def _add(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--pp", type=int, required=True, help="pipeline stages (ranks per pipeline)")
+    p.add_argument("--chunks", type=int, required=True, help="micro-batches per step")
+    p.add_argument("--schedule", choices=sorted(BUILDERS), default=None,
+                   help="schedule to simulate (default: compare all)")
+    p.add_argument("--virtual-stages", type=int, default=None,
+                   help="virtual stages per rank (interleaved-1f1b; default 2 for it, 1 otherwise)")
+    p.add_argument("--f", type=float, default=1.0, help="forward time per micro-batch per stage (s)")
+    p.add_argument("--b", type=float, default=1.0, help="input-gradient backward time (s)")
+    p.add_argument("--w", type=float, default=1.0, help="weight-gradient backward time (s)")
+    p.add_argument("--latency", type=float, default=0.0, help="point-to-point latency (s)")
+    p.add_argument("--bandwidth", type=float, default=float("inf"), help="point-to-point bandwidth (B/s)")
+    p.add_argument("--message-bytes", type=float, default=0.0, help="activation message size (B)")
+    p.add_argument("--activation-bytes", type=float, default=0.0,
+                   help="activation memory held per in-flight micro-batch per stage (B)")
+
+
+def _run(args: argparse.Namespace) -> int:
+    from mpi4py import MPI
+
+    for name in ("pp", "chunks"):
+        if getattr(args, name) < 1:
+            raise ConfigError(f"--{name} {getattr(args, name)} must be >= 1")
+    cost = CostModel(f=args.f, b=args.b, w=args.w, latency=args.latency, bandwidth=args.bandwidth,
+                     message_bytes=args.message_bytes, activation_bytes=args.activation_bytes)
+    names = [args.schedule] if args.schedule else list(BUILDERS)
+    rows, skipped = [], []
+    t0 = time.perf_counter()
+    for name in names:
+        v = args.virtual_stages or (2 if name == "interleaved-1f1b" else 1)
+        try:
+            rows.append(plan(name, args.pp, args.chunks, v, cost))
+        except ConfigError as exc:
+            if args.schedule:
+                raise
+            skipped.append(f"{name}: {exc}")
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        print(format_plan(rows, cost))
+        for s in skipped:
+            print(f"skipped {s}")
+        print(f"(simulated {len(rows)} schedule(s) of {args.pp} ranks x {args.chunks} micro-batches "
+              f"in {time.perf_counter() - t0:.2f} s)")
+    return 0
+
+
+COMMANDS = [("plan", "predict step time, bubble and memory of a pipeline schedule (no ranks needed)",
+             _add, _run)]

@@ -1,0 +1,208 @@
+"""Schedules as data: builders, lowering, the offline verifier and the simulator (one process, no MPI)."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+
+from mpimp import ConfigError
+from mpimp.schedule import (
+    Action,
+    CostModel,
+    ScheduleError,
+    build,
+    format_table,
+    interleaved_1f1b,
+    lower,
+    parse_action,
+    parse_table,
+    simulate,
+    verify,
+)
+from mpimp.schedule.partition import balance_by_cost, check_balance
+
+GOLDEN = Path(__file__).parent / "golden"
+PS = (2, 3, 4, 8)
+
+
+def _ms(p: int) -> list[int]:
+    return sorted({1, p - 1, p, 2 * p, 17})
+
+
+def _cases() -> list[tuple[str, int, int, int]]:
+    out = []
+    for name in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1"):
+        for p in PS:
+            for m in _ms(p):
+                for v in ((1, 2) if name == "interleaved-1f1b" else (1,)):
+                    out.append((name, p, m, v))
+    return out
+
+
+@pytest.mark.parametrize("name,p,m,v", _cases())
+def test_every_builder_verifies(name: str, p: int, m: int, v: int) -> None:
+    if name == "interleaved-1f1b" and v > 1 and m % p:
+        with pytest.raises(ConfigError, match=f"divisible by the pipeline size p={p}"):
+            build(name, p, m, v)
+        return
+    table = build(name, p, m, v)
+    assert len(table) == p
+    report = verify(table, m)
+    assert report.num_stages == p * v
+    # every (stage, micro-batch) has one F and one B; W only in zb-h1, one per B
+    for kind in ("F", "B"):
+        got = sorted((a.stage, a.mb) for row in table for a in row if a.kind == kind)
+        assert got == [(s, i) for s in range(p * v) for i in range(m)]
+    ws = sorted((a.stage, a.mb) for row in table for a in row if a.kind == "W")
+    assert ws == ([(s, i) for s in range(p) for i in range(m)] if name == "zb-h1" else [])
+    # peak in-flight micro-batches (held from F until the end of their backward)
+    if name == "gpipe":
+        assert report.peak_inflight == [m] * p
+    elif name == "1f1b" or (name == "interleaved-1f1b" and v == 1):
+        assert report.peak_inflight == [min(p - r, m) for r in range(p)]
+    elif name == "zb-h1":
+        assert max(report.peak_inflight) == min(p, m)
+    # simulated step time with unit F, B, W (B without W costs 2) against the closed forms
+    sim = simulate(table, CostModel(f=1, b=1, w=1), m)
+    if name == "zb-h1":
+        # Qi et al.: bubble (p-1)(F+B-W) once m >= p; with fewer micro-batches the F/B chain dominates
+        assert sim.step_time == 3 * m + (p - 1) + max(0, p - m)
+    elif name == "interleaved-1f1b" and v > 1:
+        assert sim.step_time == 3 * m * v + 3 * (p - 1)  # per virtual stage: bubble shrinks by v
+    else:
+        assert sim.step_time == 3 * (m + p - 1)
+    assert 0 <= sim.bubble < 1
+
+
+@pytest.mark.parametrize("path", sorted(GOLDEN.glob("*.txt")), ids=lambda p: p.stem)
+def test_golden_tables(path: Path) -> None:
+    text = path.read_text()
+    name, p, m, v = re.match(r"(.+)_p(\d+)_m(\d+)_v(\d+)", path.stem).groups()  # type: ignore[union-attr]
+    table = build(name, int(p), int(m), int(v))
+    compute, lowered = text.split("# lowered\n")
+    assert parse_table(compute) == table
+    assert parse_table(lowered) == lower(table)
+    assert format_table(table) in compute
+    verify(parse_table(lowered), int(m))
+
+
+def test_action_text_form_round_trips() -> None:
+    for text in ("1F0", "0B3", "1W2", "1SEND_F0", "12RECV_B34", "3SEND_B1", "2RECV_F7"):
+        assert str(parse_action(text)) == text
+    assert parse_action("1F0") == Action(1, "F", 0)
+    for bad in ("F0", "1X0", "1F", "1 F 0", "-1F0", ""):
+        with pytest.raises(ConfigError, match="malformed action"):
+            parse_action(bad)
+    table = build("1f1b", 3, 5)
+    assert parse_table(format_table(table)) == table
+    assert parse_table([[str(a) for a in row] for row in table]) == table
+
+
+def test_lowering_only_adds_comm_between_ranks() -> None:
+    # p=1 with two virtual stages on one rank: nothing to send
+    single = [[Action(0, "F", 0), Action(1, "F", 0), Action(1, "B", 0), Action(0, "B", 0)]]
+    assert lower(single) == single
+    verify(single, 1)
+    lowered = lower(build("1f1b", 2, 2))
+    assert [str(a) for a in lowered[0]] == ["0F0", "0SEND_F0", "0F1", "0SEND_F1", "0RECV_B0", "0B0",
+                                            "0RECV_B1", "0B1"]
+    assert [str(a) for a in lowered[1]] == ["1RECV_F0", "1F0", "1B0", "1SEND_B0", "1RECV_F1", "1F1",
+                                            "1B1", "1SEND_B1"]
+
+
+def _marked(exc: pytest.ExceptionInfo[ScheduleError]) -> list[str]:
+    return re.findall(r">>(\S+?)<<", str(exc.value))
+
+
+def test_verifier_reports_backward_before_forward_with_the_grid() -> None:
+    with pytest.raises(ScheduleError, match="backward before its forward") as exc:
+        verify("rank 0: 0F0 1B0 1F0 0B0", 1)
+    assert _marked(exc) == ["1B0"]
+    assert "rank 0 step 1" in str(exc.value)
+    # on two ranks the same mistake is a deadlock: both wait for the other's message
+    with pytest.raises(ScheduleError, match="deadlock") as exc:
+        verify("rank 0: 0B0 0F0\nrank 1: 1F0 1B0", 1)
+    assert _marked(exc) == ["0RECV_B0", "1RECV_F0"]
+
+
+def test_verifier_reports_deadlock_with_every_blocked_action_marked() -> None:
+    # rank 0 waits for 0RECV_B0 before sending micro-batch 1, rank 1 needs 1 before it runs B0
+    with pytest.raises(ScheduleError, match="deadlock") as exc:
+        verify("rank 0: 0F0 0B0 0F1 0B1\nrank 1: 1F0 1F1 1B0 1B1", 2)
+    assert _marked(exc) == ["0RECV_B0", "1RECV_F1"]
+
+
+def test_verifier_reports_missing_duplicate_and_misplaced_actions() -> None:
+    with pytest.raises(ScheduleError, match="never runs 1B1"):
+        verify("rank 0: 0F0 0F1 0B0 0B1\nrank 1: 1F0 1F1 1B0", 2)
+    with pytest.raises(ScheduleError, match="appears twice") as exc:
+        verify("rank 0: 0F0 0F0 0B0\nrank 1: 1F0 1B0", 1)
+    assert _marked(exc) == ["0F0"]
+    with pytest.raises(ScheduleError, match="exactly one rank"):
+        verify("rank 0: 0F0 1F0 0B0\nrank 1: 1F0 1B0", 1)
+    with pytest.raises(ScheduleError, match="weight gradient before its backward"):
+        verify("rank 0: 0F0 0W0 0B0\nrank 1: 1F0 1B0", 1)
+    with pytest.raises(ScheduleError, match="outside stages"):
+        verify("rank 0: 0F0 0B0 0F1 0B1\nrank 1: 1F0 1B0 1F1 1B1", 1)
+    with pytest.raises(ScheduleError, match="empty"):
+        verify("", 1)
+
+
+def test_verifier_checks_lowered_tables() -> None:
+    good = lower(build("gpipe", 2, 2))
+    verify(good, 2)
+    # a forward whose input never arrives: RECV_F dropped on rank 1
+    bad = [list(good[0]), [a for a in good[1] if str(a) != "1RECV_F1"]]
+    with pytest.raises(ScheduleError, match="1RECV_F1 must come before it") as exc:
+        verify(bad, 2)
+    assert _marked(exc) == ["1F1"]
+    # a send nobody receives
+    bad = [list(good[0]), [a for a in good[1] if str(a) != "1SEND_B0"]]
+    bad[1].insert(len(bad[1]), Action(1, "SEND_B", 0))
+    bad[0] = [a for a in bad[0] if str(a) != "0RECV_B0"]
+    with pytest.raises(ScheduleError, match="0RECV_B0 must come before it"):
+        verify(bad, 2)
+
+
+def test_interleaved_needs_divisible_microbatches() -> None:
+    with pytest.raises(ConfigError, match=r"chunks=6\).*p=4; use chunks=4 or 8"):
+        interleaved_1f1b(4, 6, 2)
+    with pytest.raises(ConfigError, match="use schedule='interleaved-1f1b' for virtual stages"):
+        build("1f1b", 2, 4, 2)
+    with pytest.raises(ConfigError, match="unknown schedule"):
+        build("pipedream", 2, 4)
+    with pytest.raises(ConfigError, match=">= 1"):
+        build("gpipe", 2, 0)
+
+
+def test_simulator_charges_messages_and_reports_memory() -> None:
+    # p=2, m=1 1F1B: F, message, F, full B, message, full B
+    cost = CostModel(f=1.0, b=2.0, w=0.5, latency=0.25, bandwidth=100.0, message_bytes=25.0,
+                     activation_bytes=10.0)
+    rep = simulate(build("1f1b", 2, 1), cost, 1)
+    msg = 0.25 + 25.0 / 100.0
+    assert rep.step_time == pytest.approx(1 + msg + 1 + 2.5 + msg + 2.5)
+    assert rep.busy == pytest.approx([3.5, 3.5])
+    assert rep.bubble == pytest.approx(1 - 3.5 / rep.step_time)
+    assert rep.peak_activation_bytes(cost) == [10.0, 10.0]
+    # gpipe holds every micro-batch, 1f1b at most p on rank 0
+    assert max(simulate(build("gpipe", 4, 16), cost, 16).peak_inflight) == 16
+    assert max(simulate(build("1f1b", 4, 16), cost, 16).peak_inflight) == 4
+
+
+def test_balance_by_cost_and_checks() -> None:
+    assert balance_by_cost([1, 1, 1, 1, 10], 2) == [4, 1]
+    assert balance_by_cost([5, 1, 1, 1, 1, 1], 2) == [1, 5]
+    assert balance_by_cost([1] * 8, 4) == [2, 2, 2, 2]
+    assert sum(balance_by_cost([3, 1, 4, 1, 5, 9, 2, 6], 3)) == 8
+    with pytest.raises(ConfigError, match="4 pipeline stages but the model has only 3 layers"):
+        balance_by_cost([1, 1, 1], 4)
+    with pytest.raises(ConfigError, match=r"sums to 5 but the model has 6 layers"):
+        check_balance([2, 3], 6, 2)
+    with pytest.raises(ConfigError, match="leaves stage 1 with 0 layers"):
+        check_balance([6, 0], 6, 2)
+    with pytest.raises(ConfigError, match="has 3 entries but there are 2 stages"):
+        check_balance([2, 2, 2], 6, 2)
+    assert check_balance([1, 5], 6, 2) == [1, 5]
