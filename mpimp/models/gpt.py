@@ -282,7 +282,8 @@ class _GPTStages:
         else:
             gen_index = 0 if c.tied_embeddings else L + 1
             module = GPTHead(c, self.comm, _layer_generator(self.seed, gen_index))
-        self.built[index] = module
+        if not any(q.is_meta for q in module.parameters()):  # not the pipeline's parameter count
+            self.built[index] = module
         return module
 
     def factories(self) -> list[Callable[[], nn.Module]]:
@@ -295,8 +296,13 @@ class _GPTStages:
         """Sum the gradients of the two copies of a tied token table (first and last stage)."""
         if not self.config.tied_embeddings:
             return
-        embed = self.built.get(0)
-        head = self.built.get(self.config.n_layers + 1)
+        local = dict(self.built)
+        stages = getattr(pipe, "stages", None)
+        if stages is not None:  # the layers the pipeline actually holds, by global index
+            mods = [m for s in sorted(stages) for m in stages[s]]
+            local = dict(zip(pipe.layer_indices, mods))
+        embed = local.get(0)
+        head = local.get(self.config.n_layers + 1)
         weights = [m.tok.weight for m in (embed,) if isinstance(m, GPTEmbedding)]
         weights += [m.weight for m in (head,) if isinstance(m, GPTHead)]
         for w in weights:
