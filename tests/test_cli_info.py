@@ -1,0 +1,91 @@
+"""`mpimp info` and the CLI frame: the report under mpirun, one usage error from rank 0, exit 2."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from mpi4py import MPI
+
+import mpimp
+from mpimp.info import environment, format_info
+
+BIN = Path(sys.executable).parent
+
+
+def _mpirun() -> str:
+    path = BIN / "mpirun"
+    found = str(path) if path.exists() else shutil.which("mpirun")
+    if found is None:
+        pytest.skip("no mpirun found next to the interpreter or on PATH")
+    return found
+
+
+def _mpimp() -> list[str]:
+    script = BIN / "mpimp"
+    return [str(script)] if script.exists() else [sys.executable, "-m", "mpimp.cli"]
+
+
+def _clean_env() -> dict[str, str]:
+    """The environment for a child MPI job: without this process's own MPI launch variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    return env
+
+
+def _run(n: int, *args: str) -> subprocess.CompletedProcess[str]:
+    cmd = [_mpirun(), "--oversubscribe", "-n", str(n), *_mpimp(), *args]
+    return subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=240)
+
+
+def test_info_under_mpirun_reports_the_environment_and_every_rank() -> None:
+    res = _run(2, "info")
+    assert res.returncode == 0, res.stderr
+    out = res.stdout
+    env = environment()  # the single-process reference: the same facts, computed here
+    for key in ("mpi library", "thread level", "cuda-aware mpi", "torch", "mpi4py", "cupy", "numpy"):
+        line = next((ln for ln in out.splitlines() if ln.strip().startswith(key + " ")), None)
+        assert line is not None, f"no {key!r} line in:\n{out}"
+        if key != "thread level":  # the thread level depends on how MPI was initialised
+            assert line.split(None, len(key.split()))[-1].strip() == env[key]
+    assert "thread level" in out and env["mpi library"].split(",")[0] in out
+    assert "topology: 2 ranks = dp 2 x pp 1 x tp 1" in out
+    rows = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
+    assert [r[:4] for r in rows] == [["0", "0", "0", "0"], ["1", "1", "0", "0"]]
+    assert out.count("mpimp environment") == 1  # printed by rank 0 only
+
+
+def test_info_with_a_layout_that_does_not_fit_exits_2_with_one_message() -> None:
+    res = _run(2, "info", "--pp", "3")
+    assert res.returncode == 2, (res.stdout, res.stderr)
+    errors = [ln for ln in res.stderr.splitlines() if "error:" in ln]
+    assert len(errors) == 1, res.stderr
+    assert "mpimp info: error:" in errors[0] and "world size 2" in errors[0]
+    assert "Traceback" not in res.stderr and res.stdout == ""
+
+
+def test_bad_flag_exits_2() -> None:
+    res = _run(2, "info", "--pp", "two")
+    assert res.returncode == 2
+    assert res.stderr.count("invalid int value") == 1
+
+
+@pytest.mark.mpi(min_size=1)
+def test_format_info_lists_every_rank_of_the_grid(comm: MPI.Comm) -> None:
+    p, rank = comm.Get_size(), comm.Get_rank()
+    tp = 2 if p % 2 == 0 else 1
+    text = format_info(comm, tp=tp)
+    if rank != 0:
+        assert text is None
+        return
+    assert text is not None
+    assert f"topology: {p} ranks = dp {p // tp} x pp 1 x tp {tp}" in text
+    rows = [ln.split() for ln in text.splitlines() if ln.strip()[:1].isdigit()]
+    # reference: the documented grid formula r = (dp_rank * pp + pp_rank) * tp + tp_rank
+    assert [[int(x) for x in r[:4]] for r in rows] == [[r, r // tp, 0, r % tp] for r in range(p)]
+    assert "mpimp environment" in text and mpimp.__version__ in text
