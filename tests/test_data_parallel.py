@@ -1,0 +1,254 @@
+"""DataParallel and reduce_gradients: equal to a single process on the global batch, at any dp.
+
+Every test builds the same model with the same seed on every rank and trains an
+unparallelised copy on the whole global batch (or replays every rank's share in this
+process) as the reference.
+"""
+
+from __future__ import annotations
+
+import copy
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+import mpimp
+from mpimp.data_parallel import DataParallel, reduce_gradients, split_batch
+
+
+class Tied(nn.Module):
+    """Embedding and output projection share one weight; a LayerNorm and a skip path."""
+
+    def __init__(self, vocab: int = 11, d: int = 16) -> None:
+        super().__init__()
+        self.emb = nn.Embedding(vocab, d)
+        self.mix = nn.Linear(d, d)
+        self.norm = nn.LayerNorm(d)
+        self.mlp = nn.Sequential(nn.Linear(d, 2 * d), nn.GELU(), nn.Linear(2 * d, d))
+        self.head = nn.Linear(d, vocab, bias=False)
+        self.head.weight = self.emb.weight  # tied
+        self.unused = nn.Parameter(torch.ones(3))  # never receives a gradient
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = self.emb(x)
+        h = h + self.mix(h)
+        h = h + self.mlp(self.norm(h))
+        return self.head(h)
+
+
+def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    logits = model(x)
+    return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+def batch(n: int, seq: int = 5, vocab: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, vocab, (n, seq), generator=g)
+    return x, (x * 3 + 1) % vocab
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("bucket_mb", [25, 0.001])
+def test_training_equals_single_process_on_the_global_batch(comm: MPI.Comm, bucket_mb: float) -> None:
+    with mpimp.init(comm=comm) as topo:
+        dp = topo.dp
+        torch.manual_seed(1)
+        ref = Tied()
+        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=bucket_mb)
+        if bucket_mb < 1:
+            assert len(model.buckets) >= 5  # about one per parameter, the tied weight once
+        opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+        for step in range(3):
+            x, y = batch(12, seed=step)  # the global batch: 12 = 2*2*3 sequences, divisible by dp 1..4
+            opt_ref.zero_grad()
+            loss_ref = loss_fn(ref, x, y)
+            loss_ref.backward()
+            opt.zero_grad()
+            lx, ly = model.split_batch(x, y)
+            assert lx.shape[0] == 12 // dp
+            loss = loss_fn(model, lx, ly)
+            loss.backward()
+            # the mean of the local losses is the global loss
+            total = torch.tensor([loss.item()], dtype=torch.float64)
+            mpimp.all_reduce(total, comm, op="avg")
+            assert abs(total.item() - loss_ref.item()) < 1e-5
+            for (name, p), q in zip(model.module.named_parameters(), ref.parameters()):
+                if q.grad is None:
+                    assert p.grad is None, name
+                else:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+            opt_ref.step()
+            opt.step()
+        for p, q in zip(model.module.parameters(), ref.parameters()):
+            torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("wire", ["bf16", torch.float16])
+def test_16bit_gradients_on_the_wire(comm: MPI.Comm, wire: object) -> None:
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(2)
+        ref = Tied()
+        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=0.002, reduce_dtype=wire)
+        assert all(b.buffer.dtype in (torch.bfloat16, torch.float16) for b in model.buckets)
+        x, y = batch(12, seed=7)
+        loss_fn(ref, x, y).backward()
+        loss_fn(model, *model.split_batch(x, y)).backward()
+        tol = 2.0 ** -7 if wire == "bf16" else 2.0 ** -10
+        for p, q in zip(model.module.parameters(), ref.parameters()):
+            if q.grad is None:
+                assert p.grad is None
+                continue
+            assert p.grad.dtype == torch.float32
+            # per-element error of a few 16-bit roundings of the local gradients
+            scale = q.grad.abs().max().item() + 1e-6
+            assert (p.grad - q.grad).abs().max().item() <= 4 * tol * scale
+
+
+@pytest.mark.mpi(min_size=1)
+def test_buckets_start_during_backward(comm: MPI.Comm) -> None:
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(3)
+        module = Tied()
+        module.unused.requires_grad_(False)  # a bucket waiting for an unused gradient waits until the end
+        model = DataParallel(module, topo, bucket_mb=0.001)
+        seen = []
+
+        def early(grad: torch.Tensor) -> None:  # fires when backward reaches the embedding output
+            seen.append([b.request is not None for b in model.buckets])
+
+        x, y = batch(4 * topo.dp, seed=1)
+        lx, ly = model.split_batch(x, y)
+        h = model.module.emb(lx)
+        h.register_hook(early)
+        h = h + model.module.mix(h)
+        h = h + model.module.mlp(model.module.norm(h))
+        logits = model.module.head(h)
+        nn.functional.cross_entropy(logits.reshape(-1, 11), ly.reshape(-1)).backward()
+        # by then the buckets of the layers after the embedding were already on the wire
+        assert seen and sum(seen[0]) >= 3, seen
+        assert all(b.request is None for b in model.buckets)  # all completed and reset
+
+
+@pytest.mark.mpi(min_size=1)
+def test_no_sync_accumulates_then_averages(comm: MPI.Comm) -> None:
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(4)
+        ref = Tied()
+        model = DataParallel(copy.deepcopy(ref), topo)
+        for micro in range(2):
+            x, y = batch(4 * topo.dp, seed=10 + micro)
+            loss_fn(ref, x, y).backward()
+            lx, ly = model.split_batch(x, y)
+            if micro == 0:
+                with model.no_sync():
+                    loss_fn(model, lx, ly).backward()
+            else:
+                loss_fn(model, lx, ly).backward()
+        for p, q in zip(model.module.parameters(), ref.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_parameters_unused_on_some_ranks(comm: MPI.Comm) -> None:
+    """A branch only some replicas take: missing gradients count as zeros in the mean."""
+
+    class Branchy(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.a = nn.Linear(4, 4)
+            self.b = nn.Linear(4, 4)
+
+        def forward(self, x: torch.Tensor, use_b: bool) -> torch.Tensor:
+            return self.b(self.a(x)) if use_b else self.a(x)
+
+    with mpimp.init(comm=comm) as topo:
+        dp, rank = topo.dp, topo.dp_rank
+        torch.manual_seed(5)
+        ref = Branchy()
+        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=0.0001)
+        x = torch.randn(dp, 3, 4, generator=torch.Generator().manual_seed(0))
+        model(x[rank], rank % 2 == 1).sum().backward()
+        # reference: replay every replica here and average
+        for r in range(dp):
+            (ref(x[r], r % 2 == 1).sum() / dp).backward()
+        for (name, p), q in zip(model.module.named_parameters(), ref.parameters()):
+            if q.grad is None:  # dp == 1: b unused everywhere
+                assert p.grad is None, name
+            else:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_reduce_gradients(comm: MPI.Comm) -> None:
+    p, rank = comm.Get_size(), comm.Get_rank()
+    shapes = [(3, 5), (7,), (2, 2, 2), (1,), (4,)]
+
+    def grads_of(r: int) -> list[torch.Tensor | None]:
+        g = torch.Generator().manual_seed(100 + r)
+        out: list[torch.Tensor | None] = [torch.randn(s, generator=g) for s in shapes]
+        if r % 2 == 1:
+            out[1] = None  # missing on odd ranks
+        out[3] = None      # missing everywhere
+        return out
+
+    for reduce_dtype, tol in ((None, 1e-6), ("bf16", 2e-2)):
+        params = [nn.Parameter(torch.zeros(s)) for s in shapes]
+        for q, g in zip(params, grads_of(rank)):
+            q.grad = g
+        reduce_gradients(params + [params[0]], comm, bucket_mb=1e-4, reduce_dtype=reduce_dtype)
+        everyone = [grads_of(r) for r in range(p)]
+        for i, q in enumerate(params):
+            present = [e[i] for e in everyone if e[i] is not None]
+            if not present:
+                assert q.grad is None
+                continue
+            expected = sum(present) / p  # missing gradients count as zero
+            torch.testing.assert_close(q.grad, expected, rtol=tol, atol=tol)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_global_batch_not_divisible_by_dp(comm: MPI.Comm) -> None:
+    with mpimp.init(comm=comm) as topo:
+        if topo.dp == 1:
+            pytest.skip("every batch is divisible by dp = 1")
+        x, y = batch(topo.dp * 2 + 1)
+        with pytest.raises(mpimp.ConfigError, match=rf"global batch of {x.shape[0]} samples .* not divisible by dp = {topo.dp}"):
+            split_batch((x, y), topo)
+        with pytest.raises(mpimp.ConfigError, match="reduce_dtype"):
+            DataParallel(Tied(), topo, reduce_dtype=torch.int8)
+        with pytest.raises(mpimp.ConfigError, match="bucket_mb"):
+            DataParallel(Tied(), topo, bucket_mb=0)
+        mpimp.barrier(comm)  # nobody is left behind
+
+
+@pytest.mark.mpi(min_size=2)
+def test_replicas_with_different_parameters_name_the_first_mismatch(comm: MPI.Comm) -> None:
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(6)
+        model = Tied()
+        if topo.dp_rank == 1:
+            model.mlp[2] = nn.Linear(32, 17)  # this rank built a different model
+        with pytest.raises(mpimp.ConfigError, match=r"first mismatch at parameter #8: dp rank 0 has 'mlp.2.weight' \[16, 32\] float32, dp rank 1 has 'mlp.2.weight' \[17, 32\]"):
+            DataParallel(model, topo)
+        model = Tied()
+        if topo.dp_rank == topo.dp - 1:
+            model.extra = nn.Linear(2, 2)  # one more parameter at the end
+        with pytest.raises(mpimp.ConfigError, match=rf"dp rank {topo.dp - 1} has 12; first mismatch at parameter #10: dp rank 0 has nothing"):
+            DataParallel(model, topo)
+        mpimp.barrier(comm)
+
+
+@pytest.mark.mpi(min_size=2)
+def test_construction_broadcasts_dp_rank_0_weights(comm: MPI.Comm) -> None:
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(7 + topo.dp_rank)  # different initial weights per rank
+        model = DataParallel(Tied(), topo)
+        torch.manual_seed(7)
+        ref = Tied()
+        for p, q in zip(model.module.parameters(), ref.parameters()):
+            assert torch.equal(p, q)
