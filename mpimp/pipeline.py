@@ -159,7 +159,6 @@ class Pipeline:
                               f"layer factories{f'; entry {bad[0]} is not callable' if bad else ''}")
         self.topo, self.chunks, self.loss_fn = topo, chunks, loss_fn
         self.checkpoint, self.after_backward = checkpoint, after_backward
-        self.comm: MPI.Comm = topo.pp_comm
 
         # ---- the table: built or given, verified offline (identically on every rank)
         if isinstance(schedule, str):
@@ -198,15 +197,21 @@ class Pipeline:
         self.local_stages = sorted(s for s, r in self.owner.items() if r == me)
         self.stages: dict[int, nn.ModuleList] = {}
         self.layer_indices: list[int] = []
-        for s in self.local_stages:
-            lo, hi = bounds[s]
-            layers = [spec if isinstance(spec, nn.Module) else spec() for spec in specs[lo:hi]]
-            for i, layer in zip(range(lo, hi), layers):
-                if not isinstance(layer, nn.Module):
-                    raise ConfigError(f"rank {topo.rank}: layer factory {i} returned "
-                                      f"{type(layer).__name__}, not an nn.Module")
-            self.stages[s] = nn.ModuleList(layers)
-            self.layer_indices.extend(range(lo, hi))
+        failure = None
+        try:
+            for s in self.local_stages:
+                lo, hi = bounds[s]
+                layers = [spec if isinstance(spec, nn.Module) else spec() for spec in specs[lo:hi]]
+                for i, layer in zip(range(lo, hi), layers):
+                    if not isinstance(layer, nn.Module):
+                        raise ConfigError(f"layer factory {i} returned {type(layer).__name__}, not an nn.Module")
+                self.stages[s] = nn.ModuleList(layers)
+                self.layer_indices.extend(range(lo, hi))
+        except Exception as exc:  # a factory failing on one rank must fail every rank
+            failure = f"rank {topo.rank} (stage {me}): building its layers failed: {type(exc).__name__}: {exc}"
+        failures = [f for f in topo.world.allgather(failure) if f]
+        if failures:
+            raise ConfigError(failures[0])
         self.device = next((q.device for q in self.parameters()), torch.device("cpu"))
         self._capture: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
         self._owners_of_params: dict[int, list[nn.Module]] = {}
@@ -215,6 +220,8 @@ class Pipeline:
             self._owners_of_params[s] = owners
             for mod in owners:
                 mod.register_forward_hook(self._hook)
+        # a private duplicate: messages of a failed step can never reach another Pipeline
+        self.comm: MPI.Comm = topo.pp_comm.Dup()
         tag_ub = self.comm.Get_attr(MPI.TAG_UB) or 32767
         top = _TAG_BASE + 2 * (chunks * self.num_stages) + 2
         if top > tag_ub:
@@ -224,7 +231,8 @@ class Pipeline:
         self._broken: str | None = None
         self._events: list[tuple[Action, float, float]] = []
         self._step_start = 0.0
-        self.peak_inflight = 0
+        self.peak_inflight = 0  # measured in the last step: micro-batches held between F and B/W
+        self.split_weight_passes = 0  # W actions of the last step that ran a separate weight pass
         self.last_loss: float | None = None
 
     # ------------------------------------------------------------------ construction helpers
@@ -279,6 +287,12 @@ class Pipeline:
             for j, layer in enumerate(self.stages[s]):
                 for name, q in layer.named_parameters():
                     yield f"{lo + j}.{name}", q
+
+    def close(self) -> None:
+        """Free the pipeline's private communicator (collective over ``topo.pp_comm``)."""
+        if self.comm != MPI.COMM_NULL:
+            self.comm.Free()
+            self.comm = MPI.COMM_NULL
 
     def timeline(self) -> list[dict[str, Any]]:
         """This rank's actions of the last step: start/end seconds since the step began."""
@@ -346,6 +360,7 @@ class Pipeline:
         self._events = []
         self._inflight = 0
         self.peak_inflight = 0
+        self.split_weight_passes = 0
         self._step_start = time.perf_counter()
 
     def _tag(self, stage: int, direction: int, mb: int) -> int:
@@ -541,6 +556,7 @@ class Pipeline:
         if st is None:  # the B fell back to a full backward (already released)
             return
         k = 0
+        self.split_weight_passes += 1
         for module, outs in st.captures or []:
             pairs = [(o, g) for o, g in zip(outs, st.cap_grads[k : k + len(outs)]) if g is not None]
             k += len(outs)

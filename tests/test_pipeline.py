@@ -1,0 +1,282 @@
+"""Pipeline transparency: loss and every local gradient equal a single-process run of the same model.
+
+Each test builds the model with a fixed seed on every rank, runs it unparallelised on the
+whole batch (the reference), and runs a deep copy through :class:`mpimp.Pipeline` on a
+sub-communicator of p ranks (skipped with the reason when the world is smaller).
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+import mpimp
+from mpimp import ConfigError
+
+TOL = 1e-5
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+
+
+def _layers(seed: int = 0, width: int = 12) -> nn.Sequential:
+    """9 layers: 5 Linear with Tanh in between (enough for p=4 x v=2 stages)."""
+    torch.manual_seed(seed)
+    mods: list[nn.Module] = [nn.Linear(8, width)]
+    for _ in range(3):
+        mods += [nn.Tanh(), nn.Linear(width, width)]
+    mods += [nn.Tanh(), nn.Linear(width, 3)]
+    return nn.Sequential(*mods)
+
+
+@pytest.fixture
+def pp_world(comm: MPI.Comm, request: pytest.FixtureRequest) -> Iterator[mpimp.Topology | None]:
+    """A pp=p topology over the first p ranks (None on the others); p from the test's 'p' param."""
+    p = request.node.callspec.params.get("p", 2) if hasattr(request.node, "callspec") else 2
+    if comm.Get_size() < p:
+        pytest.skip(f"needs at least {p} ranks for pp={p}, have {comm.Get_size()}")
+    sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        yield None
+        return
+    topo = mpimp.init(pp=p, comm=sub)
+    yield topo
+    topo.free()
+    sub.Free()
+
+
+def _data(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(batch, 8, generator=g), torch.randn(batch, 3, generator=g)
+
+
+def _check_step(topo: mpimp.Topology, pipe: mpimp.Pipeline, ref: nn.Module, x: torch.Tensor,
+                y: torch.Tensor, loss_fn: nn.Module) -> None:
+    first, last = pipe.owner[0] == topo.pp_rank, pipe.owner[pipe.num_stages - 1] == topo.pp_rank
+    loss = pipe.train_step(x if first else None, y if last else None)
+    ref_loss = loss_fn(ref(x), y)
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) <= TOL, (loss, ref_loss.item())
+    # the same value on every rank
+    assert topo.world.allgather(loss) == [loss] * topo.size
+    params = dict(ref.named_parameters())
+    checked = 0
+    for name, q in pipe.named_parameters():
+        assert q.grad is not None, name
+        torch.testing.assert_close(q.grad, params[name].grad, atol=TOL, rtol=0)
+        checked += 1
+    assert checked == sum(1 for i in pipe.layer_indices for _ in ref[i].parameters())
+    # every layer is owned by exactly one pipeline rank
+    everyone = sorted(i for idx in topo.pp_comm.allgather(pipe.layer_indices) for i in idx)
+    assert everyone == list(range(len(ref)))
+
+
+def _cases() -> list[tuple[str, int, int]]:
+    out = []
+    for name in SCHEDULES:
+        for p in (2, 4):
+            ms = (p, 2 * p) if name == "interleaved-1f1b" else (1, p, 2 * p + 1)
+            out += [(name, p, m) for m in ms]
+    return out
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("schedule,p,m", _cases())
+def test_pipeline_equals_single_process(pp_world: mpimp.Topology | None, schedule: str, p: int, m: int) -> None:
+    if pp_world is None:
+        return
+    v = 2 if schedule == "interleaved-1f1b" else 1
+    ref = _layers()
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule=schedule,
+                          virtual_stages=v)
+    x, y = _data(2 * m)
+    _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    # measured in-flight micro-batches match the verifier's prediction for this rank
+    assert pipe.peak_inflight == pipe.predicted_peak_inflight[pp_world.pp_rank]
+    if schedule == "gpipe":
+        assert pipe.peak_inflight == m
+    if schedule == "1f1b":
+        assert pipe.peak_inflight == min(p - pp_world.pp_rank, m)
+    # zb-h1 really splits the backward: every W ran a separate weight-gradient pass
+    assert pipe.split_weight_passes == (m if schedule == "zb-h1" else 0)
+    # a second step accumulates like plain torch (no zero_grad in between)
+    _check_step(pp_world, pipe, ref, x * 0.5, y, nn.MSELoss())
+    out = pipe.forward(x if pipe.owner[0] == pp_world.pp_rank else None)
+    if pipe.owner[pipe.num_stages - 1] == pp_world.pp_rank:
+        torch.testing.assert_close(out, ref(x), atol=TOL, rtol=0)
+    else:
+        assert out is None
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2, 4])
+def test_interleaved_rejects_indivisible_chunks_on_every_rank(pp_world: mpimp.Topology | None, p: int) -> None:
+    if pp_world is None:
+        return
+    for m in (1, 2 * p + 1):
+        with pytest.raises(ConfigError, match=f"divisible by the pipeline size p={p}"):
+            mpimp.Pipeline(_layers(), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule="interleaved-1f1b",
+                           virtual_stages=2)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "interleaved-1f1b"])
+@pytest.mark.parametrize("checkpoint", ["always", "except_last"])
+@pytest.mark.parametrize("p", [2])
+def test_checkpointing_is_transparent(pp_world: mpimp.Topology | None, schedule: str, checkpoint: str,
+                                      p: int) -> None:
+    if pp_world is None:
+        return
+    m = 4
+    ref = _layers(3)
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule=schedule,
+                          virtual_stages=2 if schedule == "interleaved-1f1b" else 1, checkpoint=checkpoint)
+    x, y = _data(8, seed=4)
+    _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p,balance", [(2, [1, 8]), (2, [7, 2]), (4, [1, 1, 2, 5]), (4, [5, 2, 1, 1])])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_uneven_balance(pp_world: mpimp.Topology | None, p: int, balance: list[int], schedule: str) -> None:
+    if pp_world is None:
+        return
+    ref = _layers(5)
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=p + 1, loss_fn=nn.MSELoss(), schedule=schedule,
+                          balance=balance, checkpoint="except_last")
+    start = sum(balance[: pp_world.pp_rank])
+    assert pipe.layer_indices == list(range(start, start + balance[pp_world.pp_rank]))
+    x, y = _data(2 * (p + 1), seed=6)
+    _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    pipe.close()
+
+
+class _Split(nn.Module):
+    """float features -> (features, int64 bucket per row): a stage boundary carrying a tuple."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(8, 12)
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.lin(x), (x[:, :1].abs() * 3).long()
+
+
+class _Use(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 12)
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+        h, k = pair
+        return torch.tanh(self.lin(h)) * (1.0 + k.float()), k
+
+
+class _Merge(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin = nn.Linear(12, 3)
+
+    def forward(self, pair: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        h, k = pair
+        return self.lin(h) + k.float()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_tuples_and_shapes_changing_between_steps(pp_world: mpimp.Topology | None, p: int, schedule: str) -> None:
+    if pp_world is None:
+        return
+    torch.manual_seed(7)
+    ref = nn.Sequential(_Split(), _Use(), _Use(), _Merge())
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=2, loss_fn=nn.MSELoss(), schedule=schedule,
+                          balance=[2, 2])
+    for batch in (4, 10, 6):  # micro-batch shapes change from step to step
+        x, y = _data(batch, seed=batch)
+        ref.zero_grad()
+        for q in pipe.parameters():
+            q.grad = None
+        _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+def test_factories_are_called_only_on_the_owner(pp_world: mpimp.Topology | None, p: int) -> None:
+    if pp_world is None:
+        return
+    ref = _layers(9)
+    calls: list[tuple[int, str]] = []
+
+    def factory(i: int) -> object:
+        def make() -> nn.Module:
+            calls.append((i, torch.empty(0).device.type))
+            return copy.deepcopy(ref[i]) if torch.empty(0).device.type != "meta" else type(ref[i])(
+                *((ref[i].in_features, ref[i].out_features) if isinstance(ref[i], nn.Linear) else ()))
+        return make
+
+    pipe = mpimp.Pipeline([factory(i) for i in range(len(ref))], pp_world, chunks=2, loss_fn=nn.MSELoss(),
+                          balance=[4, 5])
+    assert [i for i, dev in calls] == pipe.layer_indices
+    assert all(dev == "cpu" for _, dev in calls)
+    _check_step(pp_world, pipe, ref, *_data(4), nn.MSELoss())
+    pipe.close()
+    # balance=None counts parameters by building every layer on the meta device (no memory)
+    calls.clear()
+    pipe = mpimp.Pipeline([factory(i) for i in range(len(ref))], pp_world, chunks=2, loss_fn=nn.MSELoss())
+    real = [i for i, dev in calls if dev != "meta"]
+    assert [i for i, dev in calls if dev == "meta"] == list(range(len(ref)))
+    assert real == pipe.layer_indices
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+def test_balance_by_time_agrees_on_every_rank(pp_world: mpimp.Topology | None, p: int) -> None:
+    if pp_world is None:
+        return
+    ref = _layers(2)
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=2, loss_fn=nn.MSELoss(), balance="time",
+                          sample=_data(2)[0])
+    assert len(set(map(tuple, pp_world.pp_comm.allgather(pipe.balance)))) == 1
+    assert sum(pipe.balance) == len(ref) and min(pipe.balance) >= 1
+    _check_step(pp_world, pipe, ref, *_data(4), nn.MSELoss())
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=4)
+def test_pipeline_with_tensor_and_data_parallel_peers(comm: MPI.Comm) -> None:
+    """pp=2 with tp=2 (replicated layers; each tp rank uses its own pp_comm), then dp=2 x pp=2."""
+    size = comm.Get_size()
+    sub = comm.Split(0 if comm.Get_rank() < 4 else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        return
+    x, y = _data(8, seed=11)
+    with mpimp.init(pp=2, tp=2, comm=sub) as topo:
+        ref = _layers(12)
+        pipe = mpimp.Pipeline(copy.deepcopy(ref), topo, chunks=4, loss_fn=nn.MSELoss(), schedule="zb-h1")
+        _check_step(topo, pipe, ref, x, y, nn.MSELoss())
+        pipe.close()
+    with mpimp.init(dp=2, pp=2, comm=sub) as topo:
+        ref = _layers(13)
+        hooked: list[int] = []
+        pipe = mpimp.Pipeline(copy.deepcopy(ref), topo, chunks=2, loss_fn=nn.MSELoss(), schedule="1f1b",
+                              after_backward=lambda pp: hooked.append(pp.topo.rank))
+        half = slice(4 * topo.dp_rank, 4 * topo.dp_rank + 4)
+        loss = pipe.train_step(x[half] if topo.is_first_stage else None, y[half] if topo.is_last_stage else None)
+        assert hooked == [topo.rank]
+        ref_loss = nn.MSELoss()(ref(x[half]), y[half])  # this replica's loss
+        assert abs(loss - ref_loss.item()) <= TOL
+        nn.MSELoss()(ref(x), y).backward()  # averaged over replicas == gradient of the whole batch
+        params = dict(ref.named_parameters())
+        for name, q in pipe.named_parameters():
+            torch.testing.assert_close(q.grad, params[name].grad, atol=TOL, rtol=0)
+        pipe.close()
+    sub.Free()
+    assert size >= 4
