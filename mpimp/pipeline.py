@@ -161,11 +161,12 @@ class Pipeline:
         self.checkpoint, self.after_backward = checkpoint, after_backward
 
         # ---- the table: built or given, verified offline (identically on every rank)
-        if isinstance(schedule, str):
-            table = build(schedule, p, chunks, virtual_stages)
-            self.schedule_name = schedule
+        named = isinstance(schedule, str) and "\n" not in schedule and ":" not in schedule
+        if named:
+            table = build(str(schedule), p, chunks, virtual_stages)
+            self.schedule_name = str(schedule)
         else:
-            table = parse_table(schedule)
+            table = parse_table(schedule)  # type: ignore[arg-type]
             self.schedule_name = "custom"
             if len(table) != p:
                 raise ConfigError(f"the action table has {len(table)} rows but the pipeline has p={p} "
@@ -176,7 +177,7 @@ class Pipeline:
         self.owner = stage_owners(self.table)
         self.num_stages = report.num_stages
         self.predicted_peak_inflight = report.peak_inflight
-        self.virtual_stages = virtual_stages if isinstance(schedule, str) else max(1, self.num_stages // p)
+        self.virtual_stages = virtual_stages if named else max(1, self.num_stages // p)
         idle = [r for r in range(p) if r not in self.owner.values()]
         if idle:
             raise ConfigError(f"the schedule gives pipeline rank {idle[0]} no stage; every one of the "

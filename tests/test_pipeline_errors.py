@@ -1,0 +1,141 @@
+"""Bad pipeline input: a clear error, the same on every rank, and no rank left waiting."""
+
+from __future__ import annotations
+
+import copy
+import time
+from collections.abc import Callable, Iterator
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+import mpimp
+from mpimp import ConfigError
+from mpimp.schedule import ScheduleError
+
+
+@pytest.fixture
+def pp2(comm: MPI.Comm) -> Iterator[mpimp.Topology | None]:
+    """pp=2 over the first two ranks (None elsewhere); at one rank, pp=1."""
+    p = min(2, comm.Get_size())
+    sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        yield None
+        return
+    topo = mpimp.init(pp=p, comm=sub)
+    yield topo
+    topo.free()
+    sub.Free()
+
+
+def _model() -> nn.Sequential:
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
+def _same_error_everywhere(topo: mpimp.Topology, fn: Callable[[], object], exc: type[Exception],
+                           match: str) -> str:
+    """Run fn on every rank; it must raise exc matching `match`, with the same text on every rank."""
+    start = time.monotonic()
+    with pytest.raises(exc, match=match) as info:
+        fn()
+    texts = topo.world.allgather(str(info.value))
+    assert texts == [texts[0]] * topo.size, texts
+    assert time.monotonic() - start < 30  # failed promptly, not at a deadline
+    return texts[0]
+
+
+@pytest.mark.mpi(min_size=1)
+def test_bad_construction_arguments(pp2: mpimp.Topology | None) -> None:
+    if pp2 is None:
+        return
+    topo, p = pp2, pp2.pp
+    mse = nn.MSELoss()
+    _same_error_everywhere(topo, lambda: mpimp.Pipeline(_model(), topo, chunks=0, loss_fn=mse),
+                           ConfigError, r"chunks=0 must be an integer >= 1")
+    _same_error_everywhere(topo, lambda: mpimp.Pipeline(_model(), topo, chunks=2, loss_fn=mse, balance=[1] * p),
+                           ConfigError, rf"sums to {p} but the model has 3 layers")
+    if p == 2:
+        _same_error_everywhere(topo, lambda: mpimp.Pipeline(_model(), topo, chunks=2, loss_fn=mse, balance=[3, 0]),
+                               ConfigError, r"leaves stage 1 with 0 layers")
+        _same_error_everywhere(topo, lambda: mpimp.Pipeline(_model(), topo, chunks=2, loss_fn=mse, balance=[3]),
+                               ConfigError, r"has 1 entries but there are 2 stages")
+    _same_error_everywhere(topo, lambda: mpimp.Pipeline(_model(), topo, chunks=2, loss_fn=mse,
+                                                        schedule="interleaved-1f1b", virtual_stages=4),
+                           ConfigError, rf"{4 * p} pipeline stages but the model has only 3 layers")
+    _same_error_everywhere(topo, lambda: mpimp.Pipeline(_model(), topo, chunks=2, loss_fn=mse, checkpoint="yes"),
+                           ConfigError, "checkpoint='yes'")
+    _same_error_everywhere(topo, lambda: mpimp.Pipeline(_model(), topo, chunks=2, loss_fn=mse, schedule="fast"),
+                           ConfigError, "unknown schedule 'fast'")
+    _same_error_everywhere(topo, lambda: mpimp.Pipeline([], topo, chunks=2, loss_fn=mse),
+                           ConfigError, "non-empty list")
+
+
+@pytest.mark.mpi(min_size=2)
+def test_malformed_table_prints_the_grid_on_every_rank(pp2: mpimp.Topology | None) -> None:
+    if pp2 is None:
+        return
+    table = "rank 0: 0F0 0B0 0F1 0B1\nrank 1: 1F0 1F1 1B0 1B1"  # deadlocks (see test_schedule)
+    text = _same_error_everywhere(pp2, lambda: mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=nn.MSELoss(),
+                                                              schedule=table), ScheduleError, "deadlock")
+    assert ">>0RECV_B0<<" in text and ">>1RECV_F1<<" in text
+    _same_error_everywhere(pp2, lambda: mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=nn.MSELoss(),
+                                                       schedule=[["0F0", "0Q0"], ["1F0"]]),
+                           ConfigError, "malformed action '0Q0'")
+    # a valid table of the user's own runs and equals plain torch
+    own = "rank 0: 0F0 0F1 0B0 0B1\nrank 1: 1F0 1B0 1F1 1B1"
+    ref = _model()
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp2, chunks=2, loss_fn=nn.MSELoss(), schedule=own, balance=[1, 2])
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    x, y = pp2.world.bcast((x, y))
+    loss = pipe.train_step(x, y)
+    ref_loss = nn.MSELoss()(ref(x), y)
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) < 1e-5
+    params = dict(ref.named_parameters())
+    for name, q in pipe.named_parameters():
+        torch.testing.assert_close(q.grad, params[name].grad, atol=1e-5, rtol=0)
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_bad_batches_fail_on_every_rank(pp2: mpimp.Topology | None) -> None:
+    if pp2 is None:
+        return
+    pipe = mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=nn.MSELoss())
+    first, last = pp2.is_first_stage, pp2.is_last_stage
+    x, y = torch.randn(5, 4), torch.randn(5, 2)
+    _same_error_everywhere(pp2, lambda: pipe.train_step(x if first else None, y if last else None),
+                           ConfigError, r"shape \[5, 4\] does not split into chunks=2")
+    _same_error_everywhere(pp2, lambda: pipe.train_step(None, torch.randn(4, 2)),
+                           ConfigError, "inputs must be a tensor")
+    # the pipeline is still usable after input errors (nothing was sent)
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    x, y = pp2.world.bcast((x, y))
+    ref = _model()
+    loss = pipe.train_step(x, y)
+    assert abs(loss - nn.MSELoss()(ref(x), y).item()) < 1e-5
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
+def test_non_scalar_loss_fails_every_rank_without_hanging(pp2: mpimp.Topology | None, schedule: str) -> None:
+    if pp2 is None:
+        return
+    pipe = mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=lambda out, tgt: (out - tgt) ** 2, schedule=schedule)
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    _same_error_everywhere(pp2, lambda: pipe.train_step(x, y), ConfigError,
+                           r"loss_fn returned \[2, 2\], not a scalar tensor")
+    with pytest.raises(mpimp.MpimpError, match="failed earlier"):
+        pipe.train_step(x, y)
+    pipe.close()
+    # a new pipeline on the same topology is not disturbed by the failed step's messages
+    ref = _model()
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp2, chunks=2, loss_fn=nn.MSELoss(), schedule=schedule)
+    x, y = pp2.world.bcast((x, y))
+    loss = pipe.train_step(x, y)
+    assert abs(loss - nn.MSELoss()(ref(x), y).item()) < 1e-5
+    pipe.close()
