@@ -23,6 +23,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Union
 
 from ..errors import ConfigError
 from .actions import COMPUTE, Action, Table, lower, parse_table, stage_owners
@@ -34,26 +35,42 @@ class ScheduleError(ConfigError):
     """An action table that cannot run; the message holds the marked rank x step grid."""
 
 
+Seconds = Union[float, Sequence[float]]
+
+
 @dataclass(frozen=True)
 class CostModel:
     """Seconds per action and per message: ``B`` is the input-gradient half when W is split.
 
-    A B without a matching W costs ``b + w`` (a full backward).  A message costs
-    ``latency + nbytes / bandwidth`` between the send and the earliest matching receive.
-    ``activation_bytes`` (per micro-batch per stage) turns peak in-flight micro-batches
-    into bytes.
+    ``f``, ``b``, ``w`` are one number for every stage or one per (virtual) stage.  A B
+    without a matching W costs ``b + w`` (a full backward).  A message costs
+    ``latency + message_bytes / bandwidth`` between the send and the earliest matching
+    receive; ``send`` and ``recv`` are the sender's and receiver's own time per message
+    (packing, posting).  ``activation_bytes`` (per micro-batch per stage) turns peak
+    in-flight micro-batches into bytes.
     """
 
-    f: float = 1.0
-    b: float = 1.0
-    w: float = 1.0
+    f: Seconds = 1.0
+    b: Seconds = 1.0
+    w: Seconds = 1.0
     latency: float = 0.0
     bandwidth: float = float("inf")
     message_bytes: float = 0.0
     activation_bytes: float = 0.0
+    send: float = 0.0
+    recv: float = 0.0
 
     def message_time(self) -> float:
         return self.latency + (self.message_bytes / self.bandwidth if self.bandwidth else 0.0)
+
+    def time(self, kind: str, stage: int) -> float:
+        """Seconds of one F, B or W of ``stage`` (SEND/RECV: the per-message overheads)."""
+        if kind == "SEND_F" or kind == "SEND_B":
+            return self.send
+        if kind == "RECV_F" or kind == "RECV_B":
+            return self.recv
+        value = {"F": self.f, "B": self.b, "W": self.w}[kind]
+        return float(value) if isinstance(value, (int, float)) else float(value[stage])
 
 
 @dataclass
@@ -241,13 +258,11 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
         return None
 
     def duration(a: Action) -> float:
-        if cost is None or a.kind not in COMPUTE:
+        if cost is None:
             return 0.0
-        if a.kind == "F":
-            return cost.f
-        if a.kind == "W":
-            return cost.w
-        return cost.b if (a.stage, a.mb) in has_w else cost.b + cost.w
+        if a.kind == "B" and (a.stage, a.mb) not in has_w:
+            return cost.time("B", a.stage) + cost.time("W", a.stage)
+        return cost.time(a.kind, a.stage)
 
     remaining = sum(len(row) for row in table)
     while remaining:

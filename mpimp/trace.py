@@ -1,0 +1,171 @@
+"""Pipeline timelines: bubble fraction, a merged Chrome trace, a Gantt chart, predicted vs measured.
+
+Problem: a pipeline that is slower than expected does not say why; the idle time (the
+"bubble") and which send a stage was waiting for are invisible in a profile of one
+rank.  Every rank's :class:`~mpimp.Pipeline` records the start and end of each action of
+the last step (seconds since that rank's step began: the step starts with a collective,
+so the ranks' origins agree to within microseconds, and no global clock is needed).
+:func:`gather` collects them on one rank, which can then
+
+* compute the measured bubble fraction (:func:`bubble_fraction`): per rank
+  ``1 - busy / step`` where busy is the time in F, B and W and step the longest
+  rank's step, averaged over ranks (the simulator's definition);
+* write one Chrome trace (:func:`write_chrome_trace`: one process per rank, loads in
+  Perfetto or chrome://tracing) with a flow arrow from every send to its receive;
+* draw a PNG Gantt chart of the step across all ranks (:func:`plot_gantt`, matplotlib);
+* fit a :class:`~mpimp.schedule.CostModel` to the measured action times
+  (:func:`calibrate`) and predict the bubble of any table with it (:func:`predict`).
+"""
+
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+from .schedule import CostModel, simulate
+
+__all__ = ["gather", "bubble_fraction", "chrome_trace", "write_chrome_trace", "plot_gantt",
+           "calibrate", "predict"]
+
+Timeline = list[dict[str, Any]]
+_COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868", "SEND_F": "#C9C9C9", "SEND_B": "#C9C9C9",
+           "RECV_F": "#EEEEEE", "RECV_B": "#EEEEEE"}
+
+
+def gather(pipe: Any, root: int = 0) -> list[Timeline] | None:
+    """Every rank's timeline of the last step, gathered on ``root`` of ``pipe.topo.world`` (None elsewhere).
+
+    Collective over the world; each event also carries its rank's ``dp_rank`` and ``tp_rank``.
+    """
+    topo = pipe.topo
+    mine = [dict(e, dp_rank=topo.dp_rank, tp_rank=topo.tp_rank) for e in pipe.timeline()]
+    return topo.world.gather(mine, root=root)
+
+
+def _compute(e: dict[str, Any]) -> bool:
+    return e["kind"] in ("F", "B", "W")
+
+
+def bubble_fraction(timelines: Sequence[Timeline]) -> tuple[float, list[float]]:
+    """(mean over ranks, per rank) of ``1 - compute time / step time``; step = the longest rank's."""
+    step = max((e["end"] for tl in timelines for e in tl), default=0.0)
+    if step <= 0:
+        return 0.0, [0.0] * len(timelines)
+    per = [1.0 - sum(e["end"] - e["start"] for e in tl if _compute(e)) / step for tl in timelines]
+    return sum(per) / len(per), per
+
+
+def chrome_trace(timelines: Sequence[Timeline]) -> dict[str, Any]:
+    """Trace Event Format: one process per rank, one slice per action, flow arrows send -> recv."""
+    events: list[dict[str, Any]] = []
+    sends: dict[tuple[Any, ...], dict[str, Any]] = {}
+    recvs: dict[tuple[Any, ...], dict[str, Any]] = {}
+    for tl in timelines:
+        for e in tl:
+            pid = e["world_rank"]
+            events.append({"name": e["action"], "cat": e["kind"], "ph": "X", "pid": pid, "tid": 0,
+                           "ts": e["start"] * 1e6, "dur": max(e["end"] - e["start"], 1e-7) * 1e6,
+                           "args": {"stage": e["stage"], "microbatch": e["mb"], "pp_rank": e["rank"]}})
+            column = (e.get("dp_rank", 0), e.get("tp_rank", 0))
+            if e["kind"] == "SEND_F":
+                sends[(*column, "F", e["stage"] + 1, e["mb"])] = e
+            elif e["kind"] == "SEND_B":
+                sends[(*column, "B", e["stage"] - 1, e["mb"])] = e
+            elif e["kind"] == "RECV_F":
+                recvs[(*column, "F", e["stage"], e["mb"])] = e
+            elif e["kind"] == "RECV_B":
+                recvs[(*column, "B", e["stage"], e["mb"])] = e
+    for n, (key, s) in enumerate(sorted(sends.items(), key=lambda kv: kv[1]["start"])):
+        r = recvs.get(key)
+        if r is None:
+            continue
+        name = f"{key[2]} mb {key[4]}"
+        events.append({"name": name, "cat": "p2p", "ph": "s", "id": n, "pid": s["world_rank"], "tid": 0,
+                       "ts": (s["start"] + s["end"]) / 2 * 1e6})
+        events.append({"name": name, "cat": "p2p", "ph": "f", "bp": "e", "id": n, "pid": r["world_rank"],
+                       "tid": 0, "ts": (r["start"] + r["end"]) / 2 * 1e6})
+    for tl in timelines:
+        if tl:
+            events.append({"name": "process_name", "ph": "M", "pid": tl[0]["world_rank"],
+                           "args": {"name": f"rank {tl[0]['world_rank']} (pp {tl[0]['rank']})"}})
+    return {"traceEvents": events, "displayTimeUnit": "ms"}
+
+
+def write_chrome_trace(timelines: Sequence[Timeline], path: str | Path) -> Path:
+    """Write :func:`chrome_trace` as JSON (open it in https://ui.perfetto.dev or chrome://tracing)."""
+    path = Path(path)
+    path.write_text(json.dumps(chrome_trace(timelines)))
+    return path
+
+
+def plot_gantt(timelines: Sequence[Timeline], path: str | Path, title: str = "") -> Path:
+    """PNG Gantt chart of one step: one row per rank, F/B/W coloured and labelled by micro-batch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    path = Path(path)
+    step = max((e["end"] for tl in timelines for e in tl), default=1.0) * 1e3
+    fig, ax = plt.subplots(figsize=(min(24, 6 + 0.12 * sum(len(tl) for tl in timelines) / max(1, len(timelines))),
+                                    0.6 * len(timelines) + 1.4))
+    for row, tl in enumerate(timelines):
+        for e in tl:
+            if not _compute(e):
+                continue
+            x0, width = e["start"] * 1e3, (e["end"] - e["start"]) * 1e3
+            ax.broken_barh([(x0, width)], (row - 0.4, 0.8), facecolors=_COLORS[e["kind"]], edgecolor="white",
+                           linewidth=0.3)
+            if width > step / 80:
+                ax.text(x0 + width / 2, row, f"{e['kind']}{e['mb']}", ha="center", va="center", fontsize=6,
+                        color="white")
+    mean, _ = bubble_fraction(timelines)
+    ax.set_yticks(range(len(timelines)), [f"rank {tl[0]['world_rank']}" if tl else "" for tl in timelines])
+    ax.invert_yaxis()
+    ax.set_xlabel("ms since the step began")
+    ax.set_title(f"{title}  (bubble {mean:.1%})".strip())
+    handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[k]) for k in ("F", "B", "W")]
+    ax.legend(handles, ["forward", "backward (input grad, or full)", "weight grad"], loc="upper right",
+              fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=130)
+    plt.close(fig)
+    return path
+
+
+def calibrate(timelines: Sequence[Timeline], num_stages: int) -> CostModel:
+    """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
+
+    A receive's own cost is estimated as its shortest measured duration (no waiting).
+    """
+    per: dict[tuple[str, int], list[float]] = defaultdict(list)
+    sends: list[float] = []
+    recvs: list[float] = []
+    for tl in timelines:
+        for e in tl:
+            d = e["end"] - e["start"]
+            if _compute(e):
+                per[(e["kind"], e["stage"])].append(d)
+            elif e["kind"].startswith("SEND"):
+                sends.append(d)
+            else:
+                recvs.append(d)
+
+    def mean(kind: str, s: int) -> float:
+        xs = per.get((kind, s), [])
+        return sum(xs) / len(xs) if xs else 0.0
+
+    has_w = any(k == "W" for k, _ in per)
+    f = tuple(mean("F", s) for s in range(num_stages))
+    b = tuple(mean("B", s) for s in range(num_stages))
+    w = tuple(mean("W", s) for s in range(num_stages)) if has_w else (0.0,) * num_stages
+    return CostModel(f=f, b=b, w=w, send=sum(sends) / len(sends) if sends else 0.0,
+                     recv=min(recvs) if recvs else 0.0)
+
+
+def predict(table: Sequence[Sequence[Any]], cost: CostModel, num_microbatches: int) -> float:
+    """Predicted bubble fraction of ``table`` on ``cost`` (mean over ranks)."""
+    return simulate(table, cost, num_microbatches).bubble

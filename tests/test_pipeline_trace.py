@@ -1,0 +1,86 @@
+"""Timelines: bubble fraction, merged Chrome trace with send -> recv arrows, Gantt PNG, calibration."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from mpi4py import MPI
+from torch import nn
+
+import mpimp
+from mpimp import trace
+from mpimp.schedule import CostModel, build, simulate
+
+
+def _synthetic() -> list[list[dict]]:
+    """Two ranks, one micro-batch, unit compute: the simulator's own events as a timeline."""
+    rep = simulate(build("1f1b", 2, 1), CostModel(f=1, b=1, w=1), 1)
+    return [[{"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind, "mb": a.mb,
+              "start": t0, "end": t1} for a, t0, t1 in events] for r, events in enumerate(rep.events)]
+
+
+def test_bubble_and_chrome_trace_of_a_known_timeline(tmp_path: Path) -> None:
+    tl = _synthetic()
+    mean, per = trace.bubble_fraction(tl)
+    # step 6 (F, F, 2B, 2B), each rank busy 3: bubble 1/2 on both ranks, as the simulator says
+    assert per == pytest.approx([0.5, 0.5])
+    assert mean == pytest.approx(simulate(build("1f1b", 2, 1), CostModel(), 1).bubble)
+    path = trace.write_chrome_trace(tl, tmp_path / "t.json")
+    doc = json.loads(path.read_text())
+    slices = [e for e in doc["traceEvents"] if e["ph"] == "X"]
+    assert sorted(e["name"] for e in slices) == sorted(e["action"] for t in tl for e in t)
+    starts = {e["id"]: e for e in doc["traceEvents"] if e["ph"] == "s"}
+    ends = {e["id"]: e for e in doc["traceEvents"] if e["ph"] == "f"}
+    assert set(starts) == set(ends) and len(starts) == 2  # 0SEND_F0 -> 1RECV_F0, 1SEND_B0 -> 0RECV_B0
+    pairs = sorted((starts[i]["pid"], ends[i]["pid"], starts[i]["name"]) for i in starts)
+    assert pairs == [(0, 1, "F mb 0"), (1, 0, "B mb 0")]
+    for i in starts:  # arrows start inside the send slice and end inside the receive slice
+        assert starts[i]["ts"] <= ends[i]["ts"]
+
+
+def test_calibrated_model_reproduces_the_timeline() -> None:
+    tl = _synthetic()
+    cost = trace.calibrate(tl, 2)
+    assert cost.time("F", 0) == 1 and cost.time("B", 1) == 2 and cost.time("W", 0) == 0
+    assert trace.predict(build("1f1b", 2, 1), cost, 1) == pytest.approx(trace.bubble_fraction(tl)[0])
+
+
+@pytest.mark.mpi(min_size=2)
+def test_timeline_of_a_real_step(comm: MPI.Comm, tmp_path_factory: pytest.TempPathFactory) -> None:
+    sub = comm.Split(0 if comm.Get_rank() < 2 else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        return
+    with mpimp.init(pp=2, comm=sub) as topo:
+        torch.manual_seed(0)
+        model = nn.Sequential(nn.Linear(8, 32), nn.Tanh(), nn.Linear(32, 32), nn.Tanh(), nn.Linear(32, 2))
+        m = 4
+        pipe = mpimp.Pipeline(model, topo, chunks=m, loss_fn=nn.MSELoss(), schedule="zb-h1")
+        x, y = torch.randn(8, 8), torch.randn(8, 2)
+        pipe.train_step(x, y)
+        mine = pipe.timeline()
+        assert [e["action"] for e in mine] == [str(a) for a in pipe.table[topo.pp_rank]]
+        assert all(0 <= e["start"] <= e["end"] for e in mine)
+        assert all(a["end"] <= b["start"] + 1e-9 for a, b in zip(mine, mine[1:]))  # in order, no overlap
+        tls = trace.gather(pipe)
+        if topo.rank == 0:
+            assert tls is not None and len(tls) == 2
+            mean, per = trace.bubble_fraction(tls)
+            step = max(e["end"] for t in tls for e in t)
+            busy = [sum(e["end"] - e["start"] for e in t if e["kind"] in "FBW") for t in tls]
+            assert per == pytest.approx([1 - b / step for b in busy])
+            assert 0 < mean < 1
+            out = tmp_path_factory.mktemp("trace")
+            doc = json.loads(trace.write_chrome_trace(tls, out / "step.json").read_text())
+            flows = [e for e in doc["traceEvents"] if e["ph"] in "sf"]
+            assert len(flows) == 2 * (2 * m)  # m activations forward, m gradients back
+            png = trace.plot_gantt(tls, out / "step.png", title="zb-h1 p=2 m=4")
+            assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+            cost = trace.calibrate(tls, pipe.num_stages)
+            assert 0 <= trace.predict(pipe.compute_table, cost, m) < 1
+        else:
+            assert tls is None
+        pipe.close()
+    sub.Free()
