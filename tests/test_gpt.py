@@ -162,3 +162,42 @@ def test_single_rank_shards_match_any_tp_slice(tp: int) -> None:
         n = d // tp
         expected = torch.cat([w[b * d + r * n: b * d + (r + 1) * n] for b in range(3)])
         assert torch.equal(piece, expected)
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("tp", [2, 4])
+def test_bad_shapes_raise_config_error_on_every_rank_without_hanging(comm: MPI.Comm, tp: int) -> None:
+    with tp_topology(comm, tp) as topo:
+        if topo is None:
+            return
+        bad_heads = GPTConfig(**{**TINY, "n_heads": 6, "d_model": 36})  # 6 heads over 4 ranks / fine at 2
+        if 6 % tp:
+            with pytest.raises(mpimp.ConfigError, match=rf"n_heads=6 is not divisible by tp={tp}.*n_heads=8"):
+                GPT(bad_heads, topo)
+        with pytest.raises(mpimp.ConfigError, match=r"d_model=30 is not divisible by n_heads=4.*d_model=32"):
+            GPT(GPTConfig(**{**TINY, "d_model": 30}), topo)
+        with pytest.raises(mpimp.ConfigError, match=rf"seq_len={tp + 1} divisible by tp={tp}; use seq_len={2 * tp}"):
+            GPT(GPTConfig(**{**TINY, "seq_len": tp + 1, "sequence_parallel": True}), topo)
+        # every rank raised before any communication: the communicator still works
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(**TINY), topo)  # vocabulary 37: padded, not an error
+        idx, tgt = _batch(GPTConfig(**TINY))
+        assert torch.isfinite(model(idx, tgt))
+
+
+@pytest.mark.mpi(min_size=2)
+def test_dropout_needs_the_same_seed_on_every_tp_rank(comm: MPI.Comm) -> None:
+    with tp_topology(comm, 2) as topo:
+        if topo is None:
+            return
+        torch.manual_seed(topo.tp_rank)  # a user error: different seeds per rank
+        with pytest.raises(mpimp.ConfigError, match="torch.manual_seed"):
+            GPT(GPTConfig(**TINY, dropout=0.1), topo)
+        torch.manual_seed(topo.tp_rank)  # without dropout rank 0's seed is used: still consistent
+        model = GPT(GPTConfig(**TINY), topo)
+        full = model.export_state_dict()
+        with single_topology() as one:
+            torch.manual_seed(0)
+            ref = GPT(GPTConfig(**TINY), one)
+        for name, value in ref.state_dict().items():
+            assert torch.equal(full[name], value), name
