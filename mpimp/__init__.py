@@ -22,7 +22,9 @@ from .comm import (
     send,
     wait_all,
 )
+from .data_parallel import DataParallel
 from .errors import ConfigError, DeadlineError, MpimpError, TransportError
+from .optim import ShardedOptimizer
 from .pipeline import Pipeline
 from .topology import Topology, init
 
@@ -33,6 +35,8 @@ __all__ = [
     "init",
     "Topology",
     "Pipeline",
+    "DataParallel",
+    "ShardedOptimizer",
     "nn",
     "models",
     "send",
