@@ -1,0 +1,284 @@
+# Throughput:  timeout 1800 mpirun --oversubscribe -n 2 .venv/bin/python bench/bench_pipeline.py
+# Bubble p=4:  timeout 1800 mpirun --oversubscribe -n 4 .venv/bin/python bench/bench_pipeline.py --bubble-only
+# Plot:        .venv/bin/python bench/bench_pipeline.py --plot   (reads bench/results/pipeline_p*.json)
+"""Pipeline benchmark: mpimp schedules vs torch.distributed.pipelining.Schedule1F1B (gloo).
+
+Model: a plain-torch GPT, 8 transformer blocks, d_model 256, 4 heads, sequence 128,
+vocabulary 256, as 10 layers (embedding, 8 blocks, head) split 5/5 over 2 ranks:
+    16 sequences x 128 tokens = 2,048 tokens per step, in 8 micro-batches of 2 sequences.
+Contenders run side by side in one invocation, in alternating rounds, 1 torch thread
+per rank; each step is forward + backward (no optimizer, identical for all).
+Speed of light: 2 x the tokens/s of the whole model on one rank (1 thread) over the same
+8 micro-batches.  Then, for each schedule and m, the measured bubble of a step (from
+the executor's timeline) against the simulator's prediction on a cost model calibrated
+from that timeline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import statistics
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+from torch import nn  # noqa: E402
+
+import mpimp  # noqa: E402
+from mpimp import trace  # noqa: E402
+from mpimp.schedule import simulate  # noqa: E402
+
+torch.set_num_threads(1)
+RESULTS = Path(__file__).parent / "results"
+VOCAB, SEQ, D, HEADS, BLOCKS = 256, 128, 256, 4, 8
+
+
+class Embed(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.tok = nn.Embedding(VOCAB, D)
+        self.pos = nn.Embedding(SEQ, D)
+
+    def forward(self, idx: torch.Tensor) -> torch.Tensor:
+        return self.tok(idx) + self.pos(torch.arange(idx.shape[1]))
+
+
+class Block(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln1, self.ln2 = nn.LayerNorm(D), nn.LayerNorm(D)
+        self.qkv, self.proj = nn.Linear(D, 3 * D), nn.Linear(D, D)
+        self.fc, self.out = nn.Linear(D, 4 * D), nn.Linear(4 * D, D)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        b, t, _ = x.shape
+        q, k, v = self.qkv(self.ln1(x)).view(b, t, 3, HEADS, D // HEADS).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(q, k, v, is_causal=True).transpose(1, 2).reshape(b, t, D)
+        x = x + self.proj(a)
+        return x + self.out(F.gelu(self.fc(self.ln2(x))))
+
+
+class Head(nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.ln = nn.LayerNorm(D)
+        self.lm = nn.Linear(D, VOCAB)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lm(self.ln(x))
+
+
+def gpt_layers(seed: int = 0) -> list[nn.Module]:
+    torch.manual_seed(seed)
+    return [Embed()] + [Block() for _ in range(BLOCKS)] + [Head()]
+
+
+def loss_fn(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return F.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
+
+
+def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    idx = torch.randint(0, VOCAB, (n, SEQ + 1), generator=g)
+    return idx[:, :-1].contiguous(), idx[:, 1:].contiguous()
+
+
+def timed(world: MPI.Comm, fn, steps: int) -> float:
+    """Seconds per step (max over ranks), after one untimed warm-up step."""
+    fn()
+    world.Barrier()
+    t0 = time.perf_counter()
+    for _ in range(steps):
+        fn()
+    world.Barrier()
+    return world.allreduce(time.perf_counter() - t0, op=MPI.MAX) / steps
+
+
+def torch_peer(world: MPI.Comm, layers: list[nn.Module], balance: list[int], m: int):
+    import torch.distributed as dist
+    from torch.distributed.pipelining import PipelineStage, Schedule1F1B
+
+    rank = world.Get_rank()
+    if not dist.is_initialized():
+        port = world.bcast(29500 + (os.getpid() % 2000) if rank == 0 else None)
+        os.environ.setdefault("MASTER_ADDR", "127.0.0.1")
+        os.environ["MASTER_PORT"] = str(port)
+        dist.init_process_group("gloo", rank=rank, world_size=world.Get_size())
+    start = sum(balance[:rank])
+    stage = PipelineStage(nn.Sequential(*layers[start:start + balance[rank]]), rank, world.Get_size(),
+                          torch.device("cpu"))
+    return Schedule1F1B(stage, n_microbatches=m, loss_fn=loss_fn)
+
+
+def throughput(world: MPI.Comm, rounds: int, steps: int) -> dict:
+    p, rank = world.Get_size(), world.Get_rank()
+    m, nseq = 8, 16
+    x, y = batch(nseq)
+    tokens = nseq * SEQ
+    topo = mpimp.init(pp=p, comm=world)
+    balance = [5, 5]
+    contenders = {}
+    pipes = {}
+    for name, kw in (("mpimp 1f1b", dict(schedule="1f1b", balance=balance)),
+                     ("mpimp gpipe", dict(schedule="gpipe", balance=balance)),
+                     ("mpimp zb-h1", dict(schedule="zb-h1", balance=balance)),
+                     ("mpimp interleaved-1f1b v=2", dict(schedule="interleaved-1f1b", virtual_stages=2,
+                                                         balance=[3, 2, 2, 3]))):
+        pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, **kw)
+        pipes[name] = pipe
+        contenders[name] = (lambda pipe=pipe: pipe.train_step(x, y))
+    sched = torch_peer(world, gpt_layers(), balance, m)
+
+    def torch_step() -> None:
+        if rank == 0:
+            sched.step(x)
+        else:
+            sched.step(target=y, losses=[])
+    contenders["torch Schedule1F1B (gloo)"] = torch_step
+    full = nn.Sequential(*gpt_layers()) if rank == 0 else None
+
+    def sol_step() -> None:  # whole model on rank 0, same 8 micro-batches; rank 1 waits
+        if full is not None:
+            for xi, yi in zip(x.chunk(m), y.chunk(m)):
+                (loss_fn(full(xi), yi) / m).backward()
+    contenders["single process (x2 = speed of light)"] = sol_step
+    times: dict[str, list[float]] = {k: [] for k in contenders}
+    for r in range(rounds):
+        for name, fn in (list(contenders.items()) if r % 2 == 0 else list(reversed(contenders.items()))):
+            times[name].append(timed(world, fn, steps))
+    peaks = {name: world.gather(pipe.peak_inflight) for name, pipe in pipes.items()}
+    out = {"p": p, "m": m, "tokens_per_step": tokens, "rounds": rounds, "steps": steps,
+           "seconds_per_step": {k: statistics.median(v) for k, v in times.items()}, "peak_inflight": peaks}
+    sps = out["seconds_per_step"]
+    tps = {k: tokens / v for k, v in sps.items()}
+    tps["speed of light"] = 2 * tps.pop("single process (x2 = speed of light)")
+    out["tokens_per_s"] = tps
+    for pipe in pipes.values():
+        pipe.close()
+    topo.free()
+    return out
+
+
+def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
+    p = world.Get_size()
+    topo = mpimp.init(pp=p, comm=world)
+    rows = []
+    for schedule in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
+        for m in ms:
+            v = 2 if schedule == "interleaved-1f1b" else 1
+            if v > 1 and m % p:
+                continue
+            x, y = batch(2 * m, seed=m)  # micro-batches of 2 sequences
+            pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, schedule=schedule,
+                                  virtual_stages=v)
+            pipe.train_step(x, y)  # warm-up
+            measured, predicted = [], []
+            for _ in range(steps):
+                world.Barrier()
+                pipe.train_step(x, y)
+                tls = trace.gather(pipe)
+                if world.Get_rank() == 0:
+                    measured.append(trace.bubble_fraction(tls)[0])
+                    cost = trace.calibrate(tls, pipe.num_stages)
+                    predicted.append(simulate(pipe.compute_table, cost, m).bubble)
+                    if schedule in ("1f1b", "zb-h1") and m == 8 and _ == steps - 1:
+                        RESULTS.mkdir(exist_ok=True)
+                        trace.write_chrome_trace(tls, RESULTS / f"pipeline_{schedule}_p{p}_m{m}.json")
+                        trace.plot_gantt(tls, RESULTS / f"pipeline_{schedule}_p{p}_m{m}.png",
+                                         title=f"{schedule}, p={p}, m={m}")
+            if world.Get_rank() == 0:
+                meas, pred = statistics.median(measured), statistics.median(predicted)
+                rows.append({"schedule": schedule, "p": p, "m": m, "v": v, "measured": meas, "predicted": pred,
+                             "rel_error": abs(pred - meas) / meas if meas else math.nan})
+                print(f"  {schedule:<17} m={m:<3} measured bubble {meas:6.1%}  predicted {pred:6.1%}  "
+                      f"rel. error {rows[-1]['rel_error']:5.1%}", flush=True)
+            pipe.close()
+    topo.free()
+    return rows
+
+
+def plot() -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    files = sorted(RESULTS.glob("pipeline_p*.json"))
+    fig, axes = plt.subplots(1, len(files), figsize=(5.5 * len(files), 4), squeeze=False)
+    for ax, path in zip(axes[0], files):
+        data = json.loads(path.read_text())
+        for i, schedule in enumerate(("gpipe", "1f1b", "zb-h1", "interleaved-1f1b")):
+            rows = [r for r in data["bubbles"] if r["schedule"] == schedule]
+            if not rows:
+                continue
+            ms = [r["m"] for r in rows]
+            color = f"C{i}"
+            ax.plot(ms, [r["measured"] for r in rows], "o-", color=color, label=f"{schedule} measured")
+            ax.plot(ms, [r["predicted"] for r in rows], "x--", color=color, label=f"{schedule} predicted")
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("micro-batches m")
+        ax.set_ylabel("bubble fraction")
+        ax.set_title(f"p = {data['p']}")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    out = Path(__file__).parent.parent / "docs" / "img"
+    out.mkdir(parents=True, exist_ok=True)
+    fig.savefig(out / "pipeline_bubble.png", dpi=120)
+    print(f"wrote {out / 'pipeline_bubble.png'}")
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--rounds", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--bubble-only", action="store_true")
+    ap.add_argument("--plot", action="store_true")
+    args = ap.parse_args()
+    if args.plot:
+        plot()
+        return
+    world = MPI.COMM_WORLD
+    p, rank = world.Get_size(), world.Get_rank()
+    result: dict = {"p": p}
+    if not args.bubble_only:
+        if p != 2:
+            sys.exit("the throughput comparison runs on 2 ranks; use --bubble-only for other sizes")
+        result["throughput"] = tp = throughput(world, args.rounds, args.steps)
+        if rank == 0:
+            t = tp["tokens_per_s"]
+            peer = t["torch Schedule1F1B (gloo)"]
+            print(f"p=2, m=8, {tp['tokens_per_step']} tokens/step, median of {args.rounds} alternating rounds "
+                  f"x {args.steps} steps")
+            for name, value in t.items():
+                print(f"  {name:<32} {value:9.0f} tokens/s   {value / peer:5.2f}x torch 1F1B   "
+                      f"{value / t['speed of light']:5.2f}x speed of light", flush=True)
+            print(f"  peak in-flight micro-batches per rank: {tp['peak_inflight']}")
+    ms = [4, 8, 16] if p > 2 else [2, 4, 8, 16]
+    if rank == 0:
+        print(f"bubble, p={p}: measured (timeline) vs predicted (simulator on the calibrated cost model)")
+    result["bubbles"] = bubbles(world, ms, args.steps)
+    if rank == 0:
+        RESULTS.mkdir(exist_ok=True)
+        path = RESULTS / f"pipeline_p{p}.json"
+        if path.exists() and args.bubble_only:
+            old = json.loads(path.read_text())
+            result = {**old, **result}
+        path.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path}")
+    if "throughput" in result:
+        import torch.distributed as dist
+
+        if dist.is_initialized():
+            dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
