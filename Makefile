@@ -52,6 +52,8 @@ test-mpi:
 	  timeout $(NP_TIMEOUT) $(VENV)/bin/mpirun $(MPIRUN_FLAGS) -n $$n $(PYTEST) -q --with-mpi -m mpi tests \
 	    || exit 1; \
 	done
+	@echo "== mpirun -n 8 pytest -m mpi tests/test_3d.py (dp=2 x pp=2 x tp=2)"
+	timeout $(NP_TIMEOUT) $(VENV)/bin/mpirun $(MPIRUN_FLAGS) -n 8 $(PYTEST) -q --with-mpi -m mpi tests/test_3d.py
 
 lint: setup
 	$(VENV)/bin/ruff check mpimp tests bench examples
