@@ -32,6 +32,8 @@ are averaged over ``topo.dp_comm`` by :func:`mpimp.data_parallel.reduce_gradient
 
 from __future__ import annotations
 
+import os
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
@@ -52,6 +54,7 @@ __all__ = ["Pipeline", "CHECKPOINT_MODES", "SCHEDULES"]
 CHECKPOINT_MODES = ("always", "except_last", "never")
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
 _ERR_TAG = 1
+_PROGRESS_TAG = 2
 _TAG_BASE = 16
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 LayerSpec = Union[nn.Module, Callable[[], nn.Module]]
@@ -230,6 +233,7 @@ class Pipeline:
                               f"but this MPI allows {tag_ub}; use fewer micro-batches or stages")
         self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, _ERR_TAG) if p > 1 else None
         self._broken: str | None = None
+        self._progress_thread = p > 1 and _progress_wanted()
         self._events: list[tuple[Action, float, float]] = []
         self._step_start = 0.0
         self.peak_inflight = 0  # measured in the last step: micro-batches held between F and B/W
@@ -381,6 +385,7 @@ class Pipeline:
             raise ConfigError(self._broken)
 
     def _run(self, row: list[Action], train: bool) -> None:
+        progress = _Progress(self.comm) if self._progress_thread else None
         try:
             self._run_row(row, train)
         except MpimpError as exc:
@@ -392,6 +397,9 @@ class Pipeline:
             self._broken = f"rank {self.topo.rank}: {type(exc).__name__}: {exc}"
             self._announce(self._broken)
             raise
+        finally:
+            if progress is not None:
+                progress.stop()
 
     def _announce(self, text: str) -> None:
         payload = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
@@ -574,3 +582,34 @@ class Pipeline:
     def _release(self, s: int, i: int) -> None:
         del self._state[(s, i)]
         self._inflight -= 1
+
+
+def _progress_wanted() -> bool:
+    """``MPIMP_PROGRESS_THREAD`` (default 1) and an MPI initialised with MPI_THREAD_MULTIPLE."""
+    raw = os.environ.get("MPIMP_PROGRESS_THREAD", "1")
+    if raw not in ("0", "1"):
+        raise ConfigError(f"MPIMP_PROGRESS_THREAD={raw!r}: use 0 or 1")
+    return raw == "1" and MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+class _Progress:
+    """A thread that enters MPI every ~200 us while a step runs, so large sends make progress.
+
+    Why: for a large message the receiver can only finish once the sender's MPI library
+    has been called again (rendezvous protocol; Open MPI's shared-memory path does so for
+    derived datatypes), and the sender is busy computing its next micro-batch: without
+    this, every receive waits a whole compute step.  The probe is on a tag nobody uses.
+    """
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(comm,), name="mpimp-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self, comm: MPI.Comm) -> None:
+        while not self._stop.wait(2e-4):
+            comm.Iprobe(MPI.ANY_SOURCE, _PROGRESS_TAG)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
