@@ -87,12 +87,15 @@ class _CopyToParallel(torch.autograd.Function):
 
 class _ReduceFromParallel(torch.autograd.Function):
     @staticmethod
-    def forward(ctx: Any, x: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
+    def forward(ctx: Any, x: torch.Tensor, comm: MPI.Comm, inplace: bool) -> torch.Tensor:
+        if inplace and x.is_contiguous():
+            ctx.mark_dirty(x)  # autograd raises if anything saved x for backward
+            return all_reduce(x, comm)
         return _all_reduce_copy(x, comm)
 
     @staticmethod
-    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None]:
-        return grad, None
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
+        return grad, None, None
 
 
 class _ScatterToParallel(torch.autograd.Function):
@@ -146,11 +149,15 @@ def copy_to_parallel(x: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
     return _CopyToParallel.apply(x, comm)
 
 
-def reduce_from_parallel(x: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:
-    """All-reduce (sum) of every rank's partial result forward; identity backward."""
+def reduce_from_parallel(x: torch.Tensor, comm: MPI.Comm, *, inplace: bool = False) -> torch.Tensor:
+    """All-reduce (sum) of every rank's partial result forward; identity backward.
+
+    ``inplace=True`` reduces ``x`` itself (no copy): for a fresh intermediate, such as
+    the output of the matmul of a row-parallel layer, that nothing else reads.
+    """
     if comm.Get_size() == 1:
         return x
-    return _ReduceFromParallel.apply(x, comm)
+    return _ReduceFromParallel.apply(x, comm, inplace)
 
 
 def scatter_to_parallel(x: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:

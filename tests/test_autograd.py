@@ -114,3 +114,21 @@ def test_size_one_communicator_is_the_identity() -> None:
               gather_from_sequence, reduce_scatter_to_sequence):
         y = f(x, MPI.COMM_SELF)
         assert y is x
+
+
+@pytest.mark.mpi(min_size=2)
+def test_inplace_reduce_of_a_tensor_saved_for_backward_is_refused(comm: MPI.Comm) -> None:
+    with tp_topology(comm, 2) as topo:
+        if topo is None:
+            return
+        w = _t(5).requires_grad_()
+        h = w.exp()  # exp saves its output for backward
+        y = reduce_from_parallel(h, topo.tp_comm, inplace=True)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()
+        x = _t(6).requires_grad_()
+        z = x * 1.0
+        y = reduce_from_parallel(z, topo.tp_comm, inplace=True)
+        assert y.data_ptr() == z.data_ptr()  # no copy
+        y.sum().backward()
+        assert torch.equal(x.grad, torch.ones_like(x))

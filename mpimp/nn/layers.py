@@ -150,7 +150,7 @@ class RowParallelLinear(nn.Module):
             y = reduce_scatter_to_sequence(y, self.comm, self.seq_dim)
             bias = None if self.bias is None else copy_to_parallel(self.bias, self.comm)
         else:
-            y = reduce_from_parallel(y, self.comm)
+            y = reduce_from_parallel(y, self.comm, inplace=True)  # y: this layer's fresh matmul output
             bias = self.bias
         return y if bias is None else y + bias
 
@@ -205,7 +205,7 @@ class VocabParallelEmbedding(nn.Module):
         out = out.masked_fill(outside.unsqueeze(-1), 0.0)
         if self.sequence_parallel:
             return reduce_scatter_to_sequence(out, self.comm, self.seq_dim)
-        return reduce_from_parallel(out, self.comm)
+        return reduce_from_parallel(out, self.comm, inplace=True)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings} (padded {self.padded}, rows {self.start}..{self.start + self.rows} here), "
