@@ -83,10 +83,13 @@ def chrome_trace(timelines: Sequence[Timeline]) -> dict[str, Any]:
         if r is None:
             continue
         name = f"{key[2]} mb {key[4]}"
+        mid = (s["start"] + s["end"]) / 2
         events.append({"name": name, "cat": "p2p", "ph": "s", "id": n, "pid": s["world_rank"], "tid": 0,
-                       "ts": (s["start"] + s["end"]) / 2 * 1e6})
+                       "ts": mid * 1e6})
+        # the arrow ends where the receive completed (a receive slice includes its wait)
+        end = min(r["end"], max(r["end"] - min(1e-6, (r["end"] - r["start"]) / 2), r["start"], mid))
         events.append({"name": name, "cat": "p2p", "ph": "f", "bp": "e", "id": n, "pid": r["world_rank"],
-                       "tid": 0, "ts": (r["start"] + r["end"]) / 2 * 1e6})
+                       "tid": 0, "ts": end * 1e6})
     for tl in timelines:
         if tl:
             events.append({"name": "process_name", "ph": "M", "pid": tl[0]["world_rank"],
@@ -139,12 +142,15 @@ def plot_gantt(timelines: Sequence[Timeline], path: str | Path, title: str = "")
 def calibrate(timelines: Sequence[Timeline], num_stages: int) -> CostModel:
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
 
-    A receive's own cost is estimated as its shortest measured duration (no waiting).
+    A receive's own cost is estimated as its shortest measured duration (no waiting); the
+    executor's time between actions (the mean gap) becomes the per-action ``overhead``.
     """
     per: dict[tuple[str, int], list[float]] = defaultdict(list)
     sends: list[float] = []
     recvs: list[float] = []
+    gaps: list[float] = []
     for tl in timelines:
+        gaps += [max(0.0, b["start"] - a["end"]) for a, b in zip(tl, tl[1:])]
         for e in tl:
             d = e["end"] - e["start"]
             if _compute(e):
@@ -163,7 +169,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int) -> CostModel:
     b = tuple(mean("B", s) for s in range(num_stages))
     w = tuple(mean("W", s) for s in range(num_stages)) if has_w else (0.0,) * num_stages
     return CostModel(f=f, b=b, w=w, send=sum(sends) / len(sends) if sends else 0.0,
-                     recv=min(recvs) if recvs else 0.0)
+                     recv=min(recvs) if recvs else 0.0, overhead=sum(gaps) / len(gaps) if gaps else 0.0)
 
 
 def predict(table: Sequence[Sequence[Any]], cost: CostModel, num_microbatches: int) -> float:

@@ -16,8 +16,8 @@ from mpimp.schedule import CostModel, build, simulate
 
 
 def _synthetic() -> list[list[dict]]:
-    """Two ranks, one micro-batch, unit compute: the simulator's own events as a timeline."""
-    rep = simulate(build("1f1b", 2, 1), CostModel(f=1, b=1, w=1), 1)
+    """Two ranks, two micro-batches, unit compute: the simulator's own events as a timeline."""
+    rep = simulate(build("1f1b", 2, 2), CostModel(f=1, b=1, w=1), 2)
     return [[{"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind, "mb": a.mb,
               "start": t0, "end": t1} for a, t0, t1 in events] for r, events in enumerate(rep.events)]
 
@@ -25,18 +25,18 @@ def _synthetic() -> list[list[dict]]:
 def test_bubble_and_chrome_trace_of_a_known_timeline(tmp_path: Path) -> None:
     tl = _synthetic()
     mean, per = trace.bubble_fraction(tl)
-    # step 6 (F, F, 2B, 2B), each rank busy 3: bubble 1/2 on both ranks, as the simulator says
-    assert per == pytest.approx([0.5, 0.5])
-    assert mean == pytest.approx(simulate(build("1f1b", 2, 1), CostModel(), 1).bubble)
+    # step 3 (m + p - 1) = 9, each rank busy 2 x (F + 2B) = 6: bubble 1/3 on both, as the simulator says
+    assert per == pytest.approx([1 / 3, 1 / 3])
+    assert mean == pytest.approx(simulate(build("1f1b", 2, 2), CostModel(), 2).bubble)
     path = trace.write_chrome_trace(tl, tmp_path / "t.json")
     doc = json.loads(path.read_text())
     slices = [e for e in doc["traceEvents"] if e["ph"] == "X"]
     assert sorted(e["name"] for e in slices) == sorted(e["action"] for t in tl for e in t)
     starts = {e["id"]: e for e in doc["traceEvents"] if e["ph"] == "s"}
     ends = {e["id"]: e for e in doc["traceEvents"] if e["ph"] == "f"}
-    assert set(starts) == set(ends) and len(starts) == 2  # 0SEND_F0 -> 1RECV_F0, 1SEND_B0 -> 0RECV_B0
+    assert set(starts) == set(ends) and len(starts) == 4  # 0SEND_F0 -> 1RECV_F0, 1SEND_B0 -> 0RECV_B0, ...
     pairs = sorted((starts[i]["pid"], ends[i]["pid"], starts[i]["name"]) for i in starts)
-    assert pairs == [(0, 1, "F mb 0"), (1, 0, "B mb 0")]
+    assert pairs == [(0, 1, "F mb 0"), (0, 1, "F mb 1"), (1, 0, "B mb 0"), (1, 0, "B mb 1")]
     for i in starts:  # arrows start inside the send slice and end inside the receive slice
         assert starts[i]["ts"] <= ends[i]["ts"]
 
@@ -45,7 +45,8 @@ def test_calibrated_model_reproduces_the_timeline() -> None:
     tl = _synthetic()
     cost = trace.calibrate(tl, 2)
     assert cost.time("F", 0) == 1 and cost.time("B", 1) == 2 and cost.time("W", 0) == 0
-    assert trace.predict(build("1f1b", 2, 1), cost, 1) == pytest.approx(trace.bubble_fraction(tl)[0])
+    assert cost.recv == 0 and cost.overhead == 0
+    assert trace.predict(build("1f1b", 2, 2), cost, 2) == pytest.approx(trace.bubble_fraction(tl)[0])
 
 
 @pytest.mark.mpi(min_size=2)

@@ -46,7 +46,7 @@ class CostModel:
     without a matching W costs ``b + w`` (a full backward).  A message costs
     ``latency + message_bytes / bandwidth`` between the send and the earliest matching
     receive; ``send`` and ``recv`` are the sender's and receiver's own time per message
-    (packing, posting).  ``activation_bytes`` (per micro-batch per stage) turns peak
+    (packing, posting); ``overhead`` is added to every action (the executor's own time).  ``activation_bytes`` (per micro-batch per stage) turns peak
     in-flight micro-batches into bytes.
     """
 
@@ -59,6 +59,7 @@ class CostModel:
     activation_bytes: float = 0.0
     send: float = 0.0
     recv: float = 0.0
+    overhead: float = 0.0
 
     def message_time(self) -> float:
         return self.latency + (self.message_bytes / self.bandwidth if self.bandwidth else 0.0)
@@ -261,8 +262,8 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
         if cost is None:
             return 0.0
         if a.kind == "B" and (a.stage, a.mb) not in has_w:
-            return cost.time("B", a.stage) + cost.time("W", a.stage)
-        return cost.time(a.kind, a.stage)
+            return cost.time("B", a.stage) + cost.time("W", a.stage) + cost.overhead
+        return cost.time(a.kind, a.stage) + cost.overhead
 
     remaining = sum(len(row) for row in table)
     while remaining:
@@ -273,11 +274,11 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
                 start = ready(r, a)
                 if start is None:
                     break
-                end = start + duration(a)
+                clock_before, end = clock[r], start + duration(a)
                 clock[r] = end
                 if a.kind in COMPUTE:
                     busy[r] += end - start
-                events[r].append((a, start, end))
+                events[r].append((a, clock_before, end))  # a receive includes its wait, as measured
                 key = (a.stage, a.kind, a.mb)
                 done.add(key)
                 if a.kind in ("SEND_F", "SEND_B"):
