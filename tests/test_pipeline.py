@@ -280,3 +280,40 @@ def test_pipeline_with_tensor_and_data_parallel_peers(comm: MPI.Comm) -> None:
         pipe.close()
     sub.Free()
     assert size >= 4
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule,v", [("1f1b", 1), ("gpipe", 1), ("zb-h1", 1), ("interleaved-1f1b", 3)])
+@pytest.mark.parametrize("checkpoint", ["never", "always"])
+def test_one_rank_pipeline_and_local_stage_hand_off(schedule: str, v: int, checkpoint: str) -> None:
+    """pp=1 over COMM_SELF: with v=3 the three stages pass activations and gradients locally."""
+    with mpimp.init(pp=1, comm=MPI.COMM_SELF) as topo:
+        ref = _layers(21)
+        pipe = mpimp.Pipeline(copy.deepcopy(ref), topo, chunks=3, loss_fn=nn.MSELoss(), schedule=schedule,
+                              virtual_stages=v, checkpoint=checkpoint)
+        assert pipe.local_stages == list(range(v)) and pipe.layer_indices == list(range(len(ref)))
+        x, y = _data(6, seed=22)
+        _check_step(topo, pipe, ref, x, y, nn.MSELoss())
+        assert all(a.kind in ("F", "B", "W") for a in pipe.table[0])  # nothing to send
+        pipe.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_zero_bubble_b_leaves_weight_gradients_to_w() -> None:
+    """In zb-h1, B computes only input gradients; the weight gradients appear at W."""
+    with mpimp.init(pp=1, comm=MPI.COMM_SELF) as topo:
+        ref = _layers(23)
+        table = "rank 0: 0F0 0B0 0W0"
+        pipe = mpimp.Pipeline(copy.deepcopy(ref), topo, chunks=1, loss_fn=nn.MSELoss(), schedule=table)
+        x, y = _data(2, seed=24)
+        pipe._start_step(x, y, True, True, True)
+        pipe._loss_sum = torch.zeros((), dtype=torch.float64)
+        pipe._forward(0, 0, True)
+        pipe._backward(0, 0)
+        assert all(q.grad is None for q in pipe.parameters())
+        pipe._weight(0, 0)
+        assert all(q.grad is not None for q in pipe.parameters())
+        nn.MSELoss()(ref(x), y).backward()
+        for (_, q), (_, r) in zip(pipe.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(q.grad, r.grad, atol=TOL, rtol=0)
+        pipe.close()

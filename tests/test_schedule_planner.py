@@ -1,0 +1,43 @@
+"""``mpimp plan``: the simulator on the command line, checked against closed-form step times."""
+
+from __future__ import annotations
+
+import pytest
+
+from mpimp.cli import main
+from mpimp.planner import plan
+from mpimp.schedule import CostModel
+
+
+def test_plan_matches_the_closed_forms() -> None:
+    cost = CostModel(f=1.0, b=1.0, w=1.0)
+    assert plan("1f1b", 8, 32, 1, cost)["step_time"] == 3 * (32 + 7)
+    assert plan("gpipe", 8, 32, 1, cost)["step_time"] == 3 * (32 + 7)
+    assert plan("zb-h1", 8, 32, 1, cost)["step_time"] == 3 * 32 + 7
+    # v=2: each virtual stage holds half the layers, so the bubble halves
+    assert plan("interleaved-1f1b", 8, 32, 2, cost)["step_time"] == pytest.approx(3 * 32 + 3 * 7 / 2)
+    gp, one = plan("gpipe", 8, 32, 1, cost), plan("1f1b", 8, 32, 1, cost)
+    assert max(gp["peak_inflight"]) == 32 and max(one["peak_inflight"]) == 8
+
+
+@pytest.mark.mpi(min_size=1)
+def test_plan_command_prints_the_prediction(capsys: pytest.CaptureFixture[str]) -> None:
+    from mpi4py import MPI
+
+    assert main(["plan", "--pp", "64", "--chunks", "256", "--schedule", "zb-h1",
+                 "--activation-bytes", "1048576"]) == 0
+    out = capsys.readouterr().out
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        row = next(line for line in out.splitlines() if line.startswith("zb-h1"))
+        # 3 x 256 + 63 time units; ideal 768; bubble 1 - 768/831 = 7.6%; rank 0 holds 64 micro-batches
+        assert row.split()[:8] == ["zb-h1", "64", "256", "1", "831", "768", "7.6%", "64"]
+        assert "64.0 MiB" in row
+    else:
+        assert out == ""
+
+
+def test_plan_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["plan", "--pp", "4", "--chunks", "0"]) == 2
+    assert "--chunks 0 must be >= 1" in capsys.readouterr().err
+    assert main(["plan", "--pp", "4", "--chunks", "6", "--schedule", "interleaved-1f1b"]) == 2
+    assert "divisible" in capsys.readouterr().err
