@@ -62,7 +62,7 @@ NATIVE_DIR = Path(__file__).resolve().parent.parent / "native"
 SOURCE = NATIVE_DIR / "mpimp_reduce16.c"
 CUDA_SOURCE = NATIVE_DIR / "mpimp_reduce16.cu"
 _LIBNAME = "libmpimp_reduce16.so"
-_VERSION = b"mpimp-reduce16 1"
+_VERSION = b"mpimp-reduce16 2"
 _KINDS = {torch.bfloat16: 0, torch.float16: 1}
 _OPS = {"sum": 0, "max": 1, "min": 2}
 
@@ -206,9 +206,12 @@ def _load_library(path: Path) -> ctypes.CDLL:
     lib.mpimp_reduce16_op.restype = ctypes.c_ssize_t
     lib.mpimp_reduce16_op.argtypes = [ctypes.c_int]
     lib.mpimp_reduce16_apply.restype = ctypes.c_int
-    lib.mpimp_reduce16_apply.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+    lib.mpimp_reduce16_apply.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
+                                         ctypes.c_int]
+    lib.mpimp_reduce16_init.restype = ctypes.c_int
     if lib.mpimp_reduce16_version() != _VERSION:
         raise NativeBuildError(f"{path} is version {lib.mpimp_reduce16_version()!r}, expected {_VERSION!r}")
+    lib.mpimp_reduce16_init()  # AVX2 / F16C sums where the CPU has them
     return lib
 
 
@@ -227,8 +230,11 @@ class ReductionOps:
         index = _index(dtype, op)
         return None if index is None else self.ops[index]
 
-    def apply(self, dtype: torch.dtype, op: str, a: np.ndarray, b: np.ndarray) -> None:
-        """``b = a (op) b`` in place on uint16 arrays, without MPI (for tests and benchmarks)."""
+    def apply(self, dtype: torch.dtype, op: str, a: np.ndarray, b: np.ndarray, generic: bool = False) -> None:
+        """``b = a (op) b`` in place on uint16 arrays, without MPI (for tests and benchmarks).
+
+        ``generic=True`` runs the portable C kernels even where SIMD ones were picked.
+        """
         index = _index(dtype, op)
         if index is None:
             raise MpimpError(f"no 16-bit operator {op!r} for {dtype}")
@@ -240,7 +246,7 @@ class ReductionOps:
             a = np.ascontiguousarray(a)
             if not b.flags.c_contiguous:
                 raise MpimpError("apply needs a contiguous output array")
-            self.library.mpimp_reduce16_apply(index, a.ctypes.data, b.ctypes.data, a.size)
+            self.library.mpimp_reduce16_apply(index, a.ctypes.data, b.ctypes.data, a.size, int(generic))
 
 
 def load_ops(mpicc: str | None = None, directory: Path | None = None, search: bool = True) -> ReductionOps:

@@ -21,7 +21,7 @@
 #include <stdio.h>
 #include <string.h>
 
-#define MPIMP_REDUCE16_VERSION "mpimp-reduce16 1"
+#define MPIMP_REDUCE16_VERSION "mpimp-reduce16 2"
 
 #define MPIMP_CHECK(call)                                                           \
     do {                                                                            \
@@ -101,7 +101,48 @@ DEFINE_KERNELS(bf16, bf16_to_f32, f32_to_bf16)
 DEFINE_KERNELS(f16, f16_to_f32, f32_to_f16)
 
 typedef void (*kernel_t)(const uint16_t *, uint16_t *, int64_t);
-static const kernel_t KERNELS[6] = {bf16_sum, bf16_max, bf16_min, f16_sum, f16_max, f16_min};
+static const kernel_t GENERIC[6] = {bf16_sum, bf16_max, bf16_min, f16_sum, f16_max, f16_min};
+
+/* x86-64: the sums again with AVX2 (and F16C for float16: exact IEEE conversions with
+ * round-to-nearest-even, the same results as the portable code), picked at run time. */
+#if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
+#include <immintrin.h>
+#define MPIMP_SIMD 1
+
+__attribute__((target("avx2"))) static void bf16_sum_avx2(const uint16_t *in, uint16_t *io, int64_t n) {
+    for (int64_t i = 0; i < n; i++) io[i] = f32_to_bf16(bf16_to_f32(in[i]) + bf16_to_f32(io[i]));
+}
+
+__attribute__((target("avx2,f16c"))) static void f16_sum_f16c(const uint16_t *in, uint16_t *io, int64_t n) {
+    int64_t i = 0;
+    for (; i + 8 <= n; i += 8) {
+        __m256 a = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(in + i)));
+        __m256 b = _mm256_cvtph_ps(_mm_loadu_si128((const __m128i *)(io + i)));
+        __m128i r = _mm256_cvtps_ph(_mm256_add_ps(a, b), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        _mm_storeu_si128((__m128i *)(io + i), r);
+    }
+    f16_sum(in + i, io + i, n - i);
+}
+
+static int simd_available(void) {
+    __builtin_cpu_init();
+    return __builtin_cpu_supports("avx2") && __builtin_cpu_supports("f16c");
+}
+#else
+#define MPIMP_SIMD 0
+static int simd_available(void) { return 0; }
+#endif
+
+static kernel_t KERNELS[6] = {bf16_sum, bf16_max, bf16_min, f16_sum, f16_max, f16_min};
+
+static void select_kernels(void) {
+#if MPIMP_SIMD
+    if (simd_available()) {
+        KERNELS[0] = bf16_sum_avx2;
+        KERNELS[3] = f16_sum_f16c;
+    }
+#endif
+}
 
 /* n = number of 16-bit elements in len items of datatype dt */
 static int64_t element_count(int *len, MPI_Datatype *dt) {
@@ -131,10 +172,17 @@ static MPI_User_function *const USER_FNS[6] = {user_fn_0, user_fn_1, user_fn_2,
 
 const char *mpimp_reduce16_version(void) { return MPIMP_REDUCE16_VERSION; }
 
-/* Apply operator idx directly (no MPI): io[i] = in[i] (op) io[i].  Returns 0, or -1 for a bad idx. */
-int mpimp_reduce16_apply(int idx, const void *in, void *io, int64_t n) {
+/* Pick the SIMD kernels where the CPU has them; returns 1 if it did.  Called by the loader. */
+int mpimp_reduce16_init(void) {
+    select_kernels();
+    return KERNELS[0] != bf16_sum;
+}
+
+/* Apply operator idx directly (no MPI): io[i] = in[i] (op) io[i].  generic = 1 forces the
+ * portable kernels (to test them against the SIMD ones).  Returns 0, or -1 for a bad idx. */
+int mpimp_reduce16_apply(int idx, const void *in, void *io, int64_t n, int generic) {
     if (idx < 0 || idx >= 6) return -1;
-    KERNELS[idx]((const uint16_t *)in, (uint16_t *)io, n);
+    (generic ? GENERIC : KERNELS)[idx]((const uint16_t *)in, (uint16_t *)io, n);
     return 0;
 }
 

@@ -103,6 +103,9 @@ def fallback() -> native_ops.ReductionOps:
 def test_native_and_fallback_equal_the_fp64_reference(native, fallback, dtype, op, n) -> None:
     a, b = pairs(dtype, n, seed=n)
     expected = reference(dtype, op, a, b)
+    out = b.copy()
+    native.apply(dtype, op, a, out, generic=True)  # the portable kernels (SIMD ones may be in use)
+    assert_same(dtype, out, expected)
     for ops in (native, fallback):
         out = b.copy()
         ops.apply(dtype, op, a, out)
@@ -135,10 +138,10 @@ def test_values_that_round_differently(native, fallback, dtype, a, b, expected) 
     exp = np.array([expected], dtype=np.float64)
     ref = reference(dtype, "sum", ua, ub)  # the reference itself
     assert np.array_equal(ref, exp, equal_nan=True)
-    for ops in (native, fallback):
-        out = ub.copy()
-        ops.apply(dtype, "sum", ua, out)
-        assert_same(dtype, out, exp)
+    for ops, generic in ((native, False), (native, True), (fallback, False)):
+        out = np.concatenate([ub] * 19)  # 19: the SIMD loop (8 at a time) and its tail
+        ops.apply(dtype, "sum", np.concatenate([ua] * 19), out, generic=generic)
+        assert_same(dtype, out, np.concatenate([exp] * 19))
 
 
 def test_reduction_op_contract(native) -> None:
