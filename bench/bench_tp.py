@@ -1,7 +1,7 @@
 """Tensor parallelism, tp = 2: mpimp's GPT against torch DTensor ``parallelize_module`` (gloo).
 
     OMP_NUM_THREADS=1 timeout 900 .venv/bin/mpirun --oversubscribe -n 2 \\
-        .venv/bin/python bench/bench_tp.py --rounds 6 --steps 3
+        .venv/bin/python bench/bench_tp.py --rounds 10 --steps 1
 
 Both peers train the same GPT (8 blocks, d_model 256, 4 heads, sequence 128, vocabulary
 256, untied head, batch 16: 16 sequences x 128 tokens = 2,048 tokens per step) with the
@@ -12,7 +12,9 @@ SGD update.  The peer: ``ColwiseParallel`` on q, k, v and fc1, ``RowwiseParallel
 attention output and fc2 (torch's documented Megatron-style plan); embeddings,
 LayerNorms and the head replicated, loss ``F.cross_entropy`` on the full logits.
 
-Reported: tokens/s of each (median over rounds) and their ratio; the share of mpimp's
+Reported: tokens/s of each (median over rounds), the ratio of the medians and the
+median of the per-round ratios (the two halves of a round run back to back, so they
+see the same background load: the robust figure on a shared machine); the share of mpimp's
 step time spent inside its collectives (measured in a separate pass by timing every
 all-reduce / all-gather / reduce-scatter the tensor-parallel layers call); parameter
 bytes per rank against total / tp.  Not a test: no assertions on timings.
@@ -177,8 +179,8 @@ class CommTimer:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=3, help="timed steps per peer per round")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per peer per round")
     ap.add_argument("--batch", type=int, default=16)
     args = ap.parse_args()
 
@@ -222,23 +224,28 @@ def main() -> None:
     for fn in (step_ours, step_peer):  # warm-up
         fn()
     rates: dict[str, list[float]] = {"mpimp": [], "dtensor": []}
+    pair_ratios: list[float] = []
     for r in range(args.rounds):
         order = [("mpimp", step_ours), ("dtensor", step_peer)]
         if r % 2:
             order.reverse()
+        got = {}
         for name, fn in order:
             world.Barrier()
             dt = world.allreduce(timed_steps(fn, args.steps), op=MPI.MAX)
-            rates[name].append(args.steps * tokens / dt)
+            got[name] = args.steps * tokens / dt
+            rates[name].append(got[name])
+        pair_ratios.append(got["mpimp"] / got["dtensor"])  # neighbours in time see the same load
 
-    with CommTimer() as timer:
+    n_comm = max(args.steps, 3)
+    with CommTimer() as timer:  # includes waiting for the other rank inside the collective
         world.Barrier()
         t0 = time.perf_counter()
-        for _ in range(args.steps):
+        for _ in range(n_comm):
             step_ours()
-        step_time = (time.perf_counter() - t0) / args.steps
-    comm_share = world.allreduce(timer.seconds / args.steps / step_time, op=MPI.SUM) / size
-    calls = timer.calls // args.steps
+        step_time = (time.perf_counter() - t0) / n_comm
+    comm_share = world.allreduce(timer.seconds / n_comm / step_time, op=MPI.SUM) / size
+    calls = timer.calls // n_comm
 
     ours_bytes = param_bytes(ours)
     peer_bytes = param_bytes(peer)
@@ -255,7 +262,9 @@ def main() -> None:
         print(f"first-step loss: mpimp {l_ours:.6f}  dtensor {l_peer:.6f}")
         for k, v in rates.items():
             print(f"{k:8s} tokens/s median {med[k]:8.0f}   rounds: {' '.join(f'{x:.0f}' for x in v)}")
-        print(f"ratio mpimp / dtensor: {med['mpimp'] / med['dtensor']:.2f}x")
+        print(f"ratio mpimp / dtensor: {med['mpimp'] / med['dtensor']:.2f}x of the medians; "
+              f"median of the {len(pair_ratios)} per-round ratios {statistics.median(pair_ratios):.2f}x "
+              f"(rounds: {' '.join(f'{x:.2f}' for x in pair_ratios)})")
         print(f"mpimp communication share of step time: {100 * comm_share:.1f}% "
               f"({calls} collectives per step, step {1000 * step_time:.0f} ms)")
         print(f"parameter bytes per rank: mpimp {per_rank} (dtensor {peer_bytes} on rank 0); "
