@@ -304,6 +304,11 @@ class DataParallel(nn.Module):
 
     # -- the module interface
     def forward(self, *args: Any, **kwargs: Any) -> Any:
+        if self._state.queued:  # a backward that raised half-way: finish its launched buckets, drop the rest
+            self._state = _BackwardState()
+            wait_all([b.request for b in self.buckets if b.request is not None])
+            for b in self.buckets:
+                b.reset()
         return self.module(*args, **kwargs)
 
     def split_batch(self, *batch: torch.Tensor) -> Any:

@@ -252,3 +252,30 @@ def test_construction_broadcasts_dp_rank_0_weights(comm: MPI.Comm) -> None:
         ref = Tied()
         for p, q in zip(model.module.parameters(), ref.parameters()):
             assert torch.equal(p, q)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_backward_that_raised_does_not_poison_the_next_step(comm: MPI.Comm) -> None:
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(8)
+        ref = Tied()
+        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=0.001)
+        x, y = batch(4 * topo.dp, seed=3)
+        lx, ly = model.split_batch(x, y)
+
+        def boom(grad: torch.Tensor) -> None:
+            raise RuntimeError("boom")
+
+        h = model.module.emb(lx)
+        h.register_hook(boom)  # fails every rank at the same point, after some buckets launched
+        out = model.module.head(h + model.module.mix(h))
+        with pytest.raises(RuntimeError, match="boom"):
+            nn.functional.cross_entropy(out.reshape(-1, 11), ly.reshape(-1)).backward()
+        for p in model.parameters():
+            p.grad = None
+        loss_fn(model, lx, ly).backward()
+        loss_fn(ref, x, y).backward()
+        for p, q in zip(model.module.parameters(), ref.parameters()):
+            if q.grad is not None:
+                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        assert all(b.request is None and b.pending == len(b.params) for b in model.buckets)
