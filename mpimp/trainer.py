@@ -94,6 +94,8 @@ class TrainConfig:
     eval_samples: int = _f(256, "held-out samples per evaluation", "run")
     log_every: int = _f(10, "progress line every N steps", "run")
     out: str = _f("runs/train", "output directory (metrics, plots, trace, summary, model)", "run")
+    progress: str = _f("auto", "progress output: bar (redrawn in place), lines, or auto (bar on a terminal)",
+                       "run")
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError for options that cannot work (pure: same verdict on every rank)."""
@@ -106,6 +108,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
+        if self.progress not in ("auto", "bar", "lines"):
+            raise ConfigError(f"--progress must be auto, bar or lines, got {self.progress!r}")
         if self.precision not in ("fp32", "bf16"):
             raise ConfigError(f"--precision must be fp32 or bf16, got {self.precision!r}")
         if self.lr <= 0 or not 0 <= self.min_lr_ratio <= 1 or self.weight_decay < 0 or self.grad_clip < 0:
@@ -188,10 +192,11 @@ class _Bf16Boundary(torch.nn.Module):
 class _Progress:
     """Rank 0's progress output: a bar redrawn in place on a terminal, plain lines otherwise."""
 
-    def __init__(self, total: int, every: int, stream: Any = None) -> None:
+    def __init__(self, total: int, every: int, stream: Any = None, mode: str = "auto") -> None:
         self.total, self.every = total, every
         self.stream = stream if stream is not None else sys.stdout
-        self.tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        self.tty = mode == "bar" or (mode == "auto" and tty)
         self.start = time.perf_counter()
 
     def update(self, step: int, loss: float, tokens_per_s: float, bubble: float | None) -> None:
@@ -252,6 +257,8 @@ class Trainer:
         self._build_model()
         self.optimizer = self._build_optimizer()
         self.history: list[dict[str, Any]] = []
+        self._events: list[dict[str, Any]] = []
+        self._train_timeline: list[dict[str, Any]] = []
         self.evals: list[dict[str, Any]] = []
 
     # ------------------------------------------------------------------ set-up
@@ -401,7 +408,7 @@ class Trainer:
         root = topo.rank == 0
         out = cfg.out
         _agree(topo.world, lambda: os.makedirs(out, exist_ok=True))
-        progress = _Progress(cfg.steps, cfg.log_every, self.stream) if root else None
+        progress = _Progress(cfg.steps, cfg.log_every, self.stream, cfg.progress) if root else None
         metrics = open(os.path.join(out, "metrics.jsonl"), "w") if root else None
         tokens_per_step = cfg.batch_size * cfg.seq_len
         if root:
@@ -425,13 +432,16 @@ class Trainer:
                     dt = time.perf_counter() - t0
                     times.append(dt)
                     bubble = self._bubble()
-                    total = reduce_to_root(topo.world, {"loss": loss, "bubble": bubble or 0.0},
-                                           topo.is_last_stage and topo.tp_rank == 0, ["loss", "bubble"])
+                    self._train_timeline = self.timeline()  # before an evaluation's forward replaces it
+                    # the loss from the last stages (tp rank 0 of each replica), the bubble from all
+                    last = topo.is_last_stage and topo.tp_rank == 0
+                    local = np.array([loss if last else 0.0, float(last), bubble or 0.0])
+                    total = np.zeros(3) if root else None
+                    topo.world.Reduce(local, total, op=MPI.SUM, root=0)
                     if root:
-                        k = max(1.0, total["_contributors"])
-                        rec = {"step": step, "loss": total["loss"] / k, "lr": msg.lr, "grad_norm": norm,
+                        rec = {"step": step, "loss": total[0] / total[1], "lr": msg.lr, "grad_norm": norm,
                                "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,
-                               "bubble": None if bubble is None else total["bubble"] / k}
+                               "bubble": None if bubble is None else total[2] / topo.size}
                         self.history.append(rec)
                         metrics.write(json.dumps(rec) + "\n")
                         metrics.flush()
@@ -581,7 +591,7 @@ class Trainer:
             layers = parts.layers
             if self.dtype is not None:
                 layers = [lambda f=f: _Bf16Boundary(f()) for f in layers]
-            self.pipe = Pipeline(layers, topo, chunks=cfg.chunks, loss_fn=parts.loss_fn, schedule=cfg.schedule,
+            self.pipe = Pipeline(layers, topo, chunks=cfg.chunks, loss_fn=self._loss, schedule=cfg.schedule,
                                  virtual_stages=cfg.virtual_stages, after_backward=parts.after_backward)
             if mc.tied_embeddings:
                 # the last stage's copy of the tied token table: same gradient as the first's
@@ -610,15 +620,31 @@ class Trainer:
             return self.pipe.train_step(x, y)
         total = 0.0
         chunks = self.cfg.chunks
-        for xi, yi in zip(x.chunk(chunks), y.chunk(chunks)):
-            loss = self.gpt(xi, yi)
+        events = []
+        t0 = time.perf_counter()
+        base = {"rank": 0, "world_rank": self.topo.rank, "stage": 0}
+        for mb, (xi, yi) in enumerate(zip(x.chunk(chunks), y.chunk(chunks))):
+            a = time.perf_counter() - t0
+            loss = self._loss(self.gpt(xi), yi)
+            b = time.perf_counter() - t0
             (loss / chunks).backward()
+            c = time.perf_counter() - t0
+            events += [dict(base, action=f"0F{mb}", kind="F", mb=mb, start=a, end=b),
+                       dict(base, action=f"0B{mb}", kind="B", mb=mb, start=b, end=c)]
             total += float(loss.detach())
         if self.topo.dp > 1:
             from .data_parallel import reduce_gradients
 
-            reduce_gradients(self.parameters(), self.topo.dp_comm)
+            reduce_gradients(self.parameters(), self.topo.dp_comm, reduce_dtype=self.dtype)
+        self._events = events
         return total / chunks
+
+    def _loss(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean cross-entropy over the scored targets, from vocabulary-parallel logits, in fp32."""
+        from .nn import vocab_parallel_cross_entropy
+
+        return vocab_parallel_cross_entropy(logits.float(), targets, self.topo.tp_comm,
+                                            vocab_size=self.vocab_size, ignore_index=IGNORE_INDEX)
 
     def _forward_logits(self, x: torch.Tensor | None, batch: int) -> torch.Tensor | None:
         """Vocabulary-parallel logits on the last stage (None elsewhere)."""
@@ -652,8 +678,6 @@ class Trainer:
         out: dict[str, torch.Tensor] = {}
         for p in parts:
             out.update(p)
-        if self.model_config().tied_embeddings:
-            out.pop("head.weight", None)  # the tied head shares embed.tok.weight
         return out
 
     def _layers(self) -> list[tuple[int, torch.nn.Module]]:
@@ -667,15 +691,28 @@ class Trainer:
         if self.pipe is None:
             return None
         events = self.pipe.timeline()
-        if not events:
-            return None
-        span = max(e["end"] for e in events) - min(e["start"] for e in events)
+        span = max((e["end"] for e in events), default=0.0)
         busy = sum(e["end"] - e["start"] for e in events if e["kind"] in ("F", "B", "W"))
         return max(0.0, 1.0 - busy / span) if span > 0 else 0.0
 
+    def timeline(self) -> list[dict[str, Any]]:
+        """This rank's actions of the last step (the pipeline's, or F/B per micro-batch at pp = 1)."""
+        return self.pipe.timeline() if self.pipe is not None else list(self._events)
+
     def _write_trace(self) -> None:
-        """Merged Chrome trace and Gantt chart of the last step, every rank (collective)."""
-        pass
+        """``trace.json`` (merged Chrome trace) and ``timeline.png`` (Gantt) of the last training step (collective)."""
+        from . import trace
+
+        topo = self.topo
+        mine = [dict(e, dp_rank=topo.dp_rank, tp_rank=topo.tp_rank) for e in self._train_timeline]
+        timelines = topo.world.gather(mine, root=0)
+        if topo.rank != 0:
+            return
+        trace.write_chrome_trace(timelines, os.path.join(self.cfg.out, "trace.json"))
+        t = self.topo
+        trace.plot_gantt(timelines, os.path.join(self.cfg.out, "timeline.png"),
+                         title=f"last step: dp={t.dp} pp={t.pp} tp={t.tp}, {self.cfg.schedule}, "
+                         f"{self.cfg.chunks} micro-batches")
 
     def close(self) -> None:
         """Free the topology's communicators if this trainer created them (collective)."""

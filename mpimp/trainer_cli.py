@@ -74,6 +74,8 @@ def _add_train(p: argparse.ArgumentParser) -> None:
             kw["help"] += f" (default: {default})"
         if f.name == "precision":
             kw["choices"] = ["fp32", "bf16"]
+        elif f.name == "progress":
+            kw["choices"] = ["auto", "bar", "lines"]
         elif f.name == "schedule":
             kw["metavar"] = "NAME"
         kw["type"] = kind
