@@ -36,7 +36,8 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@touch $@
 
 demo: setup
-	$(MAKE) --no-print-directory _mpirun NP=4 CMD="$(VENV)/bin/mpimp info"
+	@# the default task (reverse 6 digits) on 4 ranks, pp = 2 x tp = 2: see jobs/demo.toml
+	$(MAKE) --no-print-directory _mpirun NP=4 CMD="$(VENV)/bin/mpimp train --config jobs/demo.toml"
 
 _mpirun:
 	timeout $(NP_TIMEOUT) $(VENV)/bin/mpirun $(MPIRUN_FLAGS) -n $(NP) $(CMD)

@@ -521,7 +521,8 @@ class Trainer:
         out.write(
             f"summary: {summary['steps']} steps ({stop_reason}) in {_hms(elapsed)}; final loss "
             f"{summary['final_loss'] if summary['final_loss'] is None else round(summary['final_loss'], 4)}; "
-            + (f"held-out {summary['task_metric']} {acc:.3f}; " if acc is not None else "")
+            + (f"held-out task accuracy {acc:.3f} ({summary['task_metric'].replace('_', ' ')}); "
+               if acc is not None else "")
             + (f"{summary['tokens_per_s']:,.0f} tokens/s; " if summary["tokens_per_s"] else "")
             + f"peak memory {max(peak):.0f} MB/rank; outputs in {cfg.out}/\n")
         out.flush()

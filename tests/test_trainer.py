@@ -220,7 +220,7 @@ def test_bad_input_gives_one_message_and_exit_2_on_every_rank(comm: MPI.Comm, ca
         (["--config", os.path.join(tmp, "bad.toml")], "unknown key 'layerz'"),
         (["--config", os.path.join(tmp, "badtype.toml")], "should be of type int"),
         (["--config", os.path.join(tmp, "nope.toml")], "does not exist"),
-        (["--tp", "3"], "world size"),
+        (["--pp", "7"], "world size"),
     ]
     for extra, expect in cases:
         capfd.readouterr()
