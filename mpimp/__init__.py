@@ -27,6 +27,7 @@ from .errors import ConfigError, DeadlineError, MpimpError, TransportError
 from .optim import ShardedOptimizer
 from .pipeline import Pipeline
 from .topology import Topology, init
+from .trainer import TrainConfig, Trainer
 
 __version__ = "0.1.0"
 
@@ -37,6 +38,8 @@ __all__ = [
     "Pipeline",
     "DataParallel",
     "ShardedOptimizer",
+    "Trainer",
+    "TrainConfig",
     "nn",
     "models",
     "send",
