@@ -91,13 +91,17 @@ def batch(n: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 def timed(world: MPI.Comm, fn, steps: int) -> float:
-    """Seconds per step (max over ranks), after one untimed warm-up step."""
+    """Seconds per step (max over ranks), after one untimed warm-up step.
+
+    The barriers sleep while they wait (mpimp.barrier), so an idle rank does not steal the
+    core of a computing one (MPI_Barrier spins: the single-process run took 2x longer).
+    """
     fn()
-    world.Barrier()
+    mpimp.barrier(world)
     t0 = time.perf_counter()
     for _ in range(steps):
         fn()
-    world.Barrier()
+    mpimp.barrier(world)
     return world.allreduce(time.perf_counter() - t0, op=MPI.MAX) / steps
 
 
@@ -181,7 +185,7 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
             pipe.train_step(x, y)  # warm-up
             measured, predicted = [], []
             for _ in range(steps):
-                world.Barrier()
+                mpimp.barrier(world)
                 pipe.train_step(x, y)
                 tls = trace.gather(pipe)
                 if world.Get_rank() == 0:
