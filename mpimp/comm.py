@@ -2,18 +2,26 @@
 
 Problem: a pipeline stage receives activations whose shape and dtype it may not know in
 advance (they can change between micro-batches), and torch's binaries ship no MPI
-backend.  Sending a separate "shape" message doubles the latency and invites
-mismatched pairs; so every mpimp message is self-describing: one MPI message holding a
-small header (dtypes, shapes) followed by the payload(s), each 64-byte aligned::
+backend.  Sending a separate "shape" exchange first doubles the latency and invites
+mismatched pairs; so every mpimp message is self-describing: it opens with a small
+header (dtypes, shapes) that the receiver matches with a matched probe
+(``MPI_Improbe``: no race with other receives on the same source and tag)::
 
-    | "MPMP" v n hdrlen | code ndim pad | dims (int64) ... | pad | payload 0 | pad | payload 1 ...
+    | "MPMP" layout n hdrlen | code ndim pad | dims (int64) ... | pad | payload 0 | pad | ...
 
-The receiver learns the size with a matched probe (``MPI_Improbe``; no race with other
-receives on the same tag), allocates one buffer, receives into it, and returns views
-into that buffer (no copy).  Large contiguous CPU tensors are sent without copying: the
-header and the tensors' own memory are described by one MPI struct datatype over
-absolute addresses.  Small messages are packed into one buffer instead (a copy of a few
-KiB costs less than creating a datatype).
+Two layouts, chosen by the sender from the payload size:
+
+* **inline** (payloads up to ``_PACK_LIMIT`` bytes): header and payloads packed into one
+  message, each payload 64-byte aligned; the receiver returns views into the one buffer.
+  For small messages a copy of a few KiB costs less than a second message.
+* **split** (larger): the header travels alone, then each non-empty tensor as its own
+  message *from the tensor's own memory* (no copy) on the same tag.  The receiver posts
+  the payload receives the moment it has matched the header (MPI keeps messages of one
+  source and tag in order, and posted receives match in posting order), directly into
+  ``out`` when given.  Why not one message with a struct datatype over the header and the
+  tensor?  MPI libraries move only contiguous buffers with single-copy (CMA, XPMEM) or
+  RDMA; a struct datatype is packed through bounce buffers: 4x slower for 16 MiB in
+  Open MPI 5 (docs/benchmarks.md).
 
 Every wait has a deadline (``MPIMP_TIMEOUT`` seconds, default 600; 0 disables it):
 instead of hanging forever when a peer died or a schedule is mismatched, the wait
@@ -64,11 +72,12 @@ __all__ = [
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 _MAGIC = b"MPMP"
-_VERSION = 1
+_INLINE, _SPLIT = 1, 2  # header layouts: payloads packed after the header / in own messages
 _ALIGN = 64
-_PACK_LIMIT = 32 * 1024  # bytes; below this the message is packed into one buffer
-_ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes
+_PACK_LIMIT = 64 * 1024  # payload bytes; above this the split layout is used
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+_HEAD = struct.Struct("<4sBBH")
+_ENTRY = struct.Struct("<BB6x")
 
 
 def default_timeout() -> float | None:
@@ -81,14 +90,22 @@ def default_timeout() -> float | None:
     return None if value <= 0 else value
 
 
+def _tracing() -> bool:
+    return os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
+
+
 def _trace(comm: MPI.Comm, text: str) -> None:
-    if os.environ.get("MPIMP_DEBUG", "0") not in ("", "0"):
+    if _tracing():
         print(f"r{MPI.COMM_WORLD.Get_rank()} | {text} (comm rank {comm.Get_rank()})",
               file=sys.stderr, flush=True)
 
 
 def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: float | None) -> None:
-    """Poll ``done`` (which must drive MPI progress) until true or the deadline passes."""
+    """Poll ``done`` (which must drive MPI progress) until true or the deadline passes.
+
+    Spins for about a millisecond (a message in flight completes within microseconds),
+    then sleeps between polls, growing to 1 ms, so oversubscribed ranks yield the core.
+    """
     if done():
         return
     start = time.monotonic()
@@ -96,9 +113,11 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
     spins = 0
     while not done():
         spins += 1
-        if spins > 2000:  # after ~ms of spinning, yield the core (2 ranks may share one)
+        if spins > 2000:
             time.sleep(min(1e-3, 2e-6 * (spins - 2000)))
-        if limit is not None and time.monotonic() - start > limit:
+        if limit is not None and spins & 63 == 0 and time.monotonic() - start > limit:
+            if done():
+                return
             raise DeadlineError(
                 f"rank {MPI.COMM_WORLD.Get_rank()}: {what()} did not complete within {limit:g} s. "
                 f"The peer may have failed, or the ranks disagree on the schedule. "
@@ -112,44 +131,51 @@ def _round_up(n: int, k: int = _ALIGN) -> int:
     return (n + k - 1) // k * k
 
 
-def _header(tensors: Sequence[torch.Tensor], as_tuple: bool = False) -> tuple[bytes, list[int]]:
-    """Header bytes (padded to 64) and the payload offsets within the message.
+def _nbytes(t: torch.Tensor) -> int:
+    return t.numel() * t.element_size()
+
+
+def _header(tensors: Sequence[torch.Tensor], as_tuple: bool = False,
+            layout: int = _INLINE) -> tuple[bytes, list[int]]:
+    """Header bytes (padded to 64) and the payload offsets of the inline layout.
 
     The count byte holds the number of tensors (at most 127); its top bit marks a tuple,
     so a 1-tuple arrives as a 1-tuple and a bare tensor as a bare tensor.
     """
     if len(tensors) > 127:
         raise ConfigError(f"at most 127 tensors per message, got {len(tensors)}")
-    parts = [b""]
+    parts = []
     for t in tensors:
-        parts.append(struct.pack(f"<BB6x{t.dim()}q", dtype_code(t.dtype), t.dim(), *t.shape))
+        parts.append(_ENTRY.pack(dtype_code(t.dtype), t.dim()))
+        if t.dim():
+            parts.append(struct.pack(f"<{t.dim()}q", *t.shape))
     body = b"".join(parts)
     hlen = _round_up(8 + len(body))
     if hlen > 0xFFFF:
         raise ConfigError(f"too many dimensions in one message ({len(tensors)} tensors)")
     count = len(tensors) | (0x80 if as_tuple else 0)
-    head = struct.pack("<4sBBH", _MAGIC, _VERSION, count, hlen) + body
     offsets, pos = [], hlen
     for t in tensors:
         offsets.append(pos)
-        pos = _round_up(pos + t.numel() * t.element_size())
-    return head.ljust(hlen, b"\0"), offsets
+        pos = _round_up(pos + _nbytes(t))
+    return (_HEAD.pack(_MAGIC, layout, count, hlen) + body).ljust(hlen, b"\0"), offsets
 
 
-def _parse(buf: torch.Tensor) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool]:
-    """(dtype, shape, offset) of each tensor in a received message buffer, and the tuple flag."""
-    raw = bytes(buf[:8].numpy())
-    magic, version, n, hlen = struct.unpack("<4sBBH", raw)
-    if magic != _MAGIC or version != _VERSION:
+def _parse(buf: object) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
+    """(dtype, shape, inline offset) of each tensor in a message, the tuple flag, the layout.
+
+    ``buf`` is any buffer over the received bytes (a memoryview of a host tensor).
+    """
+    magic, layout, n, hlen = _HEAD.unpack_from(buf, 0)
+    if magic != _MAGIC or layout not in (_INLINE, _SPLIT):
         raise TransportError(
             f"rank {MPI.COMM_WORLD.Get_rank()}: received a message that is not an mpimp tensor "
-            f"(magic {magic!r}, version {version}); is another library using the same communicator and tag?"
+            f"(magic {magic!r}, layout {layout}); is another library using the same communicator and tag?"
         )
-    head = bytes(buf[:hlen].numpy())
     out, pos, offset = [], 8, hlen
     for _ in range(n & 0x7F):
-        code, ndim = struct.unpack_from("<BB", head, pos)
-        shape = struct.unpack_from(f"<{ndim}q", head, pos + 8)
+        code, ndim = _ENTRY.unpack_from(buf, pos)
+        shape = struct.unpack_from(f"<{ndim}q", buf, pos + 8) if ndim else ()
         pos += 8 + 8 * ndim
         dtype = CODE_DTYPES[code]
         out.append((dtype, tuple(shape), offset))
@@ -157,7 +183,7 @@ def _parse(buf: torch.Tensor) -> tuple[list[tuple[torch.dtype, tuple[int, ...], 
         for s in shape:
             numel *= s
         offset = _round_up(offset + numel * dtype.itemsize)
-    return out, bool(n & 0x80)
+    return out, bool(n & 0x80), layout
 
 
 def _as_list(tensors: Tensors) -> tuple[list[torch.Tensor], bool]:
@@ -176,6 +202,10 @@ def _prepare(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
         dtype_code(t.dtype)
         out.append(t if t.is_contiguous() else t.contiguous())
     return out
+
+
+def _describe(dtype: torch.dtype, shape: Sequence[int]) -> str:
+    return f"{str(dtype).removeprefix('torch.')}{list(shape)}"
 
 
 # ----------------------------------------------------------------------------- point-to-point
@@ -202,20 +232,23 @@ class Request:
 
 
 class _MPIRequest(Request):
-    """Wraps one MPI request; ``keep`` holds every buffer that must outlive it."""
+    """Wraps one MPI request (or several); ``keep`` holds every buffer that must outlive them."""
 
-    def __init__(self, req: MPI.Request, what: str, keep: object = None,
+    def __init__(self, req: MPI.Request | list[MPI.Request], what: str, keep: object = None,
                  finish: Callable[[], Tensors | None] | None = None) -> None:
         self._req, self._what, self._keep, self._finish = req, what, keep, finish
         self._done, self._value = False, None
 
     def test(self) -> bool:
-        if not self._done and self._req.Test():
+        if not self._done:
+            req = self._req
+            if not (MPI.Request.Testall(req) if isinstance(req, list) else req.Test()):
+                return False
             self._done = True
             if self._finish is not None:
                 self._value = self._finish()
             self._keep = None
-        return self._done
+        return True
 
     def describe(self) -> str:
         return self._what
@@ -224,57 +257,59 @@ class _MPIRequest(Request):
         return self._value
 
 
-def _send_buffer(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list, object, int]:
-    """MPI buffer spec for a message, the objects to keep alive, and its byte size."""
-    head, offsets = _header(tensors, as_tuple)
-    total = offsets[-1] + tensors[-1].numel() * tensors[-1].element_size() if tensors else len(head)
-    on_host = all(t.device.type == "cpu" for t in tensors)
-    if not on_host or total <= _PACK_LIMIT:
-        device = next((t.device for t in tensors if t.device.type != "cpu"), torch.device("cpu"))
-        packed = torch.empty(total, dtype=torch.uint8, device=device)
-        packed[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
+def _messages(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list[object], object, int]:
+    """The MPI buffers of one mpimp message, the objects to keep alive, and the payload bytes.
+
+    Inline layout: one packed buffer.  Split layout: the header, then each non-empty
+    tensor's own memory (CPU, or CUDA with a CUDA-aware MPI) or its pinned staging copy.
+    """
+    payload = sum(_nbytes(t) for t in tensors)
+    if payload > _PACK_LIMIT:
+        head, _ = _header(tensors, as_tuple, _SPLIT)
+        bufs: list[object] = [head]
+        keep: list[object] = [tensors]
+        for t in tensors:
+            if _nbytes(t):
+                buf, staged = to_wire(t)
+                bufs.append(buf)
+                keep.append(staged)
+        return bufs, keep, payload
+    head, offsets = _header(tensors, as_tuple, _INLINE)
+    total = offsets[-1] + _nbytes(tensors[-1]) if tensors else len(head)
+    if all(t.device.type == "cpu" for t in tensors):
+        packed = bytearray(total)  # small: one memcpy per tensor into the message
+        packed[: len(head)] = head
         for t, off in zip(tensors, offsets):
-            packed[off : off + t.numel() * t.element_size()] = t.reshape(-1).view(torch.uint8)
-        buf, staged = to_wire(packed)
-        return [buf, total, MPI.BYTE], (packed, staged), total
-    head_t = torch.frombuffer(bytearray(head), dtype=torch.uint8)
-    lengths, addrs = [len(head)], [head_t.data_ptr()]
-    pos = len(head)
+            n = _nbytes(t)
+            if n:
+                packed[off : off + n] = host_buffer(t)
+        return [packed], None, payload
+    device = next(t.device for t in tensors if t.device.type != "cpu")
+    dev_packed = torch.empty(total, dtype=torch.uint8, device=device)
+    dev_packed[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     for t, off in zip(tensors, offsets):
-        if off > pos:
-            lengths.append(off - pos)
-            addrs.append(_ZEROS.data_ptr())
-        n = t.numel() * t.element_size()
-        if n:
-            lengths.append(n)
-            addrs.append(t.data_ptr())
-        pos = off + n
-    dtype = MPI.Datatype.Create_struct(lengths, addrs, [MPI.BYTE] * len(lengths)).Commit()
-    return [MPI.BOTTOM, 1, dtype], (head_t, tensors, dtype), total
-
-
-def _free_datatype(keep: object) -> None:
-    if isinstance(keep, tuple) and len(keep) == 3 and isinstance(keep[2], MPI.Datatype):
-        keep[2].Free()
+        dev_packed[off : off + _nbytes(t)] = t.reshape(-1).view(torch.uint8)
+    buf, staged = to_wire(dev_packed)
+    return [buf], (dev_packed, staged), payload
 
 
 def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0) -> Request:
     """Start sending a tensor (or tuple of tensors) to rank ``dst`` of ``comm``.
 
-    The tensors must not be modified until the request completes.  Non-contiguous
-    tensors are sent as a contiguous copy.
+    The tensors must not be modified until the request completes, and the request must
+    be completed (``wait``, ``test`` until true, or :func:`wait_all`): it owns the message
+    buffer MPI reads from.  Non-contiguous tensors are sent as a contiguous copy.
     """
     items, single = _as_list(tensors)
     items = _prepare(items)
-    spec, keep, total = _send_buffer(items, not single)
-    _trace(comm, f"Isend -> {dst} tag {tag} ({total} B)")
-    req = comm.Isend(spec, dst, tag)
-
-    def finish() -> None:
-        _free_datatype(keep)
-        return None
-
-    return _MPIRequest(req, f"isend of {total} B to rank {dst} (tag {tag})", keep, finish)
+    bufs, keep, payload = _messages(items, not single)
+    if _tracing():
+        _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B in {len(bufs)} message(s))")
+    if len(bufs) == 1:
+        req: MPI.Request | list[MPI.Request] = comm.Isend(bufs[0], dst, tag)
+    else:
+        req = [comm.Isend(b, dst, tag) for b in bufs]  # in order: MPI does not overtake
+    return _MPIRequest(req, f"isend of {payload} B to rank {dst} (tag {tag})", (bufs, keep))
 
 
 def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: float | None = None) -> None:
@@ -283,83 +318,124 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
 
 
 class _RecvRequest(Request):
-    """Receive of a self-describing message: matched probe, then receive into one buffer."""
+    """Receive of a self-describing message: matched probe, header, then the payloads."""
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
                  device: torch.device | None) -> None:
         self.src, self.comm, self.tag, self.out = src, comm, tag, out
         self.device = device if device is not None else (out.device if out is not None else None)
         self._status = MPI.Status()
-        self._req: MPI.Request | None = None
-        self._buf: torch.Tensor | None = None
-        self._staged: torch.Tensor | None = None
+        self._req: MPI.Request | list[MPI.Request] | None = None
+        self._head: torch.Tensor | None = None
+        self._parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
+        self._as_tuple = False
         self._value: Tensors | None = None
         self._done = False
-        _trace(comm, f"Irecv <- {src} tag {tag}")
+        if _tracing():
+            _trace(comm, f"Irecv <- {src} tag {tag}")
 
     def describe(self) -> str:
         return f"recv from rank {self.src} (tag {self.tag})"
 
-    def _post(self, msg: MPI.Message) -> None:
-        count = self._status.Get_count(MPI.BYTE)
-        if self.out is not None:
-            head, offsets = _header([self.out])
-            expected = offsets[0] + self.out.numel() * self.out.element_size()
-            if count != expected:
-                buf = torch.empty(count, dtype=torch.uint8)
-                msg.Recv([host_buffer(buf), count, MPI.BYTE])
-                got = ", ".join(f"{str(d).removeprefix('torch.')}{list(s)}" for d, s, _ in _parse(buf)[0])
-                raise TransportError(
-                    f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {self.src} tag {self.tag}: "
-                    f"out is {str(self.out.dtype).removeprefix('torch.')}{list(self.out.shape)} "
-                    f"but the message holds {got}; pass an out tensor of that shape and dtype, or out=None"
-                )
-        device = self.device or torch.device("cpu")
-        self._buf = torch.empty(count, dtype=torch.uint8, device=device)
-        spec, self._staged = from_wire(self._buf)
-        self._req = msg.Irecv([spec, count, MPI.BYTE])
-
     def test(self) -> bool:
         if self._done:
             return True
-        if self._req is None:
+        if self._head is None:  # phase 1: match the header
             msg = self.comm.Improbe(self.src, self.tag, self._status)
             if msg is None:
                 return False
-            self._post(msg)
-        assert self._req is not None
-        if not self._req.Test():
-            return False
-        self._finish()
+            count = self._status.Get_count(MPI.BYTE)
+            self._head = torch.empty(count, dtype=torch.uint8)
+            self._req = msg.Irecv([host_buffer(self._head), count, MPI.BYTE])
+        if self._parts or self._req is None:  # phase 3: payloads
+            if self._req is not None and not MPI.Request.Testall(self._req):
+                return False
+            self._finish_split()
+        else:  # phase 2: the header (or whole inline message)
+            assert isinstance(self._req, MPI.Request)
+            if not self._req.Test():
+                return False
+            self._req = None
+            if not self._on_header():
+                return self.test()
         self._done = True
         return True
 
-    def _finish(self) -> None:
-        buf = self._buf
-        assert buf is not None
-        if self._staged is not None:
-            buf.copy_(self._staged)
-        meta, as_tuple = _parse(buf[:_ALIGN * 1024].cpu() if buf.device.type != "cpu" else buf)
-        views = []
-        for dtype, shape, off in meta:
-            n = dtype.itemsize
-            for s in shape:
-                n *= s
-            views.append(buf[off : off + n].view(dtype).view(shape))
+    def _on_header(self) -> bool:
+        """Handle a received first message; True if the receive is complete."""
+        head = self._head
+        assert head is not None
+        meta, self._as_tuple, layout = _parse(host_buffer(head))
+        device = self.device or torch.device("cpu")
+        if layout == _INLINE:
+            views = []
+            for dtype, shape, off in meta:
+                n = dtype.itemsize
+                for s in shape:
+                    n *= s
+                views.append(head[off : off + n].view(dtype).view(shape))
+            if self.out is not None:
+                self._check_out(meta)
+                self.out.copy_(views[0])
+                self._value = self.out
+                return True
+            if device.type != "cpu":
+                views = [v.to(device) for v in views]
+            self._value = tuple(views) if self._as_tuple else views[0]
+            return True
+        # split layout: post every payload receive now, in order, from the matched source
+        source, tag = self._status.Get_source(), self._status.Get_tag()
+        mismatch = self.out is not None and not self._fits_out(meta)
+        reqs = []
+        for dtype, shape, _ in meta:
+            if mismatch:
+                target = torch.empty(shape, dtype=dtype)  # drain the payload, then raise
+            elif self.out is not None:
+                target = self.out
+            else:
+                target = torch.empty(shape, dtype=dtype, device=device)
+            work = target if target.is_contiguous() else torch.empty_like(target)
+            n = _nbytes(work)
+            buf, staged = from_wire(work) if n else (None, None)
+            self._parts.append((work, staged, target))
+            if n:
+                reqs.append(self.comm.Irecv([buf, n, MPI.BYTE], source, tag))
+        if mismatch:
+            _wait_until(lambda: MPI.Request.Testall(reqs), self.describe, None)
+            self._check_out(meta)
+        self._req = reqs or None
+        return False
+
+    def _fits_out(self, meta: list[tuple[torch.dtype, tuple[int, ...], int]]) -> bool:
+        out = self.out
+        assert out is not None
+        return len(meta) == 1 and meta[0][0] == out.dtype and tuple(meta[0][1]) == tuple(out.shape)
+
+    def _check_out(self, meta: list[tuple[torch.dtype, tuple[int, ...], int]]) -> None:
+        if not self._fits_out(meta):
+            out = self.out
+            assert out is not None
+            got = ", ".join(_describe(d, s) for d, s, _ in meta) or "nothing"
+            raise TransportError(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {self.src} tag {self.tag}: "
+                f"out is {_describe(out.dtype, out.shape)} but the message holds {got}; "
+                f"pass an out tensor of that shape and dtype, or out=None"
+            )
+
+    def _finish_split(self) -> None:
+        results = []
+        for work, staged, target in self._parts:
+            if staged is not None:
+                work.copy_(staged)
+            if work is not target:
+                target.copy_(work)
+            results.append(target)
+        self._parts = []
+        self._req = None
         if self.out is not None:
-            dtype, shape, _ = meta[0]
-            if len(meta) != 1 or dtype != self.out.dtype or tuple(shape) != tuple(self.out.shape):
-                raise TransportError(
-                    f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {self.src} tag {self.tag}: "
-                    f"out is {str(self.out.dtype).removeprefix('torch.')}{list(self.out.shape)} "
-                    f"but the message holds {str(dtype).removeprefix('torch.')}{list(shape)}"
-                )
-            self.out.copy_(views[0])
             self._value = self.out
         else:
-            self._value = tuple(views) if as_tuple else views[0]
-        self._buf = None
-        self._staged = None
+            self._value = tuple(results) if self._as_tuple else results[0]
 
     def result(self) -> Tensors | None:
         return self._value
@@ -370,7 +446,8 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     """Start receiving a tensor (or tuple) from rank ``src`` of ``comm``; ``wait()`` returns it.
 
     Shape and dtype come from the message.  With ``out`` the data is written into it
-    (its shape and dtype must match the message's; a mismatch raises TransportError).
+    (its shape and dtype must match the message's; a mismatch raises TransportError and
+    leaves ``out`` unchanged).  ``device`` places the result (default: ``out``'s, else CPU).
     """
     dev = torch.device(device) if isinstance(device, str) else device
     return _RecvRequest(src, comm, tag, out, dev)

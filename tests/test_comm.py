@@ -55,9 +55,10 @@ def ring(comm: MPI.Comm) -> tuple[int, int]:
 def exchange(obj: object, comm: MPI.Comm, tag: int = 0, **recv_kwargs: object) -> object:
     dst, src = ring(comm)
     req = mpimp.isend(obj, dst, comm, tag=tag)
-    got = mpimp.recv(src, comm, tag=tag, **recv_kwargs)
-    req.wait()
-    return got
+    try:
+        return mpimp.recv(src, comm, tag=tag, **recv_kwargs)
+    finally:  # even when recv raises: the send must complete before its buffer may be freed
+        req.wait()
 
 
 # ----------------------------------------------------------------------------- point-to-point
@@ -84,14 +85,13 @@ def test_send_recv_every_dtype_and_shape(comm: MPI.Comm, dtype: torch.dtype) -> 
 
 
 @pytest.mark.mpi(min_size=1)
-def test_both_wire_paths_are_exercised() -> None:
+def test_both_wire_layouts_are_exercised() -> None:
     small = make(torch.float32, (5, 7), 0)
     large = make(torch.float32, (200, 201), 0)
-    spec_small, _, _ = transport._send_buffer([small], False)
-    spec_large, _, _ = transport._send_buffer([large], False)
-    assert spec_small[2] == MPI.BYTE  # packed into one buffer
-    assert spec_large[0] is MPI.BOTTOM  # struct datatype over absolute addresses
-    transport._free_datatype((None, None, spec_large[2]))
+    bufs, _, _ = transport._messages([small], False)
+    assert len(bufs) == 1  # inline: header and payload packed in one message
+    bufs, _, _ = transport._messages([large, small], True)
+    assert len(bufs) == 3  # split: the header, then one message per tensor
 
 
 @pytest.mark.mpi(min_size=1)
@@ -155,7 +155,7 @@ def test_non_contiguous_tensors_are_sent_correctly(comm: MPI.Comm) -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("shape", [(4, 4), (100, 100)], ids=["small", "large"])
+@pytest.mark.parametrize("shape", [(4, 4), (100, 100), (300, 100)], ids=["small", "inline", "split"])
 def test_recv_into_out(comm: MPI.Comm, shape: tuple[int, int]) -> None:
     _, src = ring(comm)
     mine = make(torch.float32, shape, comm.Get_rank())
@@ -442,24 +442,17 @@ def test_collective_option_errors_are_raised_before_communicating(comm: MPI.Comm
 
 @pytest.mark.mpi(min_size=1)
 def test_large_contiguous_sends_use_the_tensors_own_memory() -> None:
-    """The struct datatype points at the tensors' own addresses: no second payload buffer."""
+    """Above the pack limit each tensor is handed to MPI as its own memory: no payload copy."""
     a = make(torch.float32, (1 << 20,), 1)  # 4 MiB
     b = make(torch.bfloat16, (3, 50000), 2)
-    spec, keep, total = transport._send_buffer([a, b], True)
-    dtype = spec[2]
-    try:
-        integers, addresses, *_ = dtype.Get_contents()
-        lengths = integers[1:]  # integers = [count, blocklength...]
-        assert spec[0] is MPI.BOTTOM and spec[1] == 1
-        assert a.data_ptr() in addresses and b.data_ptr() in addresses
-        assert sum(lengths) == total == dtype.Get_size()
-        # every byte of the message that is not payload is header or padding (< 64 B per part)
-        payload = {a.data_ptr(): a.numel() * 4, b.data_ptr(): b.numel() * 2}
-        others = [n for n, addr in zip(lengths, addresses) if addr not in payload]
-        assert sum(others) < 64 * 4
-        assert {addr: n for n, addr in zip(lengths, addresses) if addr in payload} == payload
-    finally:
-        transport._free_datatype(keep)
+    empty = torch.empty(0, 5)
+    bufs, keep, payload = transport._messages([a, empty, b], True)
+    assert payload == a.numel() * 4 + b.numel() * 2
+    assert len(bufs) == 3  # header, a, b (nothing for the empty tensor)
+    assert len(bytes(bufs[0])) < 256  # the header message carries no payload
+    for buf, t in zip(bufs[1:], (a, b)):
+        view = MPI.buffer(buf)
+        assert view.address == t.data_ptr() and view.nbytes == t.numel() * t.element_size()
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
