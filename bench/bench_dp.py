@@ -1,7 +1,7 @@
 """Data parallelism: mpimp DataParallel vs torch DDP (gloo), 16-bit all-reduce, ZeRO-1 state.
 
     OMP_NUM_THREADS=1 timeout 1200 .venv/bin/mpirun --oversubscribe -n 2 \\
-        .venv/bin/python bench/bench_dp.py --rounds 6 --steps 2
+        .venv/bin/python bench/bench_dp.py --rounds 10 --steps 1
     OMP_NUM_THREADS=1 timeout 900 .venv/bin/mpirun --oversubscribe -n 4 \\
         .venv/bin/python bench/bench_dp.py --parts allreduce,zero
 
@@ -43,13 +43,18 @@ torch.set_num_threads(1)
 CFG = GPTConfig(vocab_size=256, seq_len=128, d_model=256, n_heads=4, n_layers=8, tied_embeddings=False)
 
 
-def median_time(fn, world: MPI.Comm, repeat: int) -> list[float]:
+def median_time(fn, world: MPI.Comm, repeat: int, cpu: list[float] | None = None) -> list[float]:
+    """Wall time of each call (slowest rank); with ``cpu``, also append the slowest rank's
+    process CPU time (all threads: gloo's included), which time-sharing with other jobs
+    on the machine inflates far less than wall time."""
     out = []
     for _ in range(repeat):
         world.Barrier()
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         fn()
         out.append(world.allreduce(time.perf_counter() - t0, op=MPI.MAX))
+        if cpu is not None:
+            cpu.append(world.allreduce(time.process_time() - c0, op=MPI.MAX))
     return out
 
 
@@ -105,13 +110,16 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
     if max(first.values()) - min(first.values()) > 1e-5:
         raise SystemExit(f"the peers disagree before training: {first}")
     rates: dict[str, list[float]] = {k: [] for k in peers}
+    cpu_rates: dict[str, list[float]] = {k: [] for k in peers}
     for r in range(args.rounds):
         order = list(peers)
         if r % 2:
             order.reverse()
         for name in order:
-            dt = sum(median_time(steps[name], world, args.steps))
+            cpu: list[float] = []
+            dt = sum(median_time(steps[name], world, args.steps, cpu))
             rates[name].append(args.steps * tokens / dt)
+            cpu_rates[name].append(args.steps * tokens / sum(cpu))
     if rank == 0:
         med = {k: statistics.median(v) for k, v in rates.items()}
         print(f"== dp={size}: GPT 8 x d256, global batch {args.batch} x {CFG.seq_len} = {tokens} tokens/step, "
@@ -122,6 +130,11 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
             per_round = [a / b for a, b in zip(rates[k], rates["ddp-gloo"])]  # neighbours in time
             print(f"ratio {k} / ddp-gloo: medians {med[k] / med['ddp-gloo']:.2f}x, per-round median "
                   f"{statistics.median(per_round):.2f}x  ({' '.join(f'{x:.2f}' for x in per_round)})")
+        cmed = {k: statistics.median(v) for k, v in cpu_rates.items()}
+        print("tokens per CPU-second (slowest rank, all threads): "
+              + "  ".join(f"{k} {cmed[k]:.0f}" for k in peers)
+              + f";  mpimp / ddp-gloo {cmed['mpimp'] / cmed['ddp-gloo']:.2f}x, "
+              f"mpimp-bf16 / ddp-gloo {cmed['mpimp-bf16'] / cmed['ddp-gloo']:.2f}x")
         step = {k: tokens / v for k, v in med.items()}
         print("step time over compute only (exposed gradient communication): "
               + "  ".join(f"{k} {1000 * (step[k] - step['no-comm']):+.0f} ms" for k in peers if k != "no-comm"))
@@ -164,7 +177,9 @@ def bench_allreduce(args: argparse.Namespace, world: MPI.Comm) -> None:
               f"16-bit operator backend: {_default_ops().backend})")
         for k, v in times.items():
             print(f"{k}: median {1000 * med[k]:.1f} ms   all: {' '.join(f'{1000 * x:.0f}' for x in v)}")
-        print(f"ratio bf16 / fp32 time: {med['bf16'] / med['fp32']:.2f}x")
+        per_round = [b / f for b, f in zip(times["bf16"], times["fp32"])]
+        print(f"ratio bf16 / fp32 time: medians {med['bf16'] / med['fp32']:.2f}x, per-round median "
+              f"{statistics.median(per_round):.2f}x  ({' '.join(f'{x:.2f}' for x in per_round)})")
     comm.Free()
 
 
@@ -193,8 +208,8 @@ def bench_zero(args: argparse.Namespace, world: MPI.Comm) -> None:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="dp,allreduce,zero")
-    ap.add_argument("--rounds", type=int, default=6)
-    ap.add_argument("--steps", type=int, default=2, help="timed steps per peer per round")
+    ap.add_argument("--rounds", type=int, default=10)
+    ap.add_argument("--steps", type=int, default=1, help="timed steps per peer per round")
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     ap.add_argument("--elements", type=int, default=16 * 2**20)
     ap.add_argument("--repeat", type=int, default=10, help="all-reduce rounds")
