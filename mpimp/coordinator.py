@@ -112,8 +112,8 @@ class Coordinator:
     """World rank 0 decides each step; :meth:`next` is collective over ``comm``.
 
     ``lr_at(step)`` is the learning-rate schedule, ``n_samples`` the number of training
-    samples the indices are drawn from.  Rank 0 evaluates every ``eval_every`` steps and
-    after the last one, and stops after ``steps`` steps or when any rank's
+    samples the indices are drawn from.  Rank 0 evaluates every ``eval_every`` steps (0:
+    never in between) and after the last one, and stops after ``steps`` steps or when any rank's
     :class:`StopFlag` is raised.
     """
 
@@ -141,7 +141,7 @@ class Coordinator:
         last = step == self.steps - 1
         if self.checkpoint_every and (step + 1) % self.checkpoint_every == 0 and not last:
             control = Control.CHECKPOINT
-        if self.eval_every and ((step + 1) % self.eval_every == 0 or last):
+        if last or (self.eval_every and (step + 1) % self.eval_every == 0):
             control = Control.EVALUATE
         idx = batch_indices(self.seed, step, self.batch_size, self.n_samples)
         return StepMessage(step, idx, float(self.lr_at(step)), control)

@@ -69,15 +69,18 @@ def _read_jsonl(path: str) -> list[dict]:
 
 @pytest.mark.mpi(min_size=1)
 def test_losses_agree_across_layouts_and_outputs_are_valid(comm: MPI.Comm) -> None:
+    """Each layout runs at the world size equal to its number of ranks (the suite runs at 1, 2, 3
+    and 4 ranks), against the single-process torch reference computed here."""
     size, rank = comm.Get_size(), comm.Get_rank()
+    todo = [layout for layout in LAYOUTS if math.prod(layout) == size]
+    if not todo:
+        pytest.skip(f"no layout of {LAYOUTS} uses exactly {size} ranks")
     out_root = _shared_tmpdir(comm)
     cfg0 = TrainConfig(**TINY)
     ref = _reference_losses(cfg0) if rank == 0 else None
     ran = []
-    for layout in LAYOUTS:
+    for layout in todo:
         k = math.prod(layout)
-        if k > size:
-            continue  # this world is too small for the layout (it runs under mpirun -n 4)
         sub = comm.Split(0 if rank < k else MPI.UNDEFINED, key=rank)
         out = os.path.join(out_root, "x".join(map(str, layout)))
         if sub != MPI.COMM_NULL:
