@@ -1,0 +1,408 @@
+"""The executor: runs one rank's row of a lowered action table on its pipeline stages.
+
+Problem: every schedule (fill-drain, 1F1B, interleaved, zero-bubble, a user's table)
+needs the same mechanics: post the receives, run forwards and backwards in the table's
+order, send activations and gradients without blocking the compute, never hang when a
+peer fails.  This module is that one loop, shared by all schedules; :class:`StageExecutor`
+is mixed into :class:`mpimp.Pipeline`, which provides the stages and communicator.
+
+* Receives are created for every RECV action at the start of the step (a matched probe:
+  nothing is allocated until the message arrives) and the next four are tested after
+  every action; sends are ``isend``, tested after every action, completed at the end.
+* Tags are ``16 + 2 * (mb * stages + receiving stage) + direction`` (0 forward, 1
+  backward): unique per (kind, micro-batch, virtual stage).  Tag 1 carries errors: a rank
+  that fails sends its message to every other stage, which raise the same ConfigError.
+* A thread enters MPI every ~200 us during the step (:class:`_Progress`).
+* Zero-bubble split: with a W for (stage, mb), the forward records the output of every
+  module that directly owns parameters; B takes ``autograd.grad`` with respect to the
+  stage input and those outputs (the engine then skips every weight-gradient kernel);
+  W computes each module's parameter gradients from its output and captured gradient.
+* Checkpointing: the forward runs under ``no_grad`` keeping only the stage input and the
+  CPU RNG state; B reruns it with that state, then backpropagates.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Sequence
+from typing import Any, Union
+
+import torch
+from mpi4py import MPI
+from torch import nn
+
+from ..comm import Request, _wait_until, default_timeout, irecv, isend
+from ..errors import ConfigError, MpimpError
+from .actions import Action
+
+__all__ = ["StageExecutor", "ERR_TAG", "TAG_BASE"]
+
+ERR_TAG = 1
+_PROGRESS_TAG = 2
+TAG_BASE = 16
+Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
+
+
+def _flat(x: Any) -> list[torch.Tensor]:
+    if isinstance(x, torch.Tensor):
+        return [x]
+    if isinstance(x, (tuple, list)):
+        return [t for t in x if isinstance(t, torch.Tensor)]
+    return []
+
+
+def split_batch(x: Any, chunks: int, what: str) -> list[Any]:
+    """Split a tensor (or tuple of tensors) into ``chunks`` equal parts along dim 0."""
+    items = _flat(x)
+    if x is None or not items or (isinstance(x, (tuple, list)) and len(items) != len(x)):
+        raise ConfigError(f"{what} must be a tensor or a tuple of tensors, got {type(x).__name__}")
+    for t in items:
+        if t.dim() == 0 or t.shape[0] % chunks:
+            raise ConfigError(
+                f"{what} of shape {list(t.shape)} does not split into chunks={chunks} equal micro-batches "
+                f"along dim 0; use a batch size divisible by {chunks} or change chunks"
+            )
+    if isinstance(x, torch.Tensor):
+        return list(x.chunk(chunks))
+    parts = [t.chunk(chunks) for t in items]
+    return [tuple(p[i] for p in parts) for i in range(chunks)]
+
+
+def _leaf(x: Tensors) -> Tensors:
+    """Detached copy-free leaf of a received value; floating tensors require grad."""
+    def one(t: torch.Tensor) -> torch.Tensor:
+        t = t.detach()
+        return t.requires_grad_(True) if t.is_floating_point() or t.is_complex() else t
+    if isinstance(x, torch.Tensor):
+        return one(x)
+    return tuple(one(t) for t in x)
+
+
+def _detach(x: Tensors) -> Tensors:
+    return x.detach() if isinstance(x, torch.Tensor) else tuple(t.detach() for t in x)
+
+
+class _MB:
+    """State of one (stage, micro-batch) between its F and the end of its backward."""
+
+    __slots__ = ("x", "out", "ckpt", "rng", "split", "captures", "cap_grads", "target")
+
+    def __init__(self) -> None:
+        self.x: Any = None
+        self.out: Any = None
+        self.ckpt = False
+        self.rng: torch.Tensor | None = None
+        self.split = False
+        self.captures: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
+        self.cap_grads: Sequence[torch.Tensor | None] = ()
+        self.target: Any = None
+
+
+class StageExecutor:
+    """Mixin running a row of actions; the host class provides the attributes below.
+
+    ``topo``, ``comm`` (private pp communicator), ``owner`` (stage -> pp rank),
+    ``num_stages``, ``stages`` (stage -> ModuleList), ``chunks``, ``loss_fn``,
+    ``checkpoint``, ``device``, and calls :meth:`_init_executor` once.
+    """
+
+    topo: Any
+    comm: MPI.Comm
+    owner: dict[int, int]
+    num_stages: int
+    stages: dict[int, nn.ModuleList]
+    chunks: int
+    loss_fn: Any
+    checkpoint: str
+    device: torch.device
+
+    def _init_executor(self, has_w: set[tuple[int, int]]) -> None:
+        self._has_w = has_w
+        self._capture: list[tuple[nn.Module, list[torch.Tensor]]] | None = None
+        self._owners_of_params: dict[int, list[nn.Module]] = {}
+        for s, mods in self.stages.items():
+            owners = [mod for mod in mods.modules() if any(True for _ in mod.parameters(recurse=False))]
+            self._owners_of_params[s] = owners
+            for mod in owners:
+                mod.register_forward_hook(self._hook)
+        p = self.topo.pp
+        self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, ERR_TAG) if p > 1 else None
+        self._broken: str | None = None
+        self._progress_thread = p > 1 and _progress_wanted()
+        self._events: list[tuple[Action, float, float]] = []
+        self._step_start = 0.0
+        self.peak_inflight = 0  # measured in the last step: micro-batches held between F and B/W
+        self.split_weight_passes = 0  # W actions of the last step that ran a separate weight pass
+
+    def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
+        if self._capture is not None:
+            self._capture.append((module, [t for t in _flat(output) if t.requires_grad]))
+
+    def _start_step(self, inputs: Any, targets: Any, first: bool, last: bool, train: bool) -> None:
+        if self._broken is not None:
+            raise MpimpError(f"rank {self.topo.rank}: this Pipeline failed earlier ({self._broken}); "
+                             f"messages of that step may still be in flight, build a new Pipeline")
+        err = None
+        try:
+            self._inputs = split_batch(inputs, self.chunks, "inputs") if first else None
+            self._targets = split_batch(targets, self.chunks, "targets") if last and train else None
+        except ConfigError as exc:
+            err = f"rank {self.topo.rank} (stage {self.topo.pp_rank}): {exc}"
+        errors = [e for e in self.topo.world.allgather(err) if e]
+        if errors:
+            raise ConfigError(errors[0])
+        self._state: dict[tuple[int, int], _MB] = {}
+        self._local: dict[tuple[int, str, int], Any] = {}
+        self._events = []
+        self._inflight = 0
+        self.peak_inflight = 0
+        self.split_weight_passes = 0
+        self._step_start = time.perf_counter()
+
+    def _tag(self, stage: int, direction: int, mb: int) -> int:
+        return TAG_BASE + 2 * (mb * self.num_stages + stage) + direction
+
+    def _wait(self, req: Request) -> Any:
+        err = self._err_req
+        _wait_until(lambda: req.test() or (err is not None and err.test()), req.describe, default_timeout())
+        self._check_remote_error()
+        return req.result()
+
+    def _check_remote_error(self) -> None:
+        if self._err_req is not None and self._err_req.test():
+            data = self._err_req.result()
+            assert isinstance(data, torch.Tensor)
+            self._broken = bytes(data.numpy()).decode()
+            raise ConfigError(self._broken)
+
+    def _run(self, row: list[Action], train: bool) -> None:
+        progress = _Progress(self.comm) if self._progress_thread else None
+        try:
+            self._run_row(row, train)
+        except MpimpError as exc:
+            if self._broken is None:  # a local failure: tell every other stage, then raise
+                self._broken = str(exc)
+                self._announce(str(exc))
+            raise
+        except Exception as exc:
+            self._broken = f"rank {self.topo.rank}: {type(exc).__name__}: {exc}"
+            self._announce(self._broken)
+            raise
+        finally:
+            if progress is not None:
+                progress.stop()
+
+    def _announce(self, text: str) -> None:
+        payload = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
+        reqs = [isend(payload, r, self.comm, ERR_TAG) for r in range(self.topo.pp) if r != self.topo.pp_rank]
+        deadline = time.monotonic() + 5.0
+        while reqs and time.monotonic() < deadline:  # eager sends complete at once; do not block on others
+            reqs = [q for q in reqs if not q.test()]
+
+    def _run_row(self, row: list[Action], train: bool) -> None:
+        recvs: dict[tuple[int, str, int], Request] = {}
+        for a in row:
+            if a.kind == "RECV_F":
+                recvs[a] = irecv(self.owner[a.stage - 1], self.comm, self._tag(a.stage, 0, a.mb), device=self.device)
+            elif a.kind == "RECV_B":
+                recvs[a] = irecv(self.owner[a.stage + 1], self.comm, self._tag(a.stage, 1, a.mb), device=self.device)
+        order = [a for a in row if a in recvs]
+        sends: list[Request] = []
+        clock = time.perf_counter
+        for a in row:
+            t0 = clock()
+            if a.kind in ("RECV_F", "RECV_B"):
+                self._local[a] = self._wait(recvs.pop(a))
+                order.remove(a)
+            elif a.kind == "SEND_F":
+                sends.append(isend(self._local.pop((a.stage, "OUT", a.mb)), self.owner[a.stage + 1],
+                                   self.comm, self._tag(a.stage + 1, 0, a.mb)))
+            elif a.kind == "SEND_B":
+                sends.append(isend(self._local.pop((a.stage, "DX", a.mb)), self.owner[a.stage - 1],
+                                   self.comm, self._tag(a.stage - 1, 1, a.mb)))
+            elif a.kind == "F":
+                self._forward(a.stage, a.mb, train)
+            elif a.kind == "B":
+                self._backward(a.stage, a.mb)
+            else:
+                self._weight(a.stage, a.mb)
+            self._events.append((a, t0 - self._step_start, clock() - self._step_start))
+            for key in order[:4]:  # drive the next receives while we compute
+                recvs[key].test()
+            sends = [q for q in sends if not q.test()]
+            if self._err_req is not None and a.kind in ("F", "B", "W"):
+                self._check_remote_error()
+        while sends:
+            self._wait(sends[0])
+            sends = [q for q in sends if not q.test()]
+
+    def _input(self, s: int, i: int) -> Any:
+        if s == 0:
+            assert self._inputs is not None
+            return self._inputs[i]
+        if self.owner[s - 1] == self.topo.pp_rank:
+            return self._local.pop((s - 1, "OUT", i))
+        return self._local.pop(Action(s, "RECV_F", i))
+
+    def _run_layers(self, s: int, x: Any) -> Any:
+        for layer in self.stages[s]:
+            x = layer(x)
+        return x
+
+    def _loss(self, out: Any, target: Any) -> torch.Tensor:
+        loss = self.loss_fn(out, target)
+        if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+            shape = list(loss.shape) if isinstance(loss, torch.Tensor) else type(loss).__name__
+            raise ConfigError(
+                f"rank {self.topo.rank} (last stage): loss_fn returned {shape}, not a scalar tensor; "
+                f"reduce it (e.g. .mean()) so that loss_fn(output, target) is a scalar"
+            )
+        return loss.reshape(())
+
+    def _forward(self, s: int, i: int, train: bool) -> None:
+        x = self._input(s, i)
+        last = s == self.num_stages - 1
+        if not train:
+            out = self._run_layers(s, x)
+            if last:
+                self._outputs.append(out)
+            else:
+                self._local[(s, "OUT", i)] = out
+            return
+        st = _MB()
+        st.x = x if s == 0 else _leaf(x)
+        st.ckpt = self.checkpoint == "always" or (self.checkpoint == "except_last" and i < self.chunks - 1)
+        st.split = (s, i) in self._has_w
+        if last:
+            st.target = self._targets[i] if self._targets is not None else None
+        if st.ckpt:
+            st.rng = torch.get_rng_state()
+            with torch.no_grad():
+                out = self._run_layers(s, st.x)
+                if last:
+                    self._loss_sum += self._loss(out, st.target).detach().double()
+        else:
+            out = self._run_forward(s, st)
+        if not last:
+            self._local[(s, "OUT", i)] = _detach(out)
+        self._state[(s, i)] = st
+        self._inflight += 1
+        self.peak_inflight = max(self.peak_inflight, self._inflight)
+
+    def _run_forward(self, s: int, st: _MB) -> Any:
+        """Forward with autograd (capturing module outputs when W is split off); stores st.out."""
+        self._capture = [] if st.split else None
+        try:
+            out = self._run_layers(s, st.x)
+        finally:
+            captured, self._capture = self._capture, None
+        if s == self.num_stages - 1:
+            loss = self._loss(out, st.target)
+            if not st.ckpt:
+                self._loss_sum += loss.detach().double()
+            out = loss / self.chunks
+        st.out = out
+        if st.split:
+            mods = [m for m, _ in (captured or [])]
+            # the B/W split is exact when every parameter-owning module ran exactly once
+            if len(set(map(id, mods))) != len(mods) or len(mods) != len(self._owners_of_params[s]):
+                st.split = False
+            else:
+                st.captures = captured
+        return out
+
+    def _backward(self, s: int, i: int) -> None:
+        st = self._state[(s, i)]
+        if st.ckpt:
+            with torch.random.fork_rng(devices=[]):
+                assert st.rng is not None
+                torch.set_rng_state(st.rng)
+                self._run_forward(s, st)
+        last = s == self.num_stages - 1
+        if last:
+            outs, grads = [st.out], [None]
+        else:
+            g = self._local.pop((s + 1, "DX", i)) if self.owner[s + 1] == self.topo.pp_rank \
+                else self._local.pop(Action(s, "RECV_B", i))
+            pairs = [(o, d) for o, d in zip(_flat(st.out), _flat(g)) if o.requires_grad and d.numel() == o.numel()]
+            outs, grads = [o for o, _ in pairs], [d for _, d in pairs]
+        xs = _flat(st.x)
+        need = [t for t in xs if t.requires_grad]
+        if st.split and st.captures is not None:
+            caps = [t for _, ts in st.captures for t in ts]
+            res = torch.autograd.grad(outs, need + caps, grads, retain_graph=True, allow_unused=True) \
+                if outs and (need or caps) else [None] * (len(need) + len(caps))
+            dx = dict(zip(map(id, need), res[: len(need)]))
+            st.cap_grads = res[len(need):]
+        else:
+            if outs:
+                torch.autograd.backward(outs, grads)
+            dx = {id(t): t.grad for t in need}
+            st.split = False
+        if s > 0:
+            def grad_of(t: torch.Tensor) -> torch.Tensor:
+                if not t.requires_grad:
+                    return torch.empty(0, dtype=torch.float32, device=t.device)
+                d = dx.get(id(t))
+                return torch.zeros_like(t) if d is None else d
+            value = grad_of(st.x) if isinstance(st.x, torch.Tensor) else tuple(grad_of(t) for t in xs)
+            self._local[(s, "DX", i)] = value
+        st.x = st.out = st.target = None
+        if not st.split:
+            self._release(s, i)
+
+    def _weight(self, s: int, i: int) -> None:
+        st = self._state.get((s, i))
+        if st is None:  # the B fell back to a full backward (already released)
+            return
+        k = 0
+        self.split_weight_passes += 1
+        for module, outs in st.captures or []:
+            pairs = [(o, g) for o, g in zip(outs, st.cap_grads[k : k + len(outs)]) if g is not None]
+            k += len(outs)
+            params = [q for q in module.parameters(recurse=False) if q.requires_grad]
+            if not pairs or not params:
+                continue
+            res = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs],
+                                      retain_graph=True, allow_unused=True)
+            for q, g in zip(params, res):
+                if g is not None:
+                    q.grad = g if q.grad is None else q.grad + g
+        self._release(s, i)
+
+    def _release(self, s: int, i: int) -> None:
+        del self._state[(s, i)]
+        self._inflight -= 1
+
+
+def _progress_wanted() -> bool:
+    """``MPIMP_PROGRESS_THREAD`` (default 1) and an MPI initialised with MPI_THREAD_MULTIPLE."""
+    raw = os.environ.get("MPIMP_PROGRESS_THREAD", "1")
+    if raw not in ("0", "1"):
+        raise ConfigError(f"MPIMP_PROGRESS_THREAD={raw!r}: use 0 or 1")
+    return raw == "1" and MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+class _Progress:
+    """A thread that enters MPI every ~200 us while a step runs, so large sends make progress.
+
+    Why: for a large message the receiver can only finish once the sender's MPI library
+    has been called again (rendezvous protocol; Open MPI's shared-memory path does so for
+    derived datatypes), and the sender is busy computing its next micro-batch: without
+    this, every receive waits a whole compute step.  The probe is on a tag nobody uses.
+    """
+
+    def __init__(self, comm: MPI.Comm) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(comm,), name="mpimp-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self, comm: MPI.Comm) -> None:
+        while not self._stop.wait(2e-4):
+            comm.Iprobe(MPI.ANY_SOURCE, _PROGRESS_TAG)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()
