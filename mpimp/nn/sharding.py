@@ -64,6 +64,8 @@ def normal_init(std: float = 0.02) -> InitMethod:
     """``init_method`` filling a tensor with N(0, std^2) from the given generator."""
 
     def init(t: torch.Tensor, generator: torch.Generator) -> None:
+        if t.is_meta:  # shapes only (e.g. a pipeline counting parameters); meta normal_ is slow to load
+            return
         with torch.no_grad():
             t.normal_(0.0, std, generator=generator)
 
@@ -78,6 +80,10 @@ def shard_tensor(full: torch.Tensor, comm: MPI.Comm, spec: ShardSpec) -> torch.T
         raise ConfigError(f"{rank_prefix()}tensor of shape {list(full.shape)} does not match a shard "
                           f"spec with {spec.full} rows along dim {spec.dim}")
     target = padded_size(spec.full, p * spec.stride)
+    if full.is_meta:  # shapes only; meta cat/normal_ load torch's decompositions (seconds)
+        shape = list(full.shape)
+        shape[spec.dim] = target // p
+        return torch.empty(shape, dtype=full.dtype, device="meta")
     if n < target:
         pad = list(full.shape)
         pad[spec.dim] = target - n
