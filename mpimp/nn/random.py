@@ -43,7 +43,6 @@ def parallel_dropout(x: torch.Tensor, p: float, training: bool, comm: MPI.Comm |
     if p >= 1.0:
         return x * 0.0
     shape = list(x.shape)
-    keep = None
     if dim is not None and comm is not None and comm.Get_size() > 1:
         d = dim % x.dim()
         shape[d] *= comm.Get_size()
