@@ -31,6 +31,7 @@ raises :class:`DeadlineError` naming the rank, the peer, the tag and the operati
 
 from __future__ import annotations
 
+import functools
 import os
 import struct
 import sys
@@ -46,7 +47,6 @@ from .buffers import (
     cuda_aware,
     dtype_code,
     from_wire,
-    host_buffer,
     is_16bit_float,
     mpi_datatype,
     to_wire,
@@ -90,12 +90,16 @@ def default_timeout() -> float | None:
     return None if value <= 0 else value
 
 
+# read once at import: an environment lookup per message would cost a microsecond
+_DEBUG = os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
+
+
 def _tracing() -> bool:
-    return os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
+    return _DEBUG
 
 
 def _trace(comm: MPI.Comm, text: str) -> None:
-    if _tracing():
+    if _DEBUG:
         print(f"r{MPI.COMM_WORLD.Get_rank()} | {text} (comm rank {comm.Get_rank()})",
               file=sys.stderr, flush=True)
 
@@ -135,37 +139,56 @@ def _nbytes(t: torch.Tensor) -> int:
     return t.numel() * t.element_size()
 
 
-def _header(tensors: Sequence[torch.Tensor], as_tuple: bool = False,
-            layout: int = _INLINE) -> tuple[bytes, list[int]]:
-    """Header bytes (padded to 64) and the payload offsets of the inline layout.
+@functools.lru_cache(maxsize=1024)
+def _frame(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...], as_tuple: bool,
+           layout: int) -> tuple[bytes, tuple[int, ...], int]:
+    """Header bytes (padded to 64), inline payload offsets and inline message size.
 
+    ``specs`` holds each tensor's (dtype, shape).  Cached: a pipeline sends the same
+    shapes again and again, and building the header costs more than sending 1 KiB.
     The count byte holds the number of tensors (at most 127); its top bit marks a tuple,
     so a 1-tuple arrives as a 1-tuple and a bare tensor as a bare tensor.
     """
-    if len(tensors) > 127:
-        raise ConfigError(f"at most 127 tensors per message, got {len(tensors)}")
+    if len(specs) > 127:
+        raise ConfigError(f"at most 127 tensors per message, got {len(specs)}")
     parts = []
-    for t in tensors:
-        parts.append(_ENTRY.pack(dtype_code(t.dtype), t.dim()))
-        if t.dim():
-            parts.append(struct.pack(f"<{t.dim()}q", *t.shape))
+    for dtype, shape in specs:
+        parts.append(_ENTRY.pack(dtype_code(dtype), len(shape)))
+        if shape:
+            parts.append(struct.pack(f"<{len(shape)}q", *shape))
     body = b"".join(parts)
     hlen = _round_up(8 + len(body))
     if hlen > 0xFFFF:
-        raise ConfigError(f"too many dimensions in one message ({len(tensors)} tensors)")
-    count = len(tensors) | (0x80 if as_tuple else 0)
-    offsets, pos = [], hlen
-    for t in tensors:
+        raise ConfigError(f"too many dimensions in one message ({len(specs)} tensors)")
+    count = len(specs) | (0x80 if as_tuple else 0)
+    offsets, pos, end = [], hlen, hlen
+    for dtype, shape in specs:
         offsets.append(pos)
-        pos = _round_up(pos + _nbytes(t))
-    return (_HEAD.pack(_MAGIC, layout, count, hlen) + body).ljust(hlen, b"\0"), offsets
+        numel = 1
+        for n in shape:
+            numel *= n
+        end = pos + numel * dtype.itemsize
+        pos = _round_up(end)
+    head = (_HEAD.pack(_MAGIC, layout, count, hlen) + body).ljust(hlen, b"\0")
+    return head, tuple(offsets), end
 
 
-def _parse(buf: object) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
-    """(dtype, shape, inline offset) of each tensor in a message, the tuple flag, the layout.
+def _header(tensors: Sequence[torch.Tensor], as_tuple: bool = False,
+            layout: int = _INLINE) -> tuple[bytes, tuple[int, ...]]:
+    """Header bytes and inline payload offsets of a message holding ``tensors``."""
+    head, offsets, _ = _frame(tuple((t.dtype, tuple(t.shape)) for t in tensors), as_tuple, layout)
+    return head, offsets
 
-    ``buf`` is any buffer over the received bytes (a memoryview of a host tensor).
-    """
+
+def _parse(buf: bytearray) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
+    """(dtype, shape, inline offset) of each tensor in a message, the tuple flag, the layout."""
+    hlen = _HEAD.unpack_from(buf, 0)[3]
+    return _parse_header(bytes(buf[:hlen]))
+
+
+@functools.lru_cache(maxsize=1024)
+def _parse_header(buf: bytes) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
+    """:func:`_parse` of the header bytes alone (cached: the same shapes arrive again and again)."""
     magic, layout, n, hlen = _HEAD.unpack_from(buf, 0)
     if magic != _MAGIC or layout not in (_INLINE, _SPLIT):
         raise TransportError(
@@ -183,7 +206,7 @@ def _parse(buf: object) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]],
         for s in shape:
             numel *= s
         offset = _round_up(offset + numel * dtype.itemsize)
-    return out, bool(n & 0x80), layout
+    return tuple(out), bool(n & 0x80), layout  # type: ignore[return-value]
 
 
 def _as_list(tensors: Tensors) -> tuple[list[torch.Tensor], bool]:
@@ -194,14 +217,11 @@ def _as_list(tensors: Tensors) -> tuple[list[torch.Tensor], bool]:
     raise ConfigError(f"expected a tensor or a tuple of tensors, got {type(tensors).__name__}")
 
 
-def _prepare(tensors: list[torch.Tensor]) -> list[torch.Tensor]:
-    """Detached, contiguous tensors (non-contiguous ones are copied, documented behaviour)."""
-    out = []
-    for t in tensors:
+def _ready(t: torch.Tensor) -> torch.Tensor:
+    """Detached and contiguous (a non-contiguous tensor is copied, documented behaviour)."""
+    if t.requires_grad:
         t = t.detach()
-        dtype_code(t.dtype)
-        out.append(t if t.is_contiguous() else t.contiguous())
-    return out
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def _describe(dtype: torch.dtype, shape: Sequence[int]) -> str:
@@ -234,7 +254,7 @@ class Request:
 class _MPIRequest(Request):
     """Wraps one MPI request (or several); ``keep`` holds every buffer that must outlive them."""
 
-    def __init__(self, req: MPI.Request | list[MPI.Request], what: str, keep: object = None,
+    def __init__(self, req: MPI.Request | list[MPI.Request], what: object, keep: object = None,
                  finish: Callable[[], Tensors | None] | None = None) -> None:
         self._req, self._what, self._keep, self._finish = req, what, keep, finish
         self._done, self._value = False, None
@@ -251,10 +271,18 @@ class _MPIRequest(Request):
         return True
 
     def describe(self) -> str:
-        return self._what
+        return str(self._what)
 
     def result(self) -> Tensors | None:
         return self._value
+
+
+class _SendRequest(_MPIRequest):
+    """An isend: its description is formatted only when needed (a deadline or a trace)."""
+
+    def describe(self) -> str:
+        payload, dst, tag = self._what  # type: ignore[misc]
+        return f"isend of {payload} B to rank {dst} (tag {tag})"
 
 
 def _messages(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list[object], object, int]:
@@ -263,32 +291,37 @@ def _messages(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list[object]
     Inline layout: one packed buffer.  Split layout: the header, then each non-empty
     tensor's own memory (CPU, or CUDA with a CUDA-aware MPI) or its pinned staging copy.
     """
-    payload = sum(_nbytes(t) for t in tensors)
-    if payload > _PACK_LIMIT:
-        head, _ = _header(tensors, as_tuple, _SPLIT)
+    if len(tensors) == 1:
+        t0 = tensors[0]
+        payload, specs, on_host = t0.nbytes, ((t0.dtype, t0.shape),), t0.is_cpu
+    else:
+        payload = sum(t.nbytes for t in tensors)
+        specs = tuple((t.dtype, t.shape) for t in tensors)
+        on_host = all(t.is_cpu for t in tensors)
+    split = payload > _PACK_LIMIT
+    head, offsets, total = _frame(specs, as_tuple, _SPLIT if split else _INLINE)
+    if split:
         bufs: list[object] = [head]
         keep: list[object] = [tensors]
         for t in tensors:
-            if _nbytes(t):
+            if t.nbytes:
                 buf, staged = to_wire(t)
                 bufs.append(buf)
                 keep.append(staged)
         return bufs, keep, payload
-    head, offsets = _header(tensors, as_tuple, _INLINE)
-    total = offsets[-1] + _nbytes(tensors[-1]) if tensors else len(head)
-    if all(t.device.type == "cpu" for t in tensors):
+    if on_host:
         packed = bytearray(total)  # small: one memcpy per tensor into the message
         packed[: len(head)] = head
         for t, off in zip(tensors, offsets):
-            n = _nbytes(t)
+            n = t.nbytes
             if n:
-                packed[off : off + n] = host_buffer(t)
+                packed[off : off + n] = MPI.buffer.fromaddress(t.data_ptr(), n)
         return [packed], None, payload
-    device = next(t.device for t in tensors if t.device.type != "cpu")
-    dev_packed = torch.empty(total, dtype=torch.uint8, device=device)
+    device = next(t.device for t in tensors if not t.is_cpu)
+    dev_packed = torch.zeros(total, dtype=torch.uint8, device=device)
     dev_packed[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     for t, off in zip(tensors, offsets):
-        dev_packed[off : off + _nbytes(t)] = t.reshape(-1).view(torch.uint8)
+        dev_packed[off : off + t.nbytes] = t.reshape(-1).view(torch.uint8)
     buf, staged = to_wire(dev_packed)
     return [buf], (dev_packed, staged), payload
 
@@ -300,21 +333,35 @@ def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0) -> Request:
     be completed (``wait``, ``test`` until true, or :func:`wait_all`): it owns the message
     buffer MPI reads from.  Non-contiguous tensors are sent as a contiguous copy.
     """
-    items, single = _as_list(tensors)
-    items = _prepare(items)
-    bufs, keep, payload = _messages(items, not single)
-    if _tracing():
+    if isinstance(tensors, torch.Tensor):
+        items, as_tuple = [_ready(tensors)], False  # dtype checked by _frame
+    else:
+        items, single = _as_list(tensors)
+        items, as_tuple = [_ready(t) for t in items], not single
+    bufs, keep, payload = _messages(items, as_tuple)
+    if _DEBUG:
         _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B in {len(bufs)} message(s))")
     if len(bufs) == 1:
         req: MPI.Request | list[MPI.Request] = comm.Isend(bufs[0], dst, tag)
     else:
         req = [comm.Isend(b, dst, tag) for b in bufs]  # in order: MPI does not overtake
-    return _MPIRequest(req, f"isend of {payload} B to rank {dst} (tag {tag})", (bufs, keep))
+    return _SendRequest(req, (payload, dst, tag), (bufs, keep))
 
 
 def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: float | None = None) -> None:
     """Send a tensor (or tuple of tensors) to rank ``dst`` of ``comm``; returns when the buffer is reusable."""
     isend(tensors, dst, comm, tag).wait(timeout)
+
+
+def _view(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...], off: int) -> torch.Tensor:
+    """The tensor at byte ``off`` of a received inline message (shares its memory)."""
+    numel = 1
+    for n in shape:
+        numel *= n
+    if numel == 0:
+        return torch.empty(shape, dtype=dtype)
+    t = torch.frombuffer(raw, dtype=dtype, count=numel, offset=off)
+    return t if len(shape) == 1 else t.view(shape)
 
 
 class _RecvRequest(Request):
@@ -326,12 +373,12 @@ class _RecvRequest(Request):
         self.device = device if device is not None else (out.device if out is not None else None)
         self._status = MPI.Status()
         self._req: MPI.Request | list[MPI.Request] | None = None
-        self._head: torch.Tensor | None = None
+        self._raw: bytearray | None = None
         self._parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
         self._as_tuple = False
         self._value: Tensors | None = None
         self._done = False
-        if _tracing():
+        if _DEBUG:
             _trace(comm, f"Irecv <- {src} tag {tag}")
 
     def describe(self) -> str:
@@ -340,18 +387,17 @@ class _RecvRequest(Request):
     def test(self) -> bool:
         if self._done:
             return True
-        if self._head is None:  # phase 1: match the header
+        if self._raw is None:  # phase 1: match the header
             msg = self.comm.Improbe(self.src, self.tag, self._status)
             if msg is None:
                 return False
-            count = self._status.Get_count(MPI.BYTE)
-            self._head = torch.empty(count, dtype=torch.uint8)
-            self._req = msg.Irecv([host_buffer(self._head), count, MPI.BYTE])
-        if self._parts or self._req is None:  # phase 3: payloads
+            self._raw = bytearray(self._status.Get_count(MPI.BYTE))
+            self._req = msg.Irecv(self._raw)
+        if self._parts:  # phase 3: payloads
             if self._req is not None and not MPI.Request.Testall(self._req):
                 return False
             self._finish_split()
-        else:  # phase 2: the header (or whole inline message)
+        else:  # phase 2: the header (or the whole inline message)
             assert isinstance(self._req, MPI.Request)
             if not self._req.Test():
                 return False
@@ -363,39 +409,41 @@ class _RecvRequest(Request):
 
     def _on_header(self) -> bool:
         """Handle a received first message; True if the receive is complete."""
-        head = self._head
-        assert head is not None
-        meta, self._as_tuple, layout = _parse(host_buffer(head))
-        device = self.device or torch.device("cpu")
+        raw = self._raw
+        assert raw is not None
+        meta, self._as_tuple, layout = _parse(raw)
+        out = self.out
         if layout == _INLINE:
-            views = []
-            for dtype, shape, off in meta:
-                n = dtype.itemsize
-                for s in shape:
-                    n *= s
-                views.append(head[off : off + n].view(dtype).view(shape))
-            if self.out is not None:
+            if out is not None:
                 self._check_out(meta)
-                self.out.copy_(views[0])
-                self._value = self.out
+                dtype, shape, off = meta[0]
+                n = out.nbytes
+                if out.is_cpu and out.is_contiguous():
+                    if n:
+                        memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(raw)[off : off + n]
+                else:
+                    out.copy_(_view(raw, dtype, shape, off))
+                self._value = out
                 return True
-            if device.type != "cpu":
-                views = [v.to(device) for v in views]
+            views = [_view(raw, dtype, shape, off) for dtype, shape, off in meta]
+            if self.device is not None and self.device.type != "cpu":
+                views = [v.to(self.device) for v in views]
             self._value = tuple(views) if self._as_tuple else views[0]
             return True
         # split layout: post every payload receive now, in order, from the matched source
+        device = self.device or torch.device("cpu")
         source, tag = self._status.Get_source(), self._status.Get_tag()
-        mismatch = self.out is not None and not self._fits_out(meta)
+        mismatch = out is not None and not self._fits_out(meta)
         reqs = []
         for dtype, shape, _ in meta:
             if mismatch:
                 target = torch.empty(shape, dtype=dtype)  # drain the payload, then raise
-            elif self.out is not None:
-                target = self.out
+            elif out is not None:
+                target = out
             else:
                 target = torch.empty(shape, dtype=dtype, device=device)
             work = target if target.is_contiguous() else torch.empty_like(target)
-            n = _nbytes(work)
+            n = work.nbytes
             buf, staged = from_wire(work) if n else (None, None)
             self._parts.append((work, staged, target))
             if n:
