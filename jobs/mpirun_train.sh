@@ -14,8 +14,9 @@
 # * tensor-parallel peers are neighbouring ranks (rank = (dp*pp + pp_rank)*tp + tp_rank): keep a
 #   tp group inside one node (ranks are placed by slot, so --host nodeA:4 with tp <= 4 does that).
 # * One torch thread per rank (OMP_NUM_THREADS=1); more ranks than cores needs --oversubscribe.
-# * Ctrl-C (or `kill -TERM` of any rank) stops every rank at the next step boundary; the outputs
-#   (metrics, plots, summary, model) are still written.
+# * A clean stop: `kill -USR1 <mpirun pid>` (mpirun forwards SIGUSR1 to every rank), or SIGTERM /
+#   SIGUSR1 / SIGINT to any one rank: every rank stops at the next step boundary and the outputs
+#   (metrics, plots, summary, model) are still written.  Ctrl-C on mpirun itself kills the ranks.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 NP=${NP:-4}

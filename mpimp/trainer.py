@@ -93,6 +93,7 @@ class TrainConfig:
     eval_every: int = _f(100, "evaluate every N steps (and at the end; 0: only at the end)", "run")
     eval_samples: int = _f(256, "held-out samples per evaluation", "run")
     log_every: int = _f(10, "progress line every N steps", "run")
+    checkpoint_every: int = _f(0, "also save model.safetensors every N steps (0: only at the end)", "run")
     out: str = _f("runs/train", "output directory (metrics, plots, trace, summary, model)", "run")
     progress: str = _f("auto", "progress output: bar (redrawn in place), lines, or auto (bar on a terminal)",
                        "run")
@@ -104,7 +105,7 @@ class TrainConfig:
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
-        for name in ("steps", "warmup", "eval_every", "seed"):
+        for name in ("steps", "warmup", "eval_every", "seed", "checkpoint_every"):
             v = getattr(self, name)
             if not isinstance(v, int) or isinstance(v, bool) or v < 0:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 0, got {v!r}")
@@ -420,7 +421,8 @@ class Trainer:
             with StopFlag() as flag:
                 coord = Coordinator(topo.world, steps=cfg.steps, batch_size=cfg.batch_size,
                                     n_samples=self.data.num_samples("train"), seed=cfg.seed,
-                                    lr_at=lr_schedule(cfg), eval_every=cfg.eval_every, flag=flag)
+                                    lr_at=lr_schedule(cfg), eval_every=cfg.eval_every,
+                                    checkpoint_every=cfg.checkpoint_every, flag=flag)
                 step = 0
                 while True:
                     msg = coord.next(step)
@@ -446,6 +448,10 @@ class Trainer:
                         metrics.write(json.dumps(rec) + "\n")
                         metrics.flush()
                         progress.update(step, rec["loss"], rec["tokens_per_s"], rec["bubble"])
+                    if msg.control == Control.CHECKPOINT:
+                        state = self.full_state_dict()
+                        if root:
+                            self._save_model(state)
                     if msg.control == Control.EVALUATE:
                         ev = self.evaluate()
                         if root:

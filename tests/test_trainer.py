@@ -197,6 +197,9 @@ def test_coordinator_decisions_and_lr_schedule() -> None:
     assert np.array_equal(msg.indices, batch_indices(1, 3, 4, 100)) and msg.lr == lr(3)
     stop = c._decide(5, [(3, "SIGTERM")])
     assert stop.control == Control.STOP and stop.reason == "SIGTERM on rank 3"
+    ck = Coordinator(MPI.COMM_SELF, steps=10, batch_size=4, n_samples=100, seed=1, lr_at=lr, eval_every=5,
+                     checkpoint_every=3)
+    assert [s for s in range(10) if ck._decide(s, []).control == Control.CHECKPOINT] == [2, 5, 8]
     assert c.next(0).control == Control.CONTINUE
     c.flag.set("SIGINT")
     assert c.next(1).reason == "SIGINT on rank 0"
