@@ -25,7 +25,9 @@ are not supported.
 
 Use it with the plain module (not :class:`DataParallel`): ``step()`` does the gradient
 averaging itself.  ``state_dict()`` holds this rank's share with the layout it belongs
-to; ``load_state_dict`` checks that layout before loading.
+to; ``load_state_dict`` checks that layout before loading.  ``consolidated_state_dict()``
+gathers the state the unsharded optimizer would have (torch's format, loadable by it or
+by a ShardedOptimizer at any dp through ``load_consolidated_state_dict``).
 """
 
 from __future__ import annotations
@@ -86,6 +88,7 @@ class ShardedOptimizer:
                 unique.append(p)
             g["params"] = unique
             self.params.extend(unique)
+        self._group_members = [{id(p) for p in g["params"]} for g in groups]
         kinds = {(p.dtype, p.device) for p in self.params}
         if len(kinds) != 1:
             raise ConfigError(f"rank {topo.rank}: ShardedOptimizer needs one dtype and device for all "
@@ -201,6 +204,90 @@ class ShardedOptimizer:
                     f"optimizer has {key} = {shown}; load it on the same layout (dp, parameters) it was saved with"
                 )
         self.optimizer.load_state_dict(state["optimizer"])
+
+    def _inner_index(self) -> dict[int, int]:
+        """id(piece view) -> its index in the wrapped optimizer's state_dict numbering."""
+        order = [p for g in self.optimizer.param_groups for p in g["params"]]
+        return {id(p): k for k, p in enumerate(order)}
+
+    def consolidated_state_dict(self) -> dict[str, Any]:
+        """The state the unsharded optimizer would have, in torch's format, on every dp rank.
+
+        ``state`` is keyed by the parameter's index in the full list (group order), with
+        tensors of the parameter's shape: loadable by the unsharded optimizer, or by a
+        ShardedOptimizer at another dp (:meth:`load_consolidated_state_dict`).  Collective
+        over the dp group.
+        """
+        inner = self.optimizer.state
+        keys = sorted({k for s in inner.values() for k, v in s.items()
+                       if isinstance(v, torch.Tensor) and v.dim() > 0})
+        flats = {}
+        for key in keys:  # element-wise state: gather the shares into full flat vectors
+            flat = torch.zeros(self.shard, dtype=self.dtype, device=self.device)
+            for i, a, b, view in self.pieces:
+                value = inner.get(view, {}).get(key)
+                if value is not None:
+                    start = self.offsets[i] + a - self.lo
+                    flat[start:start + (b - a)] = value.reshape(-1)
+            flats[key] = all_gather(flat, self.comm)
+        scalars: dict[int, dict[str, Any]] = {}
+        for i, _, _, view in self.pieces:
+            s = inner.get(view, {})
+            small = {k: v for k, v in s.items() if not (isinstance(v, torch.Tensor) and v.dim() > 0)}
+            if small:
+                scalars.setdefault(i, small)
+        merged: dict[int, dict[str, Any]] = {}
+        for part in self.comm.allgather(scalars):
+            for i, small in part.items():
+                merged.setdefault(i, small)
+        state = {}
+        for i, (p, off) in enumerate(zip(self.params, self.offsets)):
+            if i not in merged:
+                continue  # never stepped (no gradient yet): no state, as unsharded
+            entry = {k: (v.clone() if isinstance(v, torch.Tensor) else v) for k, v in merged[i].items()}
+            for key in keys:
+                entry[key] = flats[key][off:off + p.numel()].view(p.shape).clone()
+            state[i] = entry
+        groups, index = [], 0
+        for g in self.optimizer.param_groups:
+            count = sum(1 for p in self.params if id(p) in self._group_members[len(groups)])
+            groups.append({**{k: v for k, v in g.items() if k != "params"},
+                           "params": list(range(index, index + count))})
+            index += count
+        return {"state": state, "param_groups": groups}
+
+    def load_consolidated_state_dict(self, state: dict[str, Any]) -> None:
+        """Load an unsharded optimizer's state (torch format, same parameters and groups): each
+        rank keeps its share.  No communication."""
+        full_state, groups = state.get("state"), state.get("param_groups")
+        if not isinstance(full_state, dict) or not isinstance(groups, list) or len(groups) != len(self.param_groups):
+            raise ConfigError(f"rank {self.topo.rank}: not an optimizer state_dict with "
+                              f"{len(self.param_groups)} param groups")
+        count = sum(len(g["params"]) for g in groups)
+        if count != len(self.params):
+            raise ConfigError(f"rank {self.topo.rank}: the state holds {count} parameters, this optimizer "
+                              f"has {len(self.params)}; load it into the same model")
+        index = self._inner_index()
+        inner_state = {}
+        for i, a, b, view in self.pieces:
+            entry = full_state.get(i)
+            if entry is None:
+                continue
+            piece = {}
+            for k, v in entry.items():
+                if isinstance(v, torch.Tensor) and v.dim() > 0:
+                    if v.numel() != self.params[i].numel():
+                        raise ConfigError(f"rank {self.topo.rank}: state {k!r} of parameter #{i} has "
+                                          f"{v.numel()} elements, the parameter {self.params[i].numel()}")
+                    piece[k] = v.reshape(-1)[a:b].clone()
+                else:
+                    piece[k] = v.clone() if isinstance(v, torch.Tensor) else v
+            inner_state[index[id(view)]] = piece
+        inner_groups = []
+        for g, mine in zip(groups, self.optimizer.param_groups):
+            inner_groups.append({**{k: v for k, v in g.items() if k != "params"},
+                                 "params": [index[id(p)] for p in mine["params"]]})
+        self.optimizer.load_state_dict({"state": inner_state, "param_groups": inner_groups})
 
     def __repr__(self) -> str:
         return (f"ShardedOptimizer({type(self.optimizer).__name__}, dp rank {self.dp_rank}/{self.dp}, "

@@ -140,3 +140,42 @@ def test_bad_parameters(comm: MPI.Comm) -> None:
         with pytest.raises(mpimp.ConfigError, match="one dtype and device"):
             ShardedOptimizer(torch.optim.AdamW, [a, nn.Parameter(torch.zeros(2, dtype=torch.float64))], topo)
         mpimp.barrier(comm)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_consolidated_state_equals_the_unsharded_optimizer_and_reshards(comm: MPI.Comm) -> None:
+    with mpimp.init(comm=comm) as topo:
+        ref = make_model()
+        model = copy.deepcopy(ref)
+        opt_ref = torch.optim.AdamW(groups(ref), lr=1e-2)
+        opt = ShardedOptimizer(torch.optim.AdamW, groups(model), topo, lr=1e-2)
+        for step in range(3):
+            x, y = data(step)
+            opt_ref.zero_grad()
+            nn.functional.mse_loss(ref(x), y).backward()
+            opt_ref.step()
+            opt.zero_grad()
+            nn.functional.mse_loss(model(split_batch(x, topo)), split_batch(y, topo)).backward()
+            opt.step()
+        full = opt.consolidated_state_dict()
+        want = opt_ref.state_dict()
+        assert sorted(full["state"]) == sorted(want["state"])  # frozen_scale (no grad): no state
+        for i, entry in want["state"].items():
+            for key, value in entry.items():
+                torch.testing.assert_close(full["state"][i][key], value, rtol=0, atol=1e-6)
+        assert [g["params"] for g in full["param_groups"]] == [g["params"] for g in want["param_groups"]]
+        assert [g["lr"] for g in full["param_groups"]] == [g["lr"] for g in want["param_groups"]]
+        # reshard: load the unsharded state into a dp=1 ShardedOptimizer on every rank, step both
+        with mpimp.init(comm=MPI.COMM_SELF) as one:
+            twin = copy.deepcopy(ref)
+            opt1 = ShardedOptimizer(torch.optim.AdamW, groups(twin), one, lr=1e-2)
+            opt1.load_consolidated_state_dict(copy.deepcopy(want))
+            x, y = data(9)
+            for o, m in ((opt_ref, ref), (opt1, twin)):
+                o.zero_grad()
+                nn.functional.mse_loss(m(x), y).backward()
+                o.step()
+            for p, q in zip(twin.parameters(), ref.parameters()):
+                torch.testing.assert_close(p, q, rtol=0, atol=1e-6)
+        with pytest.raises(mpimp.ConfigError, match="holds 1 parameters"):
+            opt.load_consolidated_state_dict({"state": {}, "param_groups": [{"params": [0]}, {"params": []}]})
