@@ -58,7 +58,11 @@ def test_bad_data_exits_2_with_one_message_from_rank_0(tmp_path) -> None:
     assert "Traceback" not in out.stderr
 
 
-def test_train_sample_export_end_to_end(tmp_path) -> None:
+def test_train_sample_export_end_to_end(tmp_path, capsys) -> None:
+    """`mpirun -n 2 mpimp train` as a separate job; then sample and export in this process
+    (through the same `mpimp` entry point, without paying another interpreter start-up)."""
+    from mpimp.cli import main as cli_main
+
     run = tmp_path / "run"
     out = _mpirun(2, "train", *TINY, "--pp", "2", "--steps", "5", "--out", str(run))
     assert out.returncode == 0, out.stderr[-3000:]
@@ -69,20 +73,20 @@ def test_train_sample_export_end_to_end(tmp_path) -> None:
     summary = json.loads((run / "summary.json").read_text())
     assert summary["layout"]["pp"] == 2 and summary["steps"] == 5
 
-    sample = _run("sample", "--model", str(run), "-n", "3")
-    assert sample.returncode == 0, sample.stderr
-    lines = sample.stdout.strip().splitlines()
+    capsys.readouterr()
+    assert cli_main(["sample", "--model", str(run), "-n", "3"]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
     assert len(lines) == 4 and lines[-1].startswith("exact match on 3 held-out prompts:")
     assert all("=" in line for line in lines[:3])
 
     from safetensors.numpy import load_file
 
     exported = tmp_path / "gpt.safetensors"
-    ex = _run("export", "--model", str(run), "--to", str(exported))
-    assert ex.returncode == 0, ex.stderr
+    assert cli_main(["export", "--model", str(run), "--to", str(exported)]) == 0
     a, b = load_file(str(exported)), load_file(str(run / "model.safetensors"))
     assert set(a) == set(b) and all(np.array_equal(a[k], b[k]) for k in a)
     assert "embed.tok.weight" in a and a["embed.tok.weight"].shape == (11, 32)
 
-    missing = _run("sample", "--model", str(tmp_path / "nothing"))
-    assert missing.returncode == 2 and "does not exist" in missing.stderr
+    capsys.readouterr()
+    assert cli_main(["sample", "--model", str(tmp_path / "nothing")]) == 2
+    assert "does not exist" in capsys.readouterr().err
