@@ -76,10 +76,11 @@ class TrainConfig:
     d_model: int = _f(64, "model width", "model")
     heads: int = _f(4, "attention heads (divisible by tp)", "model")
     seq_len: int = _f(12, "tokens per sequence (default task: 2 x digits)", "model")
-    vocab_size: int | None = _f(None, "vocabulary size (default: the data's, rounded up to 16)", "model")
+    vocab_size: int | None = _f(None, "vocabulary size (default: the data's: 11 for the task, 256 for text, max id + 1 for .bin)", "model")
     # data
-    data: str | None = _f(None, "PATH of a text file (bytes) or a uint16 .bin token file; "
-                          "default: the embedded digit-reversal task", "data")
+    data: str | None = _f(None, "a text file (byte-level tokens) or a nanoGPT flat uint16 .bin token file "
+                          "(tokens:PATH / text:PATH force the kind); default: the embedded digit-reversal "
+                          "task", "data")
     # optimisation
     lr: float = _f(3e-3, "peak learning rate (AdamW)", "optimisation")
     min_lr_ratio: float = _f(0.1, "final learning rate as a fraction of --lr (cosine decay)", "optimisation")

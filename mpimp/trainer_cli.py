@@ -79,8 +79,12 @@ def _add_train(p: argparse.ArgumentParser) -> None:
         elif f.name == "schedule":
             kw["metavar"] = "NAME"
         kw["type"] = kind
+        if "choices" not in kw:
+            kw.setdefault("metavar", {int: "N", float: "X", str: "S"}[kind])
         if f.name == "data":
             kw["metavar"] = "PATH"
+        elif f.name == "out":
+            kw["metavar"] = "DIR"
         groups[f.metadata["group"]].add_argument(flag, **kw)
 
 
