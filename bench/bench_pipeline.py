@@ -245,6 +245,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3)
     ap.add_argument("--bubble-only", action="store_true")
     ap.add_argument("--plot", action="store_true")
+    ap.add_argument("--throughput-only", action="store_true")
     args = ap.parse_args()
     if args.plot:
         plot()
@@ -265,6 +266,11 @@ def main() -> None:
                 print(f"  {name:<32} {value:9.0f} tokens/s   {value / peer:5.2f}x torch 1F1B   "
                       f"{value / t['speed of light']:5.2f}x speed of light", flush=True)
             print(f"  peak in-flight micro-batches per rank: {tp['peak_inflight']}")
+    if args.throughput_only:
+        if rank == 0:
+            RESULTS.mkdir(exist_ok=True)
+            (RESULTS / f"pipeline_throughput_{time.strftime('%H%M')}.json").write_text(json.dumps(result, indent=1))
+        return
     ms = [4, 8, 16] if p > 2 else [2, 4, 8, 16]
     if rank == 0:
         print(f"bubble, p={p}: measured (timeline) vs predicted (simulator on the calibrated cost model)")

@@ -131,8 +131,8 @@ def plot_gantt(timelines: Sequence[Timeline], path: str | Path, title: str = "")
     ax.set_xlabel("ms since the step began")
     ax.set_title(f"{title}  (bubble {mean:.1%})".strip())
     handles = [plt.Rectangle((0, 0), 1, 1, color=_COLORS[k]) for k in ("F", "B", "W")]
-    ax.legend(handles, ["forward", "backward (input grad, or full)", "weight grad"], loc="upper right",
-              fontsize=7)
+    ax.legend(handles, ["forward", "backward (input grad, or full)", "weight grad"], loc="upper left",
+              bbox_to_anchor=(1.0, 1.0), fontsize=7)
     fig.tight_layout()
     fig.savefig(path, dpi=130)
     plt.close(fig)
