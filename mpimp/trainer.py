@@ -165,6 +165,17 @@ def _agree(comm: MPI.Comm, fn: Any) -> Any:
     return verdict[1]
 
 
+def _make_out_dir(path: str) -> None:
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, ".mpimp-write-test")
+        with open(probe, "w"):
+            pass
+        os.remove(probe)
+    except OSError as exc:
+        raise ConfigError(f"cannot write the output directory --out {path!r}: {exc.strerror or exc}") from None
+
+
 def _peak_rss_mb() -> float:
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
     return rss / (1024 * 1024) if sys.platform == "darwin" else rss / 1024
@@ -409,7 +420,7 @@ class Trainer:
         cfg, topo = self.cfg, self.topo
         root = topo.rank == 0
         out = cfg.out
-        _agree(topo.world, lambda: os.makedirs(out, exist_ok=True))
+        _agree(topo.world, lambda: _make_out_dir(out))
         progress = _Progress(cfg.steps, cfg.log_every, self.stream, cfg.progress) if root else None
         metrics = open(os.path.join(out, "metrics.jsonl"), "w") if root else None
         tokens_per_step = cfg.batch_size * cfg.seq_len

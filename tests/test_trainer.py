@@ -227,6 +227,7 @@ def test_bad_input_gives_one_message_and_exit_2_on_every_rank(comm: MPI.Comm, ca
         (["--config", os.path.join(tmp, "badtype.toml")], "should be of type int"),
         (["--config", os.path.join(tmp, "nope.toml")], "does not exist"),
         (["--pp", "7"], "world size"),
+        (["--steps", "1", "--out", os.path.join(tmp, "empty.txt", "sub")], "cannot write the output directory"),
     ]
     for extra, expect in cases:
         capfd.readouterr()
