@@ -18,6 +18,11 @@ function                         forward                                backward
 ``reduce_scatter_to_sequence``   reduce-scatter along ``dim``           all-gather along ``dim``
 ===============================  =====================================  ==============================
 
+``linear_with_grad_all_reduce(x, w, b, comm)`` is ``F.linear(copy_to_parallel(x), w, b)``
+in one function, so that backward can start the all-reduce of the input gradient
+(non-blocking) and compute the weight gradient while it is in flight (Megatron's
+asynchronous gradient all-reduce): a slower peer's lateness is hidden behind useful work.
+
 Why the pairs: if ``y = x`` on p ranks and each rank computes a different function of
 its copy, then dL/dx = sum_r dL_r/dy (all-reduce); if ``y = sum_r x_r`` then
 dL/dx_r = dL/dy (identity).  Gather and scatter (and all-gather and reduce-scatter)
@@ -36,7 +41,7 @@ from typing import Any
 import torch
 from mpi4py import MPI
 
-from .comm import all_gather, all_reduce, reduce_scatter
+from .comm import all_gather, all_reduce, iall_reduce, reduce_scatter
 from .errors import ConfigError, rank_prefix
 
 __all__ = [
@@ -46,6 +51,7 @@ __all__ = [
     "gather_from_parallel",
     "gather_from_sequence",
     "reduce_scatter_to_sequence",
+    "linear_with_grad_all_reduce",
     "split_block",
 ]
 
@@ -140,6 +146,39 @@ class _ReduceScatterToSequence(torch.autograd.Function):
     @staticmethod
     def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor, None, None]:
         return all_gather(grad, ctx.comm, dim=ctx.dim), None, None
+
+
+class _LinearGradAllReduce(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx: Any, x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                comm: MPI.Comm) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.comm, ctx.has_bias = comm, bias is not None
+        return torch.nn.functional.linear(x, weight, bias)
+
+    @staticmethod
+    def backward(ctx: Any, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x = req = None
+        if need_x:
+            grad_x = grad.matmul(weight)  # a fresh tensor: reduced in place
+            req = iall_reduce(grad_x, ctx.comm)
+        g2 = grad.reshape(-1, grad.shape[-1])
+        grad_w = g2.t().mm(x.reshape(-1, x.shape[-1])) if need_w else None
+        grad_b = g2.sum(0) if need_b and ctx.has_bias else None
+        if req is not None:
+            req.wait()
+        return grad_x, grad_w, grad_b, None
+
+
+def linear_with_grad_all_reduce(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None,
+                                comm: MPI.Comm) -> torch.Tensor:
+    """``F.linear(copy_to_parallel(x, comm), weight, bias)``, with the backward all-reduce
+    of the input gradient overlapping the weight-gradient computation."""
+    if comm.Get_size() == 1:
+        return torch.nn.functional.linear(x, weight, bias)
+    return _LinearGradAllReduce.apply(x, weight, bias, comm)
 
 
 def copy_to_parallel(x: torch.Tensor, comm: MPI.Comm) -> torch.Tensor:

@@ -132,3 +132,29 @@ def test_inplace_reduce_of_a_tensor_saved_for_backward_is_refused(comm: MPI.Comm
         assert y.data_ptr() == z.data_ptr()  # no copy
         y.sum().backward()
         assert torch.equal(x.grad, torch.ones_like(x))
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("x_needs_grad", [True, False])
+def test_linear_with_grad_all_reduce_equals_copy_then_linear(comm: MPI.Comm, x_needs_grad: bool) -> None:
+    from mpimp.autograd import linear_with_grad_all_reduce
+
+    with tp_topology(comm, 2) as topo:
+        if topo is None:
+            return
+        c, r = topo.tp_comm, topo.tp_rank
+        w = [_t(10 + j, (6, 12)) for j in range(2)]  # rank j's weight shard
+        b = [_t(20 + j, (6,)) for j in range(2)]
+        G = [_t(30 + j, (2, 12, 6)) for j in range(2)]
+        X = _t(1)
+        x = X.clone().requires_grad_(x_needs_grad)
+        wr, br = w[r].clone().requires_grad_(), b[r].clone().requires_grad_()
+        y = linear_with_grad_all_reduce(x, wr, br, c)
+        (y * G[r]).sum().backward()
+        assert_close(y.detach(), X @ w[r].t() + b[r], "output")
+        assert_close(wr.grad, G[r].reshape(-1, 6).t() @ X.reshape(-1, 12), "weight grad")
+        assert_close(br.grad, G[r].sum(dim=(0, 1)), "bias grad")
+        if x_needs_grad:  # the sum over ranks of each rank's input gradient
+            assert_close(x.grad, sum(G[j] @ w[j] for j in range(2)), "input grad")
+        else:
+            assert x.grad is None

@@ -36,6 +36,7 @@ from ..autograd import (
     copy_to_parallel,
     gather_from_parallel,
     gather_from_sequence,
+    linear_with_grad_all_reduce,
     reduce_from_parallel,
     reduce_scatter_to_sequence,
     scatter_to_parallel,
@@ -101,10 +102,9 @@ class ColumnParallelLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.sequence_parallel:
-            x = gather_from_sequence(x, self.comm, self.seq_dim)
-        else:
-            x = copy_to_parallel(x, self.comm)
-        y = F.linear(x, self.weight, self.bias)
+            y = F.linear(gather_from_sequence(x, self.comm, self.seq_dim), self.weight, self.bias)
+        else:  # copy_to_parallel + linear, the gradient all-reduce overlapping the weight gradient
+            y = linear_with_grad_all_reduce(x, self.weight, self.bias, self.comm)
         return gather_from_parallel(y, self.comm) if self.gather_output else y
 
     def extra_repr(self) -> str:
@@ -234,7 +234,5 @@ def parallel_lm_logits(x: torch.Tensor, weight: torch.Tensor, comm: MPI.Comm, *,
     embedding: a column-parallel linear without bias (x replicated, or all-gathered
     along the sequence).  Feed them to :func:`~mpimp.nn.vocab_parallel_cross_entropy`."""
     if sequence_parallel:
-        x = gather_from_sequence(x, comm, seq_dim)
-    else:
-        x = copy_to_parallel(x, comm)
-    return F.linear(x, weight)
+        return F.linear(gather_from_sequence(x, comm, seq_dim), weight)
+    return linear_with_grad_all_reduce(x, weight, None, comm)
