@@ -29,7 +29,8 @@ tokens per sample.
 Precision ``bf16``: the forward runs under ``torch.autocast(bfloat16)`` while the
 parameters, gradients and AdamW state stay fp32 (master weights); each pipeline
 layer hands its output on as bf16, so activations and their gradients cross the
-pipeline as bf16 (half the bytes), and dp gradients are reduced as bf16.
+pipeline as bf16 (half the bytes); at pp = 1 the dp gradient average travels as bf16
+(inside a Pipeline it is fp32).  The loss is computed in fp32.
 """
 
 from __future__ import annotations
