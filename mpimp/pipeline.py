@@ -79,6 +79,18 @@ class Pipeline(StageExecutor):
         after_backward: called as ``after_backward(pipe)`` after the last backward of a
             step, before the data-parallel gradient average.
         sample: one micro-batch of input, needed only for ``balance="time"``.
+
+    Attributes (read-only): ``layer_indices`` (indices into the original sequence of the
+    layers this rank owns), ``local_stages`` (this rank's virtual stages, ascending),
+    ``stages`` (stage -> ``nn.ModuleList`` of its layers), ``balance``, ``num_stages``,
+    ``owner`` (stage -> pipeline rank), ``compute_table`` / ``table`` (every rank's actions,
+    before / after lowering), ``predicted_peak_inflight`` (the verifier's, per rank),
+    ``peak_inflight`` and ``split_weight_passes`` (measured in the last step).
+
+    Every rank of ``topo.world`` must call the constructor, :meth:`train_step` and
+    :meth:`forward` together (they start with a small collective that checks the inputs
+    on every rank, so a bad batch fails everywhere before any message is sent).  After an
+    exception inside a step the pipeline refuses further steps; build a new one.
     """
 
     def __init__(self, model: nn.Sequential | Sequence[LayerSpec], topo: Topology, *, chunks: int,
