@@ -33,7 +33,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from ..comm import Request, _wait_until, default_timeout, irecv, isend
+from ..comm import Request, _trace, _wait_until, all_reduce, default_timeout, irecv, isend
 from ..errors import ConfigError, MpimpError
 from .actions import Action
 
@@ -150,8 +150,11 @@ class StageExecutor:
             self._targets = split_batch(targets, self.chunks, "targets") if last and train else None
         except ConfigError as exc:
             err = f"rank {self.topo.rank} (stage {self.topo.pp_rank}): {exc}"
-        errors = [e for e in self.topo.world.allgather(err) if e]
-        if errors:
+        # a polled all-reduce (with the transport's deadline) tells every rank whether any
+        # rank's input is bad; only then are the messages gathered
+        flag = all_reduce(torch.tensor([1 if err else 0], dtype=torch.int32), self.topo.world, op="max")
+        if int(flag.item()):
+            errors = [e for e in self.topo.world.allgather(err) if e]
             raise ConfigError(errors[0])
         self._state: dict[tuple[int, int], _MB] = {}
         self._local: dict[tuple[int, str, int], Any] = {}
@@ -163,6 +166,17 @@ class StageExecutor:
 
     def _tag(self, stage: int, direction: int, mb: int) -> int:
         return TAG_BASE + 2 * (mb * self.num_stages + stage) + direction
+
+    def _action_tag(self, a: Action) -> int | str:
+        if a.kind == "RECV_F":
+            return self._tag(a.stage, 0, a.mb)
+        if a.kind == "RECV_B":
+            return self._tag(a.stage, 1, a.mb)
+        if a.kind == "SEND_F":
+            return self._tag(a.stage + 1, 0, a.mb)
+        if a.kind == "SEND_B":
+            return self._tag(a.stage - 1, 1, a.mb)
+        return "-"
 
     def _wait(self, req: Request) -> Any:
         err = self._err_req
@@ -211,7 +225,10 @@ class StageExecutor:
         order = [a for a in row if a in recvs]
         sends: list[Request] = []
         clock = time.perf_counter
+        debug = os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
         for a in row:
+            if debug:  # e.g. "r1 | pipeline 1RECV_F3 (mb 3, stage 1, tag 23)"
+                _trace(self.comm, f"pipeline {a} (mb {a.mb}, stage {a.stage}, tag {self._action_tag(a)})")
             t0 = clock()
             if a.kind in ("RECV_F", "RECV_B"):
                 self._local[a] = self._wait(recvs.pop(a))
