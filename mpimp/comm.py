@@ -75,6 +75,7 @@ _MAGIC = b"MPMP"
 _INLINE, _SPLIT = 1, 2  # header layouts: payloads packed after the header / in own messages
 _ALIGN = 64
 _PACK_LIMIT = 64 * 1024  # payload bytes; above this the split layout is used
+_BLOCKING_MIN = 256 * 1024  # bytes; all_reduce of at least this uses the blocking collective
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 _HEAD = struct.Struct("<4sBBH")
 _ENTRY = struct.Struct("<BB6x")
@@ -561,6 +562,12 @@ def iall_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Reques
     16-bit floats are reduced with mpimp's native operator (fp32 accumulation, one
     rounding per step) when built, otherwise through an fp32 copy (exact sum, one rounding).
     """
+    return _all_reduce(tensor, comm, op, None)
+
+
+def _all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str, timeout: float | None,
+                blocking: bool = False) -> Request:
+    """The all-reduce behind both APIs; ``blocking`` runs it now (see :func:`all_reduce`)."""
     avg = op == "avg"
     mpi_op = _op(op, tensor.dtype)
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
@@ -574,8 +581,17 @@ def iall_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Reques
             mpi_op = native
     buf, staged = to_wire(work)
     n = work.numel()
-    _trace(comm, f"Iallreduce {n} x {work.dtype} op {op}")
-    req = comm.Iallreduce(MPI.IN_PLACE, [buf, n, dtype], mpi_op)
+    if blocking and work.nbytes >= _BLOCKING_MIN:
+        # the deadline: every rank has reached this collective
+        _trace(comm, "Ibarrier")
+        _MPIRequest(comm.Ibarrier(), f"all_reduce of {n} elements over {comm.Get_size()} ranks "
+                    f"(waiting for every rank to arrive)").wait(timeout)
+        _trace(comm, f"Allreduce {n} x {work.dtype} op {op}")
+        comm.Allreduce(MPI.IN_PLACE, [buf, n, dtype], mpi_op)
+        req = MPI.REQUEST_NULL  # already complete
+    else:
+        _trace(comm, f"Iallreduce {n} x {work.dtype} op {op}")
+        req = comm.Iallreduce(MPI.IN_PLACE, [buf, n, dtype], mpi_op)
 
     def finish() -> torch.Tensor:
         result = work
@@ -593,8 +609,16 @@ def iall_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum") -> Reques
 
 def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
                timeout: float | None = None) -> torch.Tensor:
-    """In-place all-reduce of ``tensor`` over ``comm``; returns ``tensor``."""
-    value = iall_reduce(tensor, comm, op).wait(timeout)
+    """In-place all-reduce of ``tensor`` over ``comm``; returns ``tensor``.
+
+    Small tensors: a non-blocking all-reduce polled until the deadline.  From
+    ``_BLOCKING_MIN`` bytes: a barrier polled until the deadline (so a missing rank still
+    raises DeadlineError instead of hanging), then the library's blocking all-reduce,
+    whose tuned algorithms beat the non-blocking schedule on large buffers (measured
+    in docs/benchmarks.md).  A rank that dies inside it brings the job down (MPI's
+    default error handler), it does not hang.
+    """
+    value = _all_reduce(tensor, comm, op, timeout, blocking=True).wait(timeout)
     assert isinstance(value, torch.Tensor)
     return value
 
