@@ -44,7 +44,7 @@ from torch import nn
 from .comm import broadcast
 from .errors import ConfigError
 from .schedule import Action, build, lower, parse_table, stage_owners, verify
-from .schedule.executor import TAG_BASE, StageExecutor, _detach, _flat, _leaf
+from .schedule.executor import TAG_BASE, StageExecutor, as_leaf, detach_all, flat_tensors
 from .schedule.partition import balance_by_cost, check_balance, stage_bounds
 from .topology import Topology
 
@@ -197,17 +197,17 @@ class Pipeline(StageExecutor):
             layer = spec if isinstance(spec, nn.Module) else spec()
             best = float("inf")
             for _ in range(3):
-                xin = _leaf(_detach(x)) if _flat(x) else x
+                xin = as_leaf(detach_all(x)) if flat_tensors(x) else x
                 t0 = time.perf_counter()
                 y = layer(xin)
-                outs = [t for t in _flat(y) if t.requires_grad]
+                outs = [t for t in flat_tensors(y) if t.requires_grad]
                 if outs:
                     torch.autograd.backward([t.float().sum() for t in outs])
                 best = min(best, time.perf_counter() - t0)
             for q in layer.parameters():
                 q.grad = None
             times.append(best)
-            x = _detach(y)
+            x = detach_all(y)
         # every rank must cut at the same places: average the measurements over the world
         total = self.topo.world.allreduce(np.asarray(times, dtype=np.float64), op=MPI.SUM)
         return balance_by_cost([float(t) / self.topo.size for t in total], self.num_stages)

@@ -37,7 +37,7 @@ from ..comm import Request, _trace, _wait_until, all_reduce, default_timeout, ir
 from ..errors import ConfigError, MpimpError
 from .actions import Action
 
-__all__ = ["StageExecutor", "ERR_TAG", "TAG_BASE"]
+__all__ = ["StageExecutor", "ERR_TAG", "TAG_BASE", "split_batch", "flat_tensors", "as_leaf", "detach_all"]
 
 ERR_TAG = 1
 _PROGRESS_TAG = 2
@@ -45,7 +45,7 @@ TAG_BASE = 16
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 
-def _flat(x: Any) -> list[torch.Tensor]:
+def flat_tensors(x: Any) -> list[torch.Tensor]:
     if isinstance(x, torch.Tensor):
         return [x]
     if isinstance(x, (tuple, list)):
@@ -55,7 +55,7 @@ def _flat(x: Any) -> list[torch.Tensor]:
 
 def split_batch(x: Any, chunks: int, what: str) -> list[Any]:
     """Split a tensor (or tuple of tensors) into ``chunks`` equal parts along dim 0."""
-    items = _flat(x)
+    items = flat_tensors(x)
     if x is None or not items or (isinstance(x, (tuple, list)) and len(items) != len(x)):
         raise ConfigError(f"{what} must be a tensor or a tuple of tensors, got {type(x).__name__}")
     for t in items:
@@ -70,7 +70,7 @@ def split_batch(x: Any, chunks: int, what: str) -> list[Any]:
     return [tuple(p[i] for p in parts) for i in range(chunks)]
 
 
-def _leaf(x: Tensors) -> Tensors:
+def as_leaf(x: Tensors) -> Tensors:
     """Detached copy-free leaf of a received value; floating tensors require grad."""
     def one(t: torch.Tensor) -> torch.Tensor:
         t = t.detach()
@@ -80,7 +80,7 @@ def _leaf(x: Tensors) -> Tensors:
     return tuple(one(t) for t in x)
 
 
-def _detach(x: Tensors) -> Tensors:
+def detach_all(x: Tensors) -> Tensors:
     return x.detach() if isinstance(x, torch.Tensor) else tuple(t.detach() for t in x)
 
 
@@ -138,7 +138,7 @@ class StageExecutor:
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._capture is not None:
-            self._capture.append((module, [t for t in _flat(output) if t.requires_grad]))
+            self._capture.append((module, [t for t in flat_tensors(output) if t.requires_grad]))
 
     def _start_step(self, inputs: Any, targets: Any, first: bool, last: bool, train: bool) -> None:
         if self._broken is not None:
@@ -289,7 +289,7 @@ class StageExecutor:
                 self._local[(s, "OUT", i)] = out
             return
         st = _MB()
-        st.x = x if s == 0 else _leaf(x)
+        st.x = x if s == 0 else as_leaf(x)
         st.ckpt = self.checkpoint == "always" or (self.checkpoint == "except_last" and i < self.chunks - 1)
         st.split = (s, i) in self._has_w
         if last:
@@ -303,7 +303,7 @@ class StageExecutor:
         else:
             out = self._run_forward(s, st)
         if not last:
-            self._local[(s, "OUT", i)] = _detach(out)
+            self._local[(s, "OUT", i)] = detach_all(out)
         self._state[(s, i)] = st
         self._inflight += 1
         self.peak_inflight = max(self.peak_inflight, self._inflight)
@@ -343,9 +343,9 @@ class StageExecutor:
         else:
             g = self._local.pop((s + 1, "DX", i)) if self.owner[s + 1] == self.topo.pp_rank \
                 else self._local.pop(Action(s, "RECV_B", i))
-            pairs = [(o, d) for o, d in zip(_flat(st.out), _flat(g)) if o.requires_grad and d.numel() == o.numel()]
+            pairs = [(o, d) for o, d in zip(flat_tensors(st.out), flat_tensors(g)) if o.requires_grad and d.numel() == o.numel()]
             outs, grads = [o for o, _ in pairs], [d for _, d in pairs]
-        xs = _flat(st.x)
+        xs = flat_tensors(st.x)
         need = [t for t in xs if t.requires_grad]
         if st.split and st.captures is not None:
             caps = [t for _, ts in st.captures for t in ts]
