@@ -233,6 +233,11 @@ class Pipeline(StageExecutor):
             self.comm.Free()
             self.comm = MPI.COMM_NULL
 
+    @property
+    def step_origin(self) -> float:
+        """``time.perf_counter()`` at the start of the last step (the timeline's origin)."""
+        return self._step_start
+
     def timeline(self) -> list[dict[str, Any]]:
         """This rank's actions of the last step: start/end seconds since the step began."""
         return [{"rank": self.topo.pp_rank, "world_rank": self.topo.rank, "action": str(a), "stage": a.stage,

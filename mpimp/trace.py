@@ -3,9 +3,8 @@
 Problem: a pipeline that is slower than expected does not say why; the idle time (the
 "bubble") and which send a stage was waiting for are invisible in a profile of one
 rank.  Every rank's :class:`~mpimp.Pipeline` records the start and end of each action of
-the last step (seconds since that rank's step began: the step starts with a collective,
-so the ranks' origins agree to within microseconds, and no global clock is needed).
-:func:`gather` collects them on one rank, which can then
+the last step (seconds since that rank's step began); :func:`gather` collects them on
+one rank (aligned on the shared monotonic clock when all ranks share a host), which can then
 
 * compute the measured bubble fraction (:func:`bubble_fraction`): per rank
   ``1 - busy / step`` where busy is the time in F, B and W and step the longest
@@ -39,10 +38,23 @@ def gather(pipe: Any, root: int = 0) -> list[Timeline] | None:
     """Every rank's timeline of the last step, gathered on ``root`` of ``pipe.topo.world`` (None elsewhere).
 
     Collective over the world; each event also carries its rank's ``dp_rank`` and ``tp_rank``.
+    When every rank runs on the same host, times are shifted onto the common monotonic
+    clock (origin: the earliest rank's step start), which removes the few-ms skew with
+    which the ranks leave the step's opening collective; across hosts each rank keeps
+    its own step start as origin.
     """
+    from mpi4py import MPI
+
     topo = pipe.topo
     mine = [dict(e, dp_rank=topo.dp_rank, tp_rank=topo.tp_rank) for e in pipe.timeline()]
-    return topo.world.gather(mine, root=root)
+    got = topo.world.gather((MPI.Get_processor_name(), pipe.step_origin, mine), root=root)
+    if got is None:
+        return None
+    if len({host for host, _, _ in got}) == 1:
+        first = min(origin for _, origin, _ in got)
+        return [[dict(e, start=e["start"] + origin - first, end=e["end"] + origin - first) for e in tl]
+                for _, origin, tl in got]
+    return [tl for _, _, tl in got]
 
 
 def _compute(e: dict[str, Any]) -> bool:
