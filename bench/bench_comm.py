@@ -1,0 +1,184 @@
+"""mpimp's tensor transport against raw mpi4py on the same bytes: ping-pong and all-reduce.
+
+Run (2 ranks; the figures in docs/benchmarks.md came from this line):
+
+    timeout 1800 .venv/bin/mpirun --oversubscribe -n 2 .venv/bin/python bench/bench_comm.py
+
+For each message size (1 KiB to 64 MiB, powers of 4) and each repetition, the peers run
+one after the other in a rotating order (so neither always goes first):
+
+* ``raw``       ``comm.Send`` / ``comm.Recv`` of a numpy byte buffer (receiver preallocated);
+* ``mpimp``     ``mpimp.send`` / ``mpimp.recv`` of a float32 tensor (the receiver learns the
+                shape from the message and gets a new tensor);
+* ``mpimp-out`` the same with ``recv(out=...)`` into a preallocated tensor;
+* ``allreduce raw`` ``comm.Allreduce(IN_PLACE)`` on a float32 numpy array vs
+  ``allreduce mpimp`` ``mpimp.all_reduce`` on a float32 tensor of the same size.
+
+A ping-pong trial times n round trips; one-way time = trial / (2 n).  The report gives the
+median over repetitions, raw's latency and bandwidth, and mpimp's as ratios to raw
+(bandwidth ratio = raw time / mpimp time: 1.0 = as fast as raw, higher = faster) plus the
+latency added per one-way message in microseconds.  No assertions: a benchmark, not a test.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import time
+from collections.abc import Callable
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+from mpi4py import MPI  # noqa: E402
+
+import mpimp  # noqa: E402
+
+torch.set_num_threads(1)
+KIB = 1024
+TAG = 11
+
+
+def _iterations(nbytes: int, budget: int) -> int:
+    """Round trips per trial: about ``budget`` bytes moved, between 3 and 2000."""
+    return int(max(3, min(2000, budget // nbytes)))
+
+
+def _pingpong_raw(comm: MPI.Comm, nbytes: int, n: int) -> float:
+    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    sbuf = np.zeros(nbytes, dtype=np.uint8)
+    rbuf = np.empty(nbytes, dtype=np.uint8)
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(n):
+        if rank == 0:
+            comm.Send([sbuf, MPI.BYTE], peer, TAG)
+            comm.Recv([rbuf, MPI.BYTE], peer, TAG)
+        else:
+            comm.Recv([rbuf, MPI.BYTE], peer, TAG)
+            comm.Send([sbuf, MPI.BYTE], peer, TAG)
+    return (time.perf_counter() - start) / (2 * n)
+
+
+def _pingpong_mpimp(comm: MPI.Comm, nbytes: int, n: int, use_out: bool) -> float:
+    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    t = torch.zeros(nbytes // 4, dtype=torch.float32)
+    out = torch.empty_like(t) if use_out else None
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(n):
+        if rank == 0:
+            mpimp.send(t, peer, comm, TAG)
+            mpimp.recv(peer, comm, TAG, out=out)
+        else:
+            mpimp.recv(peer, comm, TAG, out=out)
+            mpimp.send(t, peer, comm, TAG)
+    return (time.perf_counter() - start) / (2 * n)
+
+
+def _allreduce_raw(comm: MPI.Comm, nbytes: int, n: int) -> float:
+    a = np.zeros(nbytes // 4, dtype=np.float32)
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(n):
+        comm.Allreduce(MPI.IN_PLACE, [a, MPI.FLOAT], MPI.SUM)
+    return (time.perf_counter() - start) / n
+
+
+def _allreduce_mpimp(comm: MPI.Comm, nbytes: int, n: int) -> float:
+    t = torch.zeros(nbytes // 4, dtype=torch.float32)
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(n):
+        mpimp.all_reduce(t, comm)
+    return (time.perf_counter() - start) / n
+
+
+def _median_times(comm: MPI.Comm, peers: dict[str, Callable[[int], float]], n: int,
+                  reps: int) -> dict[str, float]:
+    """Median per-operation time of each peer; peers alternate in a rotating order."""
+    names = list(peers)
+    samples: dict[str, list[float]] = {k: [] for k in names}
+    for name in names:  # warm-up: first-touch pages, datatype caches, connection set-up
+        peers[name](max(1, n // 10))
+    for rep in range(reps):
+        order = names[rep % len(names):] + names[: rep % len(names)]
+        for name in order:
+            t = peers[name](n)
+            samples[name].append(comm.allreduce(t, op=MPI.MAX))  # the slower rank's view
+    return {k: statistics.median(v) for k, v in samples.items()}
+
+
+def _fmt_size(nbytes: int) -> str:
+    return f"{nbytes // (1 << 20)} MiB" if nbytes >= 1 << 20 else f"{nbytes // KIB} KiB"
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--min-kib", type=int, default=1)
+    parser.add_argument("--max-mib", type=int, default=64)
+    parser.add_argument("--reps", type=int, default=7, help="repetitions per peer and size")
+    parser.add_argument("--budget-mib", type=float, default=256,
+                        help="bytes moved per trial (sets the number of round trips)")
+    parser.add_argument("--only", choices=["p2p", "allreduce"], default=None)
+    args = parser.parse_args()
+    world = MPI.COMM_WORLD
+    if world.Get_size() != 2:
+        if world.Get_rank() == 0:
+            print("bench_comm.py needs exactly 2 ranks: mpirun -n 2 python bench/bench_comm.py",
+                  file=sys.stderr)
+        return 2
+    comm = world.Dup()
+    rank = comm.Get_rank()
+    sizes = []
+    s = args.min_kib * KIB
+    while s <= args.max_mib << 20:
+        sizes.append(s)
+        s *= 4
+    budget = int(args.budget_mib * (1 << 20))
+    if rank == 0:
+        print(f"# {MPI.Get_library_version().splitlines()[0].strip()}; torch {torch.__version__}; "
+              f"mpi4py {__import__('mpi4py').__version__}; {args.reps} reps, median; "
+              f"MPIMP_TIMEOUT={os.environ.get('MPIMP_TIMEOUT', '600')}")
+    if args.only in (None, "p2p"):
+        if rank == 0:
+            print("\n## ping-pong, one-way time per message")
+            print(f"| {'size':>7} | {'raw us':>9} | {'raw MB/s':>9} | {'mpimp/raw bw':>12} | "
+                  f"{'+us mpimp':>9} | {'out=/raw bw':>11} | {'+us out=':>8} |")
+            print("|---:|---:|---:|---:|---:|---:|---:|")
+        for nbytes in sizes:
+            n = _iterations(nbytes, budget)
+            med = _median_times(comm, {
+                "raw": lambda k, b=nbytes: _pingpong_raw(comm, b, k),
+                "mpimp": lambda k, b=nbytes: _pingpong_mpimp(comm, b, k, False),
+                "out": lambda k, b=nbytes: _pingpong_mpimp(comm, b, k, True),
+            }, n, args.reps)
+            if rank == 0:
+                raw = med["raw"]
+                print(f"| {_fmt_size(nbytes):>7} | {raw * 1e6:9.1f} | {nbytes / raw / 1e6:9.0f} | "
+                      f"{raw / med['mpimp']:12.3f} | {(med['mpimp'] - raw) * 1e6:9.1f} | "
+                      f"{raw / med['out']:11.3f} | {(med['out'] - raw) * 1e6:8.1f} |", flush=True)
+    if args.only in (None, "allreduce"):
+        if rank == 0:
+            print("\n## all-reduce (sum, float32, in place), time per call")
+            print(f"| {'size':>7} | {'raw us':>9} | {'mpimp/raw':>9} | {'+us mpimp':>9} |")
+            print("|---:|---:|---:|---:|")
+        for nbytes in sizes:
+            n = _iterations(nbytes, budget // 2)
+            med = _median_times(comm, {
+                "raw": lambda k, b=nbytes: _allreduce_raw(comm, b, k),
+                "mpimp": lambda k, b=nbytes: _allreduce_mpimp(comm, b, k),
+            }, n, args.reps)
+            if rank == 0:
+                raw = med["raw"]
+                print(f"| {_fmt_size(nbytes):>7} | {raw * 1e6:9.1f} | {raw / med['mpimp']:9.3f} | "
+                      f"{(med['mpimp'] - raw) * 1e6:9.1f} |", flush=True)
+    comm.Free()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
