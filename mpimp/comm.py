@@ -9,19 +9,19 @@ header (dtypes, shapes) that the receiver matches with a matched probe
 
     | "MPMP" layout n hdrlen | code ndim pad | dims (int64) ... | pad | payload 0 | pad | ...
 
-Two layouts, chosen by the sender from the payload size:
+The whole message (header and payloads, each payload 64-byte aligned) is ONE MPI message;
+the receiver probes its size, receives it into one buffer and returns views into it.
 
-* **inline** (payloads up to ``_PACK_LIMIT`` bytes): header and payloads packed into one
-  message, each payload 64-byte aligned; the receiver returns views into the one buffer.
-  For small messages a copy of a few KiB costs less than a second message.
-* **split** (larger): the header travels alone, then each non-empty tensor as its own
-  message *from the tensor's own memory* (no copy) on the same tag.  The receiver posts
-  the payload receives the moment it has matched the header (MPI keeps messages of one
-  source and tag in order, and posted receives match in posting order), directly into
-  ``out`` when given.  Why not one message with a struct datatype over the header and the
-  tensor?  MPI libraries move only contiguous buffers with single-copy (CMA, XPMEM) or
-  RDMA; a struct datatype is packed through bounce buffers: 4x slower for 16 MiB in
-  Open MPI 5 (docs/benchmarks.md).
+* small payloads (up to ``_PACK_LIMIT`` bytes) are packed into one buffer on the sender
+  (a copy of a few KiB costs less than building a datatype);
+* larger CPU payloads are described, together with the header, by an MPI struct datatype
+  over absolute addresses: the payload leaves from the tensor's own memory (no copy).
+  With a fitting contiguous ``out`` the receiver uses the mirror datatype (header
+  scratch + ``out``'s memory), so the payload lands in ``out`` without a copy either.
+  Measured in Open MPI 5 (bench/bench_comm.py): as fast as, or faster than, a plain
+  contiguous send of the payload, provided the sender keeps calling MPI while the message
+  drains (its library packs fragments on progress); that is what the polling waits do,
+  and what the pipeline's progress thread does while a stage computes.
 
 Every wait has a deadline (``MPIMP_TIMEOUT`` seconds, default 600; 0 disables it):
 instead of hanging forever when a peer died or a schedule is mismatched, the wait
@@ -47,6 +47,7 @@ from .buffers import (
     cuda_aware,
     dtype_code,
     from_wire,
+    host_buffer,
     is_16bit_float,
     mpi_datatype,
     to_wire,
@@ -72,10 +73,11 @@ __all__ = [
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
 _MAGIC = b"MPMP"
-_INLINE, _SPLIT = 1, 2  # header layouts: payloads packed after the header / in own messages
+_INLINE = 1  # header layout version: payloads follow the header in the same message
 _ALIGN = 64
-_PACK_LIMIT = 64 * 1024  # payload bytes; above this the split layout is used
+_PACK_LIMIT = 64 * 1024  # payload bytes; above this CPU payloads are sent from their own memory
 _BLOCKING_MIN = 256 * 1024  # bytes; all_reduce of at least this uses the blocking collective
+_ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 _HEAD = struct.Struct("<4sBBH")
 _ENTRY = struct.Struct("<BB6x")
@@ -108,19 +110,28 @@ def _trace(comm: MPI.Comm, text: str) -> None:
 def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: float | None) -> None:
     """Poll ``done`` (which must drive MPI progress) until true or the deadline passes.
 
-    Spins for about a millisecond (a message in flight completes within microseconds),
-    then sleeps between polls, growing to 1 ms, so oversubscribed ranks yield the core.
+    Three phases, by elapsed time: spin for 2 ms (a message in flight completes within
+    microseconds, and a large one needs a progress call per fragment); then keep polling
+    but ``sched_yield`` between polls for up to 200 ms, so an oversubscribed rank hands
+    its core to a computing neighbour while an idle core keeps the transfer moving; then
+    sleep between polls, growing to 1 ms, for waits that are really long.
     """
     if done():
         return
     start = time.monotonic()
     limit = default_timeout() if timeout is None else timeout
-    spins = 0
+    spins, nap = 0, 2e-5
     while not done():
         spins += 1
-        if spins > 2000:
-            time.sleep(min(1e-3, 2e-6 * (spins - 2000)))
-        if limit is not None and spins & 63 == 0 and time.monotonic() - start > limit:
+        if spins & 31:
+            continue
+        elapsed = time.monotonic() - start
+        if elapsed > 0.2:
+            time.sleep(nap)
+            nap = min(1e-3, nap * 1.5)
+        elif elapsed > 2e-3:
+            os.sched_yield()
+        if limit is not None and elapsed > limit:
             if done():
                 return
             raise DeadlineError(
@@ -191,7 +202,7 @@ def _parse(buf: bytearray) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int
 def _parse_header(buf: bytes) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
     """:func:`_parse` of the header bytes alone (cached: the same shapes arrive again and again)."""
     magic, layout, n, hlen = _HEAD.unpack_from(buf, 0)
-    if magic != _MAGIC or layout not in (_INLINE, _SPLIT):
+    if magic != _MAGIC or layout != _INLINE:
         raise TransportError(
             f"rank {MPI.COMM_WORLD.Get_rank()}: received a message that is not an mpimp tensor "
             f"(magic {magic!r}, layout {layout}); is another library using the same communicator and tag?"
@@ -238,6 +249,8 @@ class Request:
     for non-blocking reductions, ``None`` for sends.
     """
 
+    __slots__ = ()
+
     def test(self) -> bool:  # pragma: no cover - interface
         raise NotImplementedError
 
@@ -255,20 +268,23 @@ class Request:
 class _MPIRequest(Request):
     """Wraps one MPI request (or several); ``keep`` holds every buffer that must outlive them."""
 
+    __slots__ = ("_req", "_what", "_keep", "_finish", "_done", "_value")
+
     def __init__(self, req: MPI.Request | list[MPI.Request], what: object, keep: object = None,
                  finish: Callable[[], Tensors | None] | None = None) -> None:
         self._req, self._what, self._keep, self._finish = req, what, keep, finish
         self._done, self._value = False, None
 
     def test(self) -> bool:
-        if not self._done:
-            req = self._req
-            if not (MPI.Request.Testall(req) if isinstance(req, list) else req.Test()):
-                return False
-            self._done = True
-            if self._finish is not None:
-                self._value = self._finish()
-            self._keep = None
+        if self._done:
+            return True
+        req = self._req
+        if not (MPI.Request.Testall(req) if type(req) is list else req.Test()):
+            return False
+        self._done = True
+        if self._finish is not None:
+            self._value = self._finish()
+        self._keep = None
         return True
 
     def describe(self) -> str:
@@ -281,16 +297,25 @@ class _MPIRequest(Request):
 class _SendRequest(_MPIRequest):
     """An isend: its description is formatted only when needed (a deadline or a trace)."""
 
+    __slots__ = ()
+
     def describe(self) -> str:
         payload, dst, tag = self._what  # type: ignore[misc]
         return f"isend of {payload} B to rank {dst} (tag {tag})"
 
 
-def _messages(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list[object], object, int]:
-    """The MPI buffers of one mpimp message, the objects to keep alive, and the payload bytes.
+def _struct(blocks: list[tuple[int, int]]) -> MPI.Datatype:
+    """A committed struct datatype of ``(address, nbytes)`` byte blocks (send from MPI.BOTTOM)."""
+    return MPI.Datatype.Create_struct([n for _, n in blocks], [a for a, _ in blocks],
+                                      [MPI.BYTE] * len(blocks)).Commit()
 
-    Inline layout: one packed buffer.  Split layout: the header, then each non-empty
-    tensor's own memory (CPU, or CUDA with a CUDA-aware MPI) or its pinned staging copy.
+
+def _messages(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list, object, int]:
+    """The MPI buffer spec of one mpimp message, the objects to keep alive, and the payload bytes.
+
+    Small (or device) messages: one packed buffer.  Large CPU messages: a struct datatype
+    over absolute addresses, the header followed by each tensor's own memory (padding
+    comes from a shared zero block): one message, no copy of the payload.
     """
     if len(tensors) == 1:
         t0 = tensors[0]
@@ -299,17 +324,18 @@ def _messages(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list[object]
         payload = sum(t.nbytes for t in tensors)
         specs = tuple((t.dtype, t.shape) for t in tensors)
         on_host = all(t.is_cpu for t in tensors)
-    split = payload > _PACK_LIMIT
-    head, offsets, total = _frame(specs, as_tuple, _SPLIT if split else _INLINE)
-    if split:
-        bufs: list[object] = [head]
-        keep: list[object] = [tensors]
-        for t in tensors:
+    head, offsets, total = _frame(specs, as_tuple, _INLINE)
+    if on_host and payload > _PACK_LIMIT:
+        head_buf = bytearray(head)
+        blocks, pos = [(MPI.Get_address(head_buf), len(head))], len(head)
+        for t, off in zip(tensors, offsets):
+            if off > pos:
+                blocks.append((_ZEROS.data_ptr(), off - pos))
             if t.nbytes:
-                buf, staged = to_wire(t)
-                bufs.append(buf)
-                keep.append(staged)
-        return bufs, keep, payload
+                blocks.append((t.data_ptr(), t.nbytes))
+            pos = off + t.nbytes
+        dtype = _struct(blocks)
+        return [MPI.BOTTOM, 1, dtype], (head_buf, tensors, dtype), payload
     if on_host:
         packed = bytearray(total)  # small: one memcpy per tensor into the message
         packed[: len(head)] = head
@@ -317,66 +343,95 @@ def _messages(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[list[object]
             n = t.nbytes
             if n:
                 packed[off : off + n] = MPI.buffer.fromaddress(t.data_ptr(), n)
-        return [packed], None, payload
+        return [packed, total, MPI.BYTE], None, payload
     device = next(t.device for t in tensors if not t.is_cpu)
     dev_packed = torch.zeros(total, dtype=torch.uint8, device=device)
     dev_packed[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     for t, off in zip(tensors, offsets):
         dev_packed[off : off + t.nbytes] = t.reshape(-1).view(torch.uint8)
     buf, staged = to_wire(dev_packed)
-    return [buf], (dev_packed, staged), payload
+    return [buf, total, MPI.BYTE], (dev_packed, staged), payload
+
+
+def _free_types(keep: object) -> None:
+    if isinstance(keep, tuple):
+        for item in keep:
+            if isinstance(item, MPI.Datatype):
+                item.Free()
 
 
 def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0) -> Request:
-    """Start sending a tensor (or tuple of tensors) to rank ``dst`` of ``comm``.
+    """Start sending a tensor (or tuple of tensors) to rank ``dst`` of ``comm``: one MPI message.
 
     The tensors must not be modified until the request completes, and the request must
     be completed (``wait``, ``test`` until true, or :func:`wait_all`): it owns the message
     buffer MPI reads from.  Non-contiguous tensors are sent as a contiguous copy.
     """
-    if isinstance(tensors, torch.Tensor):
-        items, as_tuple = [_ready(tensors)], False  # dtype checked by _frame
+    if type(tensors) is torch.Tensor or isinstance(tensors, torch.Tensor):
+        t = _ready(tensors)
+        if t.is_cpu:  # fast path (the common case): one tensor, packed when small
+            head, offsets, total = _frame(((t.dtype, t.shape),), False, _INLINE)
+            payload = total - offsets[0]
+            if payload <= _PACK_LIMIT:
+                msg = bytearray(head)  # the header is padded up to the payload's offset
+                if payload:
+                    msg += MPI.buffer.fromaddress(t.data_ptr(), payload)
+                if _DEBUG:
+                    _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B)")
+                return _SendRequest(comm.Isend([msg, total, MPI.BYTE], dst, tag), (payload, dst, tag), msg)
+        items, as_tuple = [t], False
     else:
         items, single = _as_list(tensors)
         items, as_tuple = [_ready(t) for t in items], not single
-    bufs, keep, payload = _messages(items, as_tuple)
+    spec, keep, payload = _messages(items, as_tuple)
     if _DEBUG:
-        _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B in {len(bufs)} message(s))")
-    if len(bufs) == 1:
-        req: MPI.Request | list[MPI.Request] = comm.Isend(bufs[0], dst, tag)
-    else:
-        req = [comm.Isend(b, dst, tag) for b in bufs]  # in order: MPI does not overtake
-    return _SendRequest(req, (payload, dst, tag), (bufs, keep))
+        _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B)")
+    req = comm.Isend(spec, dst, tag)
+    return _SendRequest(req, (payload, dst, tag), keep, (lambda: _free_types(keep)) if keep else None)
 
 
 def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: float | None = None) -> None:
     """Send a tensor (or tuple of tensors) to rank ``dst`` of ``comm``; returns when the buffer is reusable."""
-    isend(tensors, dst, comm, tag).wait(timeout)
+    req = isend(tensors, dst, comm, tag)
+    if not req.test():
+        req.wait(timeout)
 
 
-def _view(raw: bytearray, dtype: torch.dtype, shape: tuple[int, ...], off: int) -> torch.Tensor:
-    """The tensor at byte ``off`` of a received inline message (shares its memory)."""
+def _view(raw: bytearray | torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], off: int) -> torch.Tensor:
+    """The tensor at byte ``off`` of a received message buffer (shares its memory)."""
     numel = 1
     for n in shape:
         numel *= n
     if numel == 0:
-        return torch.empty(shape, dtype=dtype)
-    t = torch.frombuffer(raw, dtype=dtype, count=numel, offset=off)
+        return torch.empty(shape, dtype=dtype, device=raw.device if isinstance(raw, torch.Tensor) else "cpu")
+    if isinstance(raw, torch.Tensor):
+        t = raw[off : off + numel * dtype.itemsize].view(dtype)
+    else:
+        t = torch.frombuffer(raw, dtype=dtype, count=numel, offset=off)
     return t if len(shape) == 1 else t.view(shape)
 
 
 class _RecvRequest(Request):
-    """Receive of a self-describing message: matched probe, header, then the payloads."""
+    """Receive of a self-describing message: matched probe, then one receive of the whole message.
+
+    The probe gives the byte count.  With a fitting contiguous CPU ``out`` the payload lands
+    in ``out`` directly (a struct datatype: header scratch + ``out``'s memory); otherwise
+    the message lands in one new buffer (a bytearray when small, an uninitialised tensor
+    when large) and the result is views into it.
+    """
+
+    __slots__ = ("src", "comm", "tag", "out", "device", "_status", "_req", "_raw", "_staged",
+                 "_direct", "_value", "_done")
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
                  device: torch.device | None) -> None:
         self.src, self.comm, self.tag, self.out = src, comm, tag, out
-        self.device = device if device is not None else (out.device if out is not None else None)
+        self.device = device if device is not None or out is None else out.device
         self._status = MPI.Status()
-        self._req: MPI.Request | list[MPI.Request] | None = None
-        self._raw: bytearray | None = None
-        self._parts: list[tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]] = []
-        self._as_tuple = False
+        self._req: MPI.Request | None = None
+        self._raw: bytearray | torch.Tensor | None = None
+        self._staged: torch.Tensor | None = None
+        self._direct: MPI.Datatype | None = None  # set when receiving straight into out
         self._value: Tensors | None = None
         self._done = False
         if _DEBUG:
@@ -388,103 +443,95 @@ class _RecvRequest(Request):
     def test(self) -> bool:
         if self._done:
             return True
-        if self._raw is None:  # phase 1: match the header
+        if self._req is None:
             msg = self.comm.Improbe(self.src, self.tag, self._status)
             if msg is None:
                 return False
-            self._raw = bytearray(self._status.Get_count(MPI.BYTE))
-            self._req = msg.Irecv(self._raw)
-        if self._parts:  # phase 3: payloads
-            if self._req is not None and not MPI.Request.Testall(self._req):
-                return False
-            self._finish_split()
-        else:  # phase 2: the header (or the whole inline message)
-            assert isinstance(self._req, MPI.Request)
-            if not self._req.Test():
-                return False
-            self._req = None
-            if not self._on_header():
-                return self.test()
+            self._post(msg)
+        assert self._req is not None
+        if not self._req.Test():
+            return False
+        self._finish()
         self._done = True
         return True
 
-    def _on_header(self) -> bool:
-        """Handle a received first message; True if the receive is complete."""
-        raw = self._raw
-        assert raw is not None
-        meta, self._as_tuple, layout = _parse(raw)
+    def _post(self, msg: MPI.Message) -> None:
+        count = self._status.Get_count(MPI.BYTE)
         out = self.out
-        if layout == _INLINE:
+        device = self.device
+        if count <= _PACK_LIMIT + 4096 and (device is None or device.type == "cpu"):
+            self._raw = bytearray(count)  # small: one buffer, views (or a copy into out)
+            self._req = msg.Irecv([self._raw, count, MPI.BYTE])
+            return
+        if out is not None and out.is_cpu and out.is_contiguous() and out.nbytes > _PACK_LIMIT:
+            head, _, total = _frame(((out.dtype, tuple(out.shape)),), False, _INLINE)
+            if count == total:
+                self._raw = bytearray(len(head))
+                self._direct = _struct([(MPI.Get_address(self._raw), len(head)),
+                                        (out.data_ptr(), out.nbytes)])
+                self._req = msg.Irecv([MPI.BOTTOM, 1, self._direct])
+                return
+        device = self.device if out is None else None
+        if device is not None and device.type != "cpu":
+            raw_t = torch.empty(count, dtype=torch.uint8, device=device)
+            spec, self._staged = from_wire(raw_t)
+            self._raw = raw_t
+            self._req = msg.Irecv([spec, count, MPI.BYTE])
+        elif count > _PACK_LIMIT:
+            raw_t = torch.empty(count, dtype=torch.uint8)
+            self._raw = raw_t
+            self._req = msg.Irecv([host_buffer(raw_t), count, MPI.BYTE])
+        else:
+            self._raw = bytearray(count)
+            self._req = msg.Irecv([self._raw, count, MPI.BYTE])
+
+    def _header_bytes(self) -> bytes:
+        raw = self._raw
+        if type(raw) is bytearray:
+            return bytes(raw[: _HEAD.unpack_from(raw, 0)[3]])
+        if isinstance(raw, torch.Tensor):
+            src = self._staged if self._staged is not None else raw
+            hlen = _HEAD.unpack(bytes(src[:8].cpu().numpy()))[3]
+            return bytes(src[:hlen].cpu().numpy())
+        assert raw is not None
+        return bytes(raw[: _HEAD.unpack_from(raw, 0)[3]])
+
+    def _finish(self) -> None:
+        meta, as_tuple, _ = _parse_header(self._header_bytes())
+        out, raw = self.out, self._raw
+        if self._direct is not None:
+            self._direct.Free()
+            self._direct = None
+            self._check_out(meta)
+            self._value = out
+        else:
+            if isinstance(raw, torch.Tensor) and self._staged is not None:
+                raw.copy_(self._staged)
+            assert raw is not None
             if out is not None:
                 self._check_out(meta)
-                dtype, shape, off = meta[0]
-                n = out.nbytes
-                if out.is_cpu and out.is_contiguous():
+                off, n = meta[0][2], out.nbytes
+                if type(raw) is bytearray and out.is_cpu and out.is_contiguous():
                     if n:
                         memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(raw)[off : off + n]
                 else:
-                    out.copy_(_view(raw, dtype, shape, off))
+                    out.copy_(_view(raw, *meta[0][:2], off))
                 self._value = out
-                return True
-            views = [_view(raw, dtype, shape, off) for dtype, shape, off in meta]
-            if self.device is not None and self.device.type != "cpu":
-                views = [v.to(self.device) for v in views]
-            self._value = tuple(views) if self._as_tuple else views[0]
-            return True
-        # split layout: post every payload receive now, in order, from the matched source
-        device = self.device or torch.device("cpu")
-        source, tag = self._status.Get_source(), self._status.Get_tag()
-        mismatch = out is not None and not self._fits_out(meta)
-        reqs = []
-        for dtype, shape, _ in meta:
-            if mismatch:
-                target = torch.empty(shape, dtype=dtype)  # drain the payload, then raise
-            elif out is not None:
-                target = out
             else:
-                target = torch.empty(shape, dtype=dtype, device=device)
-            work = target if target.is_contiguous() else torch.empty_like(target)
-            n = work.nbytes
-            buf, staged = from_wire(work) if n else (None, None)
-            self._parts.append((work, staged, target))
-            if n:
-                reqs.append(self.comm.Irecv([buf, n, MPI.BYTE], source, tag))
-        if mismatch:
-            _wait_until(lambda: MPI.Request.Testall(reqs), self.describe, None)
-            self._check_out(meta)
-        self._req = reqs or None
-        return False
-
-    def _fits_out(self, meta: list[tuple[torch.dtype, tuple[int, ...], int]]) -> bool:
-        out = self.out
-        assert out is not None
-        return len(meta) == 1 and meta[0][0] == out.dtype and tuple(meta[0][1]) == tuple(out.shape)
+                views = [_view(raw, dtype, shape, off) for dtype, shape, off in meta]
+                self._value = tuple(views) if as_tuple else views[0]
+        self._raw = self._staged = None
 
     def _check_out(self, meta: list[tuple[torch.dtype, tuple[int, ...], int]]) -> None:
-        if not self._fits_out(meta):
-            out = self.out
-            assert out is not None
+        out = self.out
+        assert out is not None
+        if not (len(meta) == 1 and meta[0][0] == out.dtype and tuple(meta[0][1]) == tuple(out.shape)):
             got = ", ".join(_describe(d, s) for d, s, _ in meta) or "nothing"
             raise TransportError(
                 f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {self.src} tag {self.tag}: "
                 f"out is {_describe(out.dtype, out.shape)} but the message holds {got}; "
                 f"pass an out tensor of that shape and dtype, or out=None"
             )
-
-    def _finish_split(self) -> None:
-        results = []
-        for work, staged, target in self._parts:
-            if staged is not None:
-                work.copy_(staged)
-            if work is not target:
-                target.copy_(work)
-            results.append(target)
-        self._parts = []
-        self._req = None
-        if self.out is not None:
-            self._value = self.out
-        else:
-            self._value = tuple(results) if self._as_tuple else results[0]
 
     def result(self) -> Tensors | None:
         return self._value
@@ -505,7 +552,9 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
 def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None,
          device: torch.device | str | None = None, timeout: float | None = None) -> Tensors:
     """Receive a tensor (or tuple of tensors) from rank ``src`` of ``comm``."""
-    value = irecv(src, comm, tag, out, device).wait(timeout)
+    dev = torch.device(device) if isinstance(device, str) else device
+    req = _RecvRequest(src, comm, tag, out, dev)
+    value = req._value if req.test() else req.wait(timeout)
     assert value is not None
     return value
 

@@ -84,14 +84,24 @@ def test_send_recv_every_dtype_and_shape(comm: MPI.Comm, dtype: torch.dtype) -> 
             assert same(got, make(dtype, shape, seed=1000 * src + k))
 
 
+def _blocks(spec: list) -> list[tuple[int, int]]:
+    """(address, nbytes) of each block of a struct-datatype message spec."""
+    assert spec[0] is MPI.BOTTOM and spec[1] == 1
+    integers, addresses, _, _ = spec[2].Get_contents()  # struct: [count, *blocklengths], displacements
+    return list(zip(addresses, integers[1:]))
+
+
 @pytest.mark.mpi(min_size=1)
-def test_both_wire_layouts_are_exercised() -> None:
+def test_both_wire_paths_are_one_message() -> None:
     small = make(torch.float32, (5, 7), 0)
     large = make(torch.float32, (200, 201), 0)
-    bufs, _, _ = transport._messages([small], False)
-    assert len(bufs) == 1  # inline: header and payload packed in one message
-    bufs, _, _ = transport._messages([large, small], True)
-    assert len(bufs) == 3  # split: the header, then one message per tensor
+    spec, _, _ = transport._messages([small], False)
+    assert isinstance(spec[0], bytearray) and spec[1] == len(spec[0])  # packed: header + payload
+    spec, keep, payload = transport._messages([large, small], True)
+    assert payload == large.nbytes + small.nbytes
+    blocks = _blocks(spec)  # one message: header, the tensors' own memory, padding between
+    assert (large.data_ptr(), large.nbytes) in blocks and (small.data_ptr(), small.nbytes) in blocks
+    transport._free_types(keep)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -442,17 +452,18 @@ def test_collective_option_errors_are_raised_before_communicating(comm: MPI.Comm
 
 @pytest.mark.mpi(min_size=1)
 def test_large_contiguous_sends_use_the_tensors_own_memory() -> None:
-    """Above the pack limit each tensor is handed to MPI as its own memory: no payload copy."""
+    """Above the pack limit the message's datatype points at each tensor's memory: no payload copy."""
     a = make(torch.float32, (1 << 20,), 1)  # 4 MiB
     b = make(torch.bfloat16, (3, 50000), 2)
     empty = torch.empty(0, 5)
-    bufs, keep, payload = transport._messages([a, empty, b], True)
+    spec, keep, payload = transport._messages([a, empty, b], True)
     assert payload == a.numel() * 4 + b.numel() * 2
-    assert len(bufs) == 3  # header, a, b (nothing for the empty tensor)
-    assert len(bytes(bufs[0])) < 256  # the header message carries no payload
-    for buf, t in zip(bufs[1:], (a, b)):
-        view = MPI.buffer(buf)
-        assert view.address == t.data_ptr() and view.nbytes == t.numel() * t.element_size()
+    blocks = _blocks(spec)
+    assert blocks[0][1] < 256  # the header block carries no payload
+    big = [blk for blk in blocks if blk[1] > 64]
+    assert big[1:] == [(a.data_ptr(), a.nbytes), (b.data_ptr(), b.nbytes)]
+    assert sum(n for _, n in blocks) < payload + 512  # nothing else of any size travels
+    transport._free_types(keep)
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
