@@ -43,6 +43,27 @@ torch.set_num_threads(1)
 
 
 # ----------------------------------------------------------------------------- the peer
+
+class _TimedRequest:
+    """A request whose ``wait`` adds its time to a meter (requests have fixed slots)."""
+
+    def __init__(self, req, meter) -> None:
+        self._req, self._meter = req, meter
+
+    def test(self) -> bool:
+        return self._req.test()
+
+    def wait(self, *args, **kwargs):
+        t0 = time.perf_counter()
+        try:
+            return self._req.wait(*args, **kwargs)
+        finally:
+            self._meter.seconds += time.perf_counter() - t0
+            self._meter.calls += 1
+
+    def __getattr__(self, name: str):
+        return getattr(self._req, name)
+
 class PeerAttention(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -171,17 +192,7 @@ class CommTimer:
             t0 = time.perf_counter()
             req = fn(*args, **kwargs)
             self.seconds += time.perf_counter() - t0
-            wait = req.wait
-
-            def timed_wait(*a, **k):
-                t1 = time.perf_counter()
-                try:
-                    return wait(*a, **k)
-                finally:
-                    self.seconds += time.perf_counter() - t1
-                    self.calls += 1
-            req.wait = timed_wait
-            return req
+            return _TimedRequest(req, self)
         return started
 
     def _wrap(self, fn):

@@ -35,6 +35,7 @@ import functools
 import os
 import struct
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from typing import Union
@@ -68,6 +69,8 @@ __all__ = [
     "Request",
     "wait_all",
     "default_timeout",
+    "ProgressThread",
+    "progress_thread_wanted",
 ]
 
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
@@ -753,3 +756,42 @@ def barrier(comm: MPI.Comm, timeout: float | None = None) -> None:
     """A barrier with a deadline (non-blocking barrier polled until done)."""
     _trace(comm, "Ibarrier")
     _MPIRequest(comm.Ibarrier(), f"barrier over {comm.Get_size()} ranks").wait(timeout)
+
+
+# ----------------------------------------------------------------------------- progress
+
+def progress_thread_wanted() -> bool:
+    """``MPIMP_PROGRESS_THREAD`` (default 1) and an MPI initialised with MPI_THREAD_MULTIPLE."""
+    raw = os.environ.get("MPIMP_PROGRESS_THREAD", "1")
+    if raw not in ("0", "1"):
+        raise ConfigError(f"MPIMP_PROGRESS_THREAD={raw!r}: use 0 or 1")
+    return raw == "1" and MPI.Query_thread() == MPI.THREAD_MULTIPLE
+
+
+class ProgressThread:
+    """A thread that enters MPI every ~200 us while compute runs, so transfers make progress.
+
+    Why: MPI libraries on CPUs progress only inside MPI calls.  A large message (or a
+    non-blocking collective) started before a long computation does not move while the
+    rank computes: the receiver of a rendezvous send waits for the sender's next MPI call
+    (Open MPI's shared-memory path packs a derived datatype fragment by fragment), and an
+    ``Iallreduce`` started during backward would only run at the next hook.  The thread
+    calls ``Iprobe`` (which never receives anything, so the tag does not matter) and
+    thereby the library's progress engine.  Needs MPI_THREAD_MULTIPLE (mpi4py's default).
+    """
+
+    _TAG = 32767
+
+    def __init__(self, comm: MPI.Comm, interval: float = 2e-4) -> None:
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._loop, args=(comm, interval),
+                                        name="mpimp-progress", daemon=True)
+        self._thread.start()
+
+    def _loop(self, comm: MPI.Comm, interval: float) -> None:
+        while not self._stop.wait(interval):
+            comm.Iprobe(MPI.ANY_SOURCE, self._TAG)
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join()

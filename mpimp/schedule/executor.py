@@ -12,7 +12,7 @@ is mixed into :class:`mpimp.Pipeline`, which provides the stages and communicato
 * Tags are ``16 + 2 * (mb * stages + receiving stage) + direction`` (0 forward, 1
   backward): unique per (kind, micro-batch, virtual stage).  Tag 1 carries errors: a rank
   that fails sends its message to every other stage, which raise the same ConfigError.
-* A thread enters MPI every ~200 us during the step (:class:`_Progress`).
+* A thread enters MPI every ~200 us during the step (:class:`mpimp.comm.ProgressThread`).
 * Zero-bubble split: with a W for (stage, mb), the forward records the output of every
   module that directly owns parameters; B takes ``autograd.grad`` with respect to the
   stage input and those outputs (the engine then skips every weight-gradient kernel);
@@ -24,7 +24,6 @@ is mixed into :class:`mpimp.Pipeline`, which provides the stages and communicato
 from __future__ import annotations
 
 import os
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any, Union
@@ -33,14 +32,23 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from ..comm import Request, _trace, _wait_until, all_reduce, default_timeout, irecv, isend
+from ..comm import (
+    ProgressThread,
+    Request,
+    _trace,
+    _wait_until,
+    all_reduce,
+    default_timeout,
+    irecv,
+    isend,
+    progress_thread_wanted,
+)
 from ..errors import ConfigError, MpimpError
 from .actions import Action
 
 __all__ = ["StageExecutor", "ERR_TAG", "TAG_BASE", "split_batch", "flat_tensors", "as_leaf", "detach_all"]
 
 ERR_TAG = 1
-_PROGRESS_TAG = 2
 TAG_BASE = 16
 Tensors = Union[torch.Tensor, tuple[torch.Tensor, ...]]
 
@@ -130,7 +138,7 @@ class StageExecutor:
         p = self.topo.pp
         self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, ERR_TAG) if p > 1 else None
         self._broken: str | None = None
-        self._progress_thread = p > 1 and _progress_wanted()
+        self._progress_thread = p > 1 and progress_thread_wanted()
         self._events: list[tuple[Action, float, float]] = []
         self._step_start = 0.0
         self.peak_inflight = 0  # measured in the last step: micro-batches held between F and B/W
@@ -192,7 +200,7 @@ class StageExecutor:
             raise ConfigError(self._broken)
 
     def _run(self, row: list[Action], train: bool) -> None:
-        progress = _Progress(self.comm) if self._progress_thread else None
+        progress = ProgressThread(self.comm) if self._progress_thread else None
         try:
             self._run_row(row, train)
         except MpimpError as exc:
@@ -392,34 +400,3 @@ class StageExecutor:
     def _release(self, s: int, i: int) -> None:
         del self._state[(s, i)]
         self._inflight -= 1
-
-
-def _progress_wanted() -> bool:
-    """``MPIMP_PROGRESS_THREAD`` (default 1) and an MPI initialised with MPI_THREAD_MULTIPLE."""
-    raw = os.environ.get("MPIMP_PROGRESS_THREAD", "1")
-    if raw not in ("0", "1"):
-        raise ConfigError(f"MPIMP_PROGRESS_THREAD={raw!r}: use 0 or 1")
-    return raw == "1" and MPI.Query_thread() == MPI.THREAD_MULTIPLE
-
-
-class _Progress:
-    """A thread that enters MPI every ~200 us while a step runs, so large sends make progress.
-
-    Why: for a large message the receiver can only finish once the sender's MPI library
-    has been called again (rendezvous protocol; Open MPI's shared-memory path does so for
-    derived datatypes), and the sender is busy computing its next micro-batch: without
-    this, every receive waits a whole compute step.  The probe is on a tag nobody uses.
-    """
-
-    def __init__(self, comm: MPI.Comm) -> None:
-        self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._loop, args=(comm,), name="mpimp-progress", daemon=True)
-        self._thread.start()
-
-    def _loop(self, comm: MPI.Comm) -> None:
-        while not self._stop.wait(2e-4):
-            comm.Iprobe(MPI.ANY_SOURCE, _PROGRESS_TAG)
-
-    def stop(self) -> None:
-        self._stop.set()
-        self._thread.join()
