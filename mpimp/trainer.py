@@ -203,13 +203,27 @@ class _Bf16Boundary(torch.nn.Module):
         return out
 
 
+def _launcher_on_terminal() -> bool:
+    """Whether the launcher's own stdout is a terminal.
+
+    Open MPI gives each local rank a pseudo-terminal even when ``mpirun``'s output goes to a
+    batch log, so the rank's ``isatty()`` is not enough: look at where the parent process
+    (the launcher or its daemon) writes.  Elsewhere (not Linux, no /proc) trust isatty.
+    """
+    try:
+        target = os.readlink(f"/proc/{os.getppid()}/fd/1")
+    except OSError:
+        return True
+    return target.startswith("/dev/pts/") or target.startswith("/dev/tty")
+
+
 class _Progress:
     """Rank 0's progress output: a bar redrawn in place on a terminal, plain lines otherwise."""
 
     def __init__(self, total: int, every: int, stream: Any = None, mode: str = "auto") -> None:
         self.total, self.every = total, every
         self.stream = stream if stream is not None else sys.stdout
-        tty = hasattr(self.stream, "isatty") and self.stream.isatty()
+        tty = hasattr(self.stream, "isatty") and self.stream.isatty() and _launcher_on_terminal()
         self.tty = mode == "bar" or (mode == "auto" and tty)
         self.start = time.perf_counter()
 
