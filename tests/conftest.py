@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Iterator
 
 import pytest
 
@@ -58,3 +59,20 @@ def require_size(comm: MPI.Comm, divisible_by: int) -> None:
     """Skip (with the reason) when the world size does not fit the layout a test needs."""
     if comm.Get_size() % divisible_by:
         pytest.skip(f"needs a world size divisible by {divisible_by}, have {comm.Get_size()}")
+
+
+def sub_topology(comm: MPI.Comm, ranks: int, **layout: int) -> Iterator[object]:
+    """Yield ``mpimp.init(comm=<first `ranks` ranks>, **layout)`` there and None on the others.
+
+    For fixtures of tests that need an exact world size: collective over ``comm``.
+    """
+    import mpimp
+
+    sub = comm.Split(0 if comm.Get_rank() < ranks else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        yield None
+        return
+    topo = mpimp.init(comm=sub, **layout)
+    yield topo
+    topo.free()
+    sub.Free()

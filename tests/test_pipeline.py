@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 import torch
+from conftest import sub_topology
 from mpi4py import MPI
 from torch import nn
 
@@ -38,14 +39,7 @@ def pp_world(comm: MPI.Comm, request: pytest.FixtureRequest) -> Iterator[mpimp.T
     p = request.node.callspec.params.get("p", 2) if hasattr(request.node, "callspec") else 2
     if comm.Get_size() < p:
         pytest.skip(f"needs at least {p} ranks for pp={p}, have {comm.Get_size()}")
-    sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-    if sub == MPI.COMM_NULL:
-        yield None
-        return
-    topo = mpimp.init(pp=p, comm=sub)
-    yield topo
-    topo.free()
-    sub.Free()
+    yield from sub_topology(comm, p, pp=p)
 
 
 def _data(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

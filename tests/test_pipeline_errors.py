@@ -8,6 +8,7 @@ from collections.abc import Callable, Iterator
 
 import pytest
 import torch
+from conftest import sub_topology
 from mpi4py import MPI
 from torch import nn
 
@@ -20,14 +21,7 @@ from mpimp.schedule import ScheduleError
 def pp2(comm: MPI.Comm) -> Iterator[mpimp.Topology | None]:
     """pp=2 over the first two ranks (None elsewhere); at one rank, pp=1."""
     p = min(2, comm.Get_size())
-    sub = comm.Split(0 if comm.Get_rank() < p else MPI.UNDEFINED, comm.Get_rank())
-    if sub == MPI.COMM_NULL:
-        yield None
-        return
-    topo = mpimp.init(pp=p, comm=sub)
-    yield topo
-    topo.free()
-    sub.Free()
+    yield from sub_topology(comm, p, pp=p)
 
 
 def _model() -> nn.Sequential:
