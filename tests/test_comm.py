@@ -451,6 +451,20 @@ def test_collective_option_errors_are_raised_before_communicating(comm: MPI.Comm
 # ----------------------------------------------------------------------------- zero copy, tracing
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.mpi(min_size=1)
+def test_packed_large_sends_are_one_contiguous_buffer(comm: MPI.Comm) -> None:
+    """pack=True: a large message is copied into one buffer (receivers can pull it alone)."""
+    dst, src = ring(comm)
+    big = make(torch.float32, (300, 301), comm.Get_rank())
+    spec, keep, payload = transport._messages([big], False, pack=True)
+    assert isinstance(spec[0], bytearray) and spec[1] == len(spec[0]) > payload == big.nbytes
+    req = mpimp.isend((big, big[:3]), dst, comm, tag=77, pack=True)
+    got = mpimp.recv(src, comm, tag=77)
+    req.wait()
+    ref = make(torch.float32, (300, 301), src)
+    assert isinstance(got, tuple) and same(got[0], ref) and same(got[1], ref[:3])
+
+
 def test_large_contiguous_sends_use_the_tensors_own_memory() -> None:
     """Above the pack limit the message's datatype points at each tensor's memory: no payload copy."""
     a = make(torch.float32, (1 << 20,), 1)  # 4 MiB

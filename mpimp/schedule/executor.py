@@ -243,10 +243,10 @@ class StageExecutor:
                 order.remove(a)
             elif a.kind == "SEND_F":
                 sends.append(isend(self._local.pop((a.stage, "OUT", a.mb)), self.owner[a.stage + 1],
-                                   self.comm, self._tag(a.stage + 1, 0, a.mb)))
+                                   self.comm, self._tag(a.stage + 1, 0, a.mb), pack=True))
             elif a.kind == "SEND_B":
                 sends.append(isend(self._local.pop((a.stage, "DX", a.mb)), self.owner[a.stage - 1],
-                                   self.comm, self._tag(a.stage - 1, 1, a.mb)))
+                                   self.comm, self._tag(a.stage - 1, 1, a.mb), pack=True))
             elif a.kind == "F":
                 self._forward(a.stage, a.mb, train)
             elif a.kind == "B":
