@@ -100,10 +100,6 @@ def default_timeout() -> float | None:
 _DEBUG = os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
 
 
-def _tracing() -> bool:
-    return _DEBUG
-
-
 def _trace(comm: MPI.Comm, text: str) -> None:
     if _DEBUG:
         print(f"r{MPI.COMM_WORLD.Get_rank()} | {text} (comm rank {comm.Get_rank()})",
@@ -150,10 +146,6 @@ def _round_up(n: int, k: int = _ALIGN) -> int:
     return (n + k - 1) // k * k
 
 
-def _nbytes(t: torch.Tensor) -> int:
-    return t.numel() * t.element_size()
-
-
 @functools.lru_cache(maxsize=1024)
 def _frame(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...], as_tuple: bool,
            layout: int) -> tuple[bytes, tuple[int, ...], int]:
@@ -188,22 +180,10 @@ def _frame(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...], as_tuple: boo
     return head, tuple(offsets), end
 
 
-def _header(tensors: Sequence[torch.Tensor], as_tuple: bool = False,
-            layout: int = _INLINE) -> tuple[bytes, tuple[int, ...]]:
-    """Header bytes and inline payload offsets of a message holding ``tensors``."""
-    head, offsets, _ = _frame(tuple((t.dtype, tuple(t.shape)) for t in tensors), as_tuple, layout)
-    return head, offsets
-
-
-def _parse(buf: bytearray) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
-    """(dtype, shape, inline offset) of each tensor in a message, the tuple flag, the layout."""
-    hlen = _HEAD.unpack_from(buf, 0)[3]
-    return _parse_header(bytes(buf[:hlen]))
-
-
 @functools.lru_cache(maxsize=1024)
 def _parse_header(buf: bytes) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
-    """:func:`_parse` of the header bytes alone (cached: the same shapes arrive again and again)."""
+    """(dtype, shape, payload offset) of each tensor, the tuple flag and the layout, from the
+    header bytes (cached: the same shapes arrive again and again)."""
     magic, layout, n, hlen = _HEAD.unpack_from(buf, 0)
     if magic != _MAGIC or layout != _INLINE:
         raise TransportError(
@@ -269,11 +249,11 @@ class Request:
 
 
 class _MPIRequest(Request):
-    """Wraps one MPI request (or several); ``keep`` holds every buffer that must outlive them."""
+    """Wraps one MPI request; ``keep`` holds every buffer that must outlive it."""
 
     __slots__ = ("_req", "_what", "_keep", "_finish", "_done", "_value")
 
-    def __init__(self, req: MPI.Request | list[MPI.Request], what: object, keep: object = None,
+    def __init__(self, req: MPI.Request, what: object, keep: object = None,
                  finish: Callable[[], Tensors | None] | None = None) -> None:
         self._req, self._what, self._keep, self._finish = req, what, keep, finish
         self._done, self._value = False, None
@@ -281,8 +261,7 @@ class _MPIRequest(Request):
     def test(self) -> bool:
         if self._done:
             return True
-        req = self._req
-        if not (MPI.Request.Testall(req) if type(req) is list else req.Test()):
+        if not self._req.Test():
             return False
         self._done = True
         if self._finish is not None:
