@@ -97,11 +97,10 @@ def test_both_wire_paths_are_one_message() -> None:
     large = make(torch.float32, (200, 201), 0)
     spec, _, _ = transport._messages([small], False)
     assert isinstance(spec[0], bytearray) and spec[1] == len(spec[0])  # packed: header + payload
-    spec, keep, payload = transport._messages([large, small], True)
+    spec, _, payload = transport._messages([large, small], True)
     assert payload == large.nbytes + small.nbytes
     blocks = _blocks(spec)  # one message: header, the tensors' own memory, padding between
     assert (large.data_ptr(), large.nbytes) in blocks and (small.data_ptr(), small.nbytes) in blocks
-    transport._free_types(keep)
 
 
 @pytest.mark.mpi(min_size=1)
@@ -477,7 +476,34 @@ def test_large_contiguous_sends_use_the_tensors_own_memory() -> None:
     big = [blk for blk in blocks if blk[1] > 64]
     assert big[1:] == [(a.data_ptr(), a.nbytes), (b.data_ptr(), b.nbytes)]
     assert sum(n for _, n in blocks) < payload + 512  # nothing else of any size travels
-    transport._free_types(keep)
+
+
+def test_struct_datatypes_are_cached_by_address_and_evicted() -> None:
+    """A repeated large send reuses its committed datatype; other memory gets its own; the cache is bounded."""
+    a = make(torch.float32, (1 << 17,), 1)
+    b = make(torch.float32, (1 << 17,), 2)
+    first = transport._messages([a], False)[0][2]
+    assert transport._messages([a], False)[0][2] is first  # same memory and shape: same type
+    other = transport._messages([b], False)[0][2]
+    assert other is not first and _blocks([transport.MPI.BOTTOM, 1, other])[-1] == (b.data_ptr(), b.nbytes)
+    cache = transport._TypeCache(limit=2)
+    built = []
+
+    def blocks(t: torch.Tensor):  # noqa: ANN202 - test helper
+        def make_blocks():  # noqa: ANN202
+            built.append(t.data_ptr())
+            return [(t.data_ptr(), t.nbytes)], None
+        return make_blocks
+
+    c = make(torch.float32, (64,), 3)
+    t1, _ = cache.get(("a",), blocks(a))
+    cache.get(("b",), blocks(b))
+    cache.get(("a",), blocks(a))
+    cache.get(("c",), blocks(c))  # evicts and frees the oldest entry ("a")
+    assert built == [a.data_ptr(), b.data_ptr(), c.data_ptr()]
+    assert t1 == transport.MPI.DATATYPE_NULL  # Free() resets the handle
+    cache.get(("a",), blocks(a))
+    assert built[-1] == a.data_ptr() and len(built) == 4
 
 
 def _clean_env(**extra: str) -> dict[str, str]:
@@ -508,5 +534,6 @@ def test_mpimp_debug_traces_every_call_on_stderr() -> None:
     assert loud.returncode == 0, loud.stderr
     lines = loud.stderr.splitlines()
     assert any(line.startswith("r0 | Isend -> 0 tag 5") for line in lines), loud.stderr
-    assert any(line.startswith("r0 | Irecv <- 0 tag 5") for line in lines), loud.stderr
+    assert any(line.startswith("r0 | Recv <- 0 tag 5") for line in lines), loud.stderr  # blocking recv
+    assert not any("Recv <- 0 tag 5" in line and "Irecv" in line for line in lines)  # the fast path: one line
     assert any(line.startswith("r0 | Iallreduce 2 x torch.float32 op sum") for line in lines), loud.stderr
