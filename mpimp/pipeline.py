@@ -27,7 +27,8 @@ modules built by factories); each tp rank talks to the same tp rank of the neigh
 stage through its own ``topo.pp_comm``.  Data parallelism: at the end of ``train_step``
 the optional ``after_backward(pipe)`` hook runs (the GPT uses it to sum the tied
 embedding gradient between first and last stage), then, when ``topo.dp > 1``, gradients
-are averaged over ``topo.dp_comm`` by :func:`mpimp.data_parallel.reduce_gradients`.
+are averaged over ``topo.dp_comm`` by :func:`mpimp.data_parallel.reduce_gradients`
+(``reduce_dtype`` on the wire; ``reduce_grads=False`` leaves that to a ZeRO optimizer).
 """
 
 from __future__ import annotations
@@ -79,6 +80,12 @@ class Pipeline(StageExecutor):
         after_backward: called as ``after_backward(pipe)`` after the last backward of a
             step, before the data-parallel gradient average.
         sample: one micro-batch of input, needed only for ``balance="time"``.
+        reduce_grads: with ``topo.dp > 1``, average the gradients over ``topo.dp_comm`` at
+            the end of :meth:`train_step` (default).  ``False`` leaves the local sums for an
+            optimizer that reduces them itself (:class:`mpimp.ShardedOptimizer`), so the
+            work is not done twice.
+        reduce_dtype: the gradients' type on the wire for that average (None = their own;
+            ``"bf16"``/``"fp16"`` use the native fp32-accumulating operators).
 
     Attributes (read-only): ``layer_indices`` (indices into the original sequence of the
     layers this rank owns), ``local_stages`` (this rank's virtual stages, ascending),
@@ -97,7 +104,8 @@ class Pipeline(StageExecutor):
                  loss_fn: Callable[[Any, Any], torch.Tensor], schedule: str | Sequence[Sequence[Any]] = "1f1b",
                  balance: Sequence[int] | str | None = None, virtual_stages: int = 1,
                  checkpoint: str = "never", after_backward: Callable[[Pipeline], None] | None = None,
-                 sample: Any = None) -> None:
+                 sample: Any = None, reduce_grads: bool = True,
+                 reduce_dtype: torch.dtype | str | None = None) -> None:
         p, me = topo.pp, topo.pp_rank
         if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
             raise ConfigError(f"chunks={chunks!r} must be an integer >= 1 (number of micro-batches)")
@@ -114,6 +122,9 @@ class Pipeline(StageExecutor):
                               f"layer factories{f'; entry {bad[0]} is not callable' if bad else ''}")
         self.topo, self.chunks, self.loss_fn = topo, chunks, loss_fn
         self.checkpoint, self.after_backward = checkpoint, after_backward
+        from .data_parallel import _reduce_dtype
+
+        self.reduce_grads, self.reduce_dtype = bool(reduce_grads), _reduce_dtype(reduce_dtype)
 
         # ---- the table: built or given, verified offline (identically on every rank)
         named = isinstance(schedule, str) and "\n" not in schedule and ":" not in schedule
@@ -256,10 +267,10 @@ class Pipeline(StageExecutor):
         self._run(self.table[me], train=True)
         if self.after_backward is not None:
             self.after_backward(self)
-        if self.topo.dp > 1:
+        if self.topo.dp > 1 and self.reduce_grads:
             from .data_parallel import reduce_gradients
 
-            reduce_gradients(list(self.parameters()), self.topo.dp_comm)
+            reduce_gradients(list(self.parameters()), self.topo.dp_comm, reduce_dtype=self.reduce_dtype)
         loss = (self._loss_sum / self.chunks).reshape(1)
         if self.topo.pp > 1:
             broadcast(loss, self.comm, root=self.owner[self.num_stages - 1])

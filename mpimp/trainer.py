@@ -626,7 +626,8 @@ class Trainer:
             if self.dtype is not None:
                 layers = [lambda f=f: _Bf16Boundary(f()) for f in layers]
             self.pipe = Pipeline(layers, topo, chunks=cfg.chunks, loss_fn=self._loss, schedule=cfg.schedule,
-                                 virtual_stages=cfg.virtual_stages, after_backward=parts.after_backward)
+                                 virtual_stages=cfg.virtual_stages, after_backward=parts.after_backward,
+                                 reduce_dtype=self.dtype)
             if mc.tied_embeddings:
                 # the last stage's copy of the tied token table: same gradient as the first's
                 for m in self._modules():

@@ -75,15 +75,23 @@ def dp_mean(value: float, topo: mpimp.Topology) -> float:
 def train_pipeline(topo: mpimp.Topology, zero: bool) -> list[float]:
     torch.manual_seed(SEED)
     parts = GPT.pipeline_layers(CFG, topo)
+    # ZeRO-1 averages the gradients itself (reduce-scatter): the pipeline leaves them local
     pipe = mpimp.Pipeline(parts.layers, topo, chunks=2, loss_fn=parts.loss_fn,
-                          after_backward=parts.after_backward)
+                          after_backward=parts.after_backward, reduce_grads=not zero)
     params = list(pipe.parameters())
     opt = (mpimp.ShardedOptimizer(torch.optim.AdamW, params, topo, lr=LR) if zero
            else torch.optim.AdamW(params, lr=LR))
     losses = []
-    for idx, tgt in batches():
+    for step, (idx, tgt) in enumerate(batches()):
         opt.zero_grad()
-        local = pipe.train_step(*split_batch((idx, tgt), topo))  # gradients averaged over dp inside
+        local = pipe.train_step(*split_batch((idx, tgt), topo))  # averaged over dp inside unless zero
+        if step == 0:  # the replicas saw different halves of the batch: local gradients differ
+            g = torch.cat([p.grad.reshape(-1) for p in params if p.grad is not None])
+            other = g.clone()
+            mpimp.broadcast(other, topo.dp_comm, root=0)
+            same = torch.tensor([float(torch.equal(g, other))])
+            mpimp.all_reduce(same, topo.dp_comm, op="min")  # dp rank 0 compared with itself
+            assert bool(same.item()) != zero, "reduce_grads decides whether train_step averages over dp"
         opt.step()
         losses.append(dp_mean(local, topo))
     pipe.close()
