@@ -10,7 +10,9 @@ Three measurements, one torch thread per rank, peers alternating in one invocati
 * ``dp``: tokens/s of the GPT of the tensor benchmark (8 blocks, d_model 256, 4 heads,
   sequence 128, vocabulary 256, untied head; global batch 16 = 16 x 128 = 2,048 tokens
   per step, 16/dp sequences per rank) under ``mpimp.DataParallel`` (fp32 and bf16 on the
-  wire) and under ``torch.nn.parallel.DistributedDataParallel`` on gloo.  Both wrap the
+  wire; fp32 both through the shared-memory window of mpimp.shm, the default on one
+  node, and through MPI collectives, ``mpimp-mpi``) and under
+  ``torch.nn.parallel.DistributedDataParallel`` on gloo.  Both wrap the
   same module class with the same weights (checked: equal first losses); a step is
   forward, backward, SGD update.  Rounds alternate the order of the peers.
 * ``allreduce``: wall time of ``mpimp.all_reduce`` of 16M (``--elements``) bf16 elements
@@ -76,7 +78,8 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         return m
 
     peers = {
-        "mpimp": mpimp.DataParallel(fresh(), topo),
+        "mpimp": mpimp.DataParallel(fresh(), topo),  # shared-memory all-reduce when the ranks share a node
+        "mpimp-mpi": mpimp.DataParallel(fresh(), topo, shm=False),  # MPI collectives
         "mpimp-bf16": mpimp.DataParallel(fresh(), topo, reduce_dtype="bf16"),
         "ddp-gloo": torch.nn.parallel.DistributedDataParallel(fresh()),
         "no-comm": mpimp.DataParallel(fresh(), topo),  # run under no_sync(): compute only
@@ -126,7 +129,8 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
               f"{args.rounds} rounds x {args.steps} steps, alternating")
         for k, v in rates.items():
             print(f"{k:11s} tokens/s median {med[k]:7.0f}   rounds: {' '.join(f'{x:.0f}' for x in v)}")
-        for k in ("mpimp", "mpimp-bf16", "no-comm"):
+        print(f"mpimp transport: {'shared memory' if peers['mpimp'].shared_memory else 'MPI'}")
+        for k in ("mpimp", "mpimp-mpi", "mpimp-bf16", "no-comm"):
             per_round = [a / b for a, b in zip(rates[k], rates["ddp-gloo"])]  # neighbours in time
             print(f"ratio {k} / ddp-gloo: medians {med[k] / med['ddp-gloo']:.2f}x, per-round median "
                   f"{statistics.median(per_round):.2f}x  ({' '.join(f'{x:.2f}' for x in per_round)})")
@@ -152,6 +156,9 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         print(f"all-reduce of the {flat.numel() * 4 / 2**20:.1f} MiB fp32 gradient alone: "
               f"mpimp {1000 * med['mpimp']:.1f} ms, gloo {1000 * med['gloo']:.1f} ms "
               f"(gloo / mpimp {med['gloo'] / med['mpimp']:.2f}x)")
+    for m in peers.values():
+        if isinstance(m, mpimp.DataParallel):
+            m.close()  # collective: frees the shared windows
     topo.free()
     one.free()
     dist.destroy_process_group()

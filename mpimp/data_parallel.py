@@ -25,6 +25,22 @@ extra message.  Shared and tied parameters appear once in ``named_parameters()``
 their hook fires once per backward, after autograd has summed all their uses: they are
 reduced once.
 
+Shared memory (the default when every dp rank is on one node, gradients are CPU fp32
+and ``MPIMP_SHM`` is not 0; see :mod:`mpimp.shm`): the buckets live in a
+``MPI_Win_allocate_shared`` window instead of private memory.  The hook writes
+``grad / dp`` into the bucket (the division rides on the one copy) and makes ``.grad``
+a view into it (DDP's ``gradient_as_bucket_view``); a gradient that already is that view
+(``zero_grad(set_to_none=False)``, accumulation under :meth:`DataParallel.no_sync`
+after a synchronised step) was accumulated in place by backward and is divided in
+place.  The communication thread then reduces each complete bucket where it lies: rank
+i sums chunk i over the dp segments and writes the sum into every segment, so when
+the callback has waited, every ``.grad`` already holds the mean and nothing is copied
+back.  Per step and rank that is one pass over the gradients in the hooks and one read
+plus one write of each element in the reduction, against the MPI path's copy in, the
+library's transfers and sum, the copy back and the division.  bf16/fp16 wire types,
+fp16/bf16 or GPU parameters use the MPI path (simpler: the 16-bit sums run in mpimp's
+native operators there).
+
 ``reduce_dtype`` (fp32, bf16, fp16) is the type on the wire; 16-bit sums use the
 native operators of :mod:`mpimp.native_ops` (fp32 arithmetic, rounded once per step),
 and the division by dp happens after widening back to the gradient's dtype.
@@ -50,6 +66,7 @@ from torch import nn
 
 from .comm import Request, all_reduce, broadcast, default_timeout
 from .errors import ConfigError, DeadlineError
+from .shm import SharedBuckets, shm_available, shm_wanted
 from .topology import Topology
 
 __all__ = ["DataParallel", "reduce_gradients", "split_batch", "check_replicas"]
@@ -84,7 +101,12 @@ def _bucket_bytes(bucket_mb: float) -> int:
 # ----------------------------------------------------------------------------- buckets
 
 class _Bucket:
-    """Flat wire buffer for a group of parameters: ``[grad 0 | grad 1 | ... | has-grad counters]``."""
+    """Flat wire buffer for a group of parameters: ``[grad 0 | grad 1 | ... | has-grad counters]``.
+
+    On the shared-memory path (:meth:`share`) the buffer is this rank's bucket in a
+    :class:`SharedBuckets` window, the gradients are written into it already divided by
+    dp (``scale``), and ``.grad`` of each parameter becomes a view into it.
+    """
 
     def __init__(self, params: list[nn.Parameter], wire: torch.dtype) -> None:
         self.params = params
@@ -98,6 +120,19 @@ class _Bucket:
         self.ready = [False] * len(params)
         self.pending = len(params)
         self.request: Request | None = None
+        self.shared: tuple[SharedBuckets, int] | None = None
+        self.scale = 1.0
+
+    def share(self, shared: SharedBuckets, k: int, size: int) -> None:
+        """Move the buffer into bucket ``k`` of ``shared`` (gradients as bucket views)."""
+        self.buffer = shared.bucket(k)
+        self.buffer.zero_()
+        self.shared = (shared, k)
+        self.scale = 1.0 / size
+
+    def view(self, j: int) -> torch.Tensor:
+        p, off = self.params[j], self.offsets[j]
+        return self.buffer[off:off + p.numel()].view(p.shape)
 
     def reset(self) -> None:
         self.ready = [False] * len(self.params)
@@ -105,11 +140,26 @@ class _Bucket:
         self.request = None
 
     def put(self, j: int) -> None:
-        """Copy parameter j's current gradient (or zeros) into the buffer; mark it ready."""
+        """Copy parameter j's current gradient (or zeros) into the buffer; mark it ready.
+
+        Shared path: the copy is ``grad / dp`` and ``.grad`` becomes the bucket view; a
+        gradient that already is the view (``zero_grad(set_to_none=False)``, or
+        accumulation after a synchronised step) is divided in place.
+        """
         p, off, n = self.params[j], self.offsets[j], self.params[j].numel()
         if p.grad is None:
             self.buffer[off:off + n].zero_()
             self.buffer[self.numel + j] = 0
+        elif self.shared is not None:
+            view = self.view(j)
+            grad = p.grad
+            if grad.data_ptr() == view.data_ptr():
+                if self.scale != 1.0:
+                    view.mul_(self.scale)
+            else:
+                torch.mul(grad.detach(), self.scale, out=view)
+                p.grad = view
+            self.buffer[self.numel + j] = 1
         else:
             self.buffer[off:off + n].copy_(p.grad.detach().reshape(-1))
             self.buffer[self.numel + j] = 1
@@ -123,13 +173,18 @@ class _Bucket:
                 self.put(j)
 
     def launch(self, worker: _ReduceWorker) -> None:
-        self.request = worker.submit(self.buffer)
+        self.request = worker.submit(self.buffer, self.shared)
 
     def write_back(self, size: int) -> None:
         """Mean over ``size`` ranks into ``.grad`` (None where no rank had a gradient)."""
         counts = self.buffer[self.numel:].tolist()
         for j, p in enumerate(self.params):
             if counts[j] == 0:
+                continue
+            if self.shared is not None:  # the bucket already holds the mean: point .grad at it
+                view = self.view(j)
+                if p.grad is None or p.grad.data_ptr() != view.data_ptr():
+                    p.grad = view
                 continue
             off, n = self.offsets[j], p.numel()
             mean = self.buffer[off:off + n].view(p.shape)
@@ -165,43 +220,61 @@ class _ThreadRequest(Request):
 
 
 class _ReduceWorker:
-    """A thread that all-reduces submitted buckets in submission order.
+    """A thread that all-reduces submitted buckets in submission order (inline when dp = 1).
 
     Why a thread and not ``MPI_Iallreduce``: MPI libraries on CPUs progress non-blocking
     collectives only inside MPI calls (Open MPI's libnbc: 1.6x slower than the blocking
     all-reduce for 16 MiB even when polled), while the blocking collective, run by a
     thread that released the GIL, moves the bucket at full speed while backward goes on
     in the main thread.  Every rank submits the same buckets in the same order, so the
-    collectives match.  Needs MPI_THREAD_MULTIPLE (mpi4py's default).
+    collectives match.  Needs MPI_THREAD_MULTIPLE (mpi4py's default).  A shared bucket
+    (``shared=(SharedBuckets, k)``) is reduced through shared memory instead, by the
+    same thread, in the same order.
     """
 
     def __init__(self, comm: MPI.Comm) -> None:
         self.comm = comm
-        self._queue: queue.SimpleQueue[tuple[torch.Tensor, _ThreadRequest] | None] = queue.SimpleQueue()
-        self._thread = threading.Thread(target=self._run, name="mpimp-dp-reduce", daemon=True)
-        self._thread.start()
+        self._queue: queue.SimpleQueue[tuple[torch.Tensor, tuple[SharedBuckets, int] | None,
+                                             _ThreadRequest] | None] = queue.SimpleQueue()
+        self._thread: threading.Thread | None = None
+        if comm.Get_size() > 1:
+            self._thread = threading.Thread(target=self._run, name="mpimp-dp-reduce", daemon=True)
+            self._thread.start()
 
-    def submit(self, buffer: torch.Tensor) -> _ThreadRequest:
+    def submit(self, buffer: torch.Tensor, shared: tuple[SharedBuckets, int] | None = None) -> _ThreadRequest:
         req = _ThreadRequest(self, buffer.numel() * buffer.element_size())
-        self._queue.put((buffer, req))
+        if self._thread is None:  # dp = 1: nothing to wait for
+            self._reduce(buffer, shared, req)
+        else:
+            self._queue.put((buffer, shared, req))
         return req
+
+    def _reduce(self, buffer: torch.Tensor, shared: tuple[SharedBuckets, int] | None,
+                req: _ThreadRequest) -> None:
+        try:
+            if shared is not None:
+                shared[0].reduce(shared[1])
+            else:
+                all_reduce(buffer, self.comm, op="sum")
+        except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            req.error = exc
+        finally:
+            req.event.set()
 
     def _run(self) -> None:
         while True:
             item = self._queue.get()
             if item is None:
                 return
-            buffer, req = item
-            try:
-                all_reduce(buffer, self.comm, op="sum")
-            except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
-                req.error = exc
-            finally:
-                req.event.set()
+            self._reduce(*item)
 
-    def close(self) -> None:
-        self._queue.put(None)
-        self._thread.join()
+    def close(self, join: bool = True) -> None:
+        """Stop the thread after the buckets already submitted (idempotent)."""
+        thread, self._thread = self._thread, None
+        if thread is not None:
+            self._queue.put(None)
+            if join:
+                thread.join()
 
 
 def _make_buckets(params: Sequence[nn.Parameter], wire: torch.dtype | None, limit: int,
@@ -327,10 +400,25 @@ class DataParallel(nn.Module):
     picks the wire type (None = the gradients' own), ``broadcast=False`` skips copying
     dp rank 0's parameters and buffers at construction.  :meth:`no_sync` accumulates
     gradients locally (the next synchronised backward averages the accumulated sums).
+
+    ``shm`` picks the transport: None (default) uses the shared-memory all-reduce of
+    :mod:`mpimp.shm` when dp > 1, every dp rank is on one node, every parameter is a CPU
+    fp32 tensor, ``reduce_dtype`` is None or fp32 and ``MPIMP_SHM`` is not 0, and MPI
+    collectives otherwise (16-bit wire types always use MPI, with mpimp's fp32-accumulating
+    operators); True requires it (ConfigError if impossible), False never uses it.  On
+    the shared path the buckets live in the shared window and ``.grad`` of each
+    parameter is a view into its bucket after a synchronised backward (like DDP's
+    ``gradient_as_bucket_view=True``): the hook copies each gradient in once (divided by
+    dp on the way), the reduction writes the mean in place, nothing is copied back.
+
+    :meth:`close` (collective over dp; also on leaving a ``with`` block) stops the
+    communication thread and frees the window, after giving ``.grad`` private copies;
+    the module then no longer averages gradients.
     """
 
     def __init__(self, module: nn.Module, topo: Topology, bucket_mb: float = 25,
-                 reduce_dtype: torch.dtype | str | None = None, broadcast: bool = True) -> None:
+                 reduce_dtype: torch.dtype | str | None = None, broadcast: bool = True,
+                 shm: bool | None = None) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise ConfigError(f"rank {topo.rank}: DataParallel wraps an nn.Module, got {type(module).__name__}")
@@ -347,6 +435,8 @@ class DataParallel(nn.Module):
                                      min(limit, _FIRST_BUCKET_BYTES))
         self._state = _BackwardState()
         self._sync = True
+        self._closed = False
+        self._shared = self._share_buckets(params, shm)
         self._worker = _ReduceWorker(self.comm)
         self._handles = []
         for bi, b in enumerate(self.buckets):
@@ -354,6 +444,31 @@ class DataParallel(nn.Module):
                 self._handles.append(p.register_post_accumulate_grad_hook(self._hook(bi, j)))
 
     # -- construction helpers
+    def _share_buckets(self, params: list[nn.Parameter], shm: bool | None) -> SharedBuckets | None:
+        """Put the buckets in a shared-memory window when the dp group allows it (collective)."""
+        size = self.comm.Get_size()
+        if shm is not None and not isinstance(shm, bool):
+            raise ConfigError(f"rank {self.topo.rank}: shm={shm!r}: use None (automatic), True or False")
+        eligible = bool(params) and all(p.dtype == torch.float32 and p.device.type == "cpu" for p in params) \
+            and self.reduce_dtype in (None, torch.float32)
+        if shm is False or not self.buckets:
+            return None
+        if shm is True and not eligible:
+            raise ConfigError(
+                f"rank {self.topo.rank}: DataParallel(shm=True) reduces CPU fp32 gradients only; this model "
+                f"has parameters of {sorted({f'{p.dtype} on {p.device}' for p in params})} and "
+                f"reduce_dtype={self.reduce_dtype}. Use shm=None (falls back to MPI) or shm=False"
+            )
+        if shm is None:
+            # every rank must take the same path: agree on the local conditions (MPIMP_SHM may differ)
+            flag = torch.tensor([1 if (size > 1 and eligible and shm_wanted()) else 0], dtype=torch.int32)
+            if min(all_reduce(flag, self.comm, op="min").tolist()) == 0 or not shm_available(self.comm):
+                return None
+        shared = SharedBuckets(self.comm, [b.buffer.numel() for b in self.buckets])
+        for k, b in enumerate(self.buckets):
+            b.share(shared, k, size)
+        return shared
+
     @torch.no_grad()
     def _broadcast_state(self) -> None:
         tensors = [t for t in list(self.module.parameters()) + list(self.module.buffers())]
@@ -428,6 +543,48 @@ class DataParallel(nn.Module):
             for b in self.buckets:
                 b.reset()
 
+    # -- life cycle
+    @property
+    def shared_memory(self) -> bool:
+        """True when the buckets are all-reduced through shared memory (:mod:`mpimp.shm`)."""
+        return self._shared is not None
+
+    def close(self) -> None:
+        """Stop the communication thread, free the shared window (collective over dp; idempotent).
+
+        ``.grad`` tensors that were views into the window become private copies first, so
+        they stay valid; later backward passes are no longer averaged over dp.
+        """
+        if self._closed:
+            return
+        self._closed = True
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        self._worker.close()
+        if self._shared is not None:
+            for b in self.buckets:
+                for j, p in enumerate(b.params):
+                    if p.grad is not None and p.grad.data_ptr() == b.view(j).data_ptr():
+                        p.grad = p.grad.clone()
+                b.buffer = torch.zeros(b.buffer.numel(), dtype=b.buffer.dtype)
+                b.shared = None
+            shared, self._shared = self._shared, None
+            shared.close()
+
+    def __enter__(self) -> DataParallel:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        # not collective: only the thread stops; an unclosed window lives until MPI_Finalize
+        worker = self.__dict__.get("_worker")
+        if worker is not None:
+            worker.close(join=False)
+
     def extra_repr(self) -> str:
         sizes = ", ".join(f"{b.buffer.numel() * b.buffer.element_size() / 2**20:.2f}" for b in self.buckets)
-        return f"dp={self.comm.Get_size()}, buckets MiB=[{sizes}], reduce_dtype={self.reduce_dtype}"
+        return (f"dp={self.comm.Get_size()}, buckets MiB=[{sizes}], reduce_dtype={self.reduce_dtype}, "
+                f"transport={'shared memory' if self._shared is not None else 'MPI'}")

@@ -38,9 +38,18 @@ class Tied(nn.Module):
         return self.head(h)
 
 
+def _seeded(seed: int) -> Tied:
+    torch.manual_seed(seed)
+    return Tied()
+
+
 def loss_fn(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     logits = model(x)
     return nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), y.reshape(-1))
+
+
+# every fp32 test runs on both transports: MPI collectives and the shared-memory window
+both_paths = pytest.mark.parametrize("shm", [False, True], ids=["mpi", "shm"])
 
 
 def batch(n: int, seq: int = 5, vocab: int = 11, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
@@ -51,12 +60,14 @@ def batch(n: int, seq: int = 5, vocab: int = 11, seed: int = 0) -> tuple[torch.T
 
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("bucket_mb", [25, 0.001])
-def test_training_equals_single_process_on_the_global_batch(comm: MPI.Comm, bucket_mb: float) -> None:
-    with mpimp.init(comm=comm) as topo:
+@pytest.mark.parametrize("set_to_none", [True, False])
+@both_paths
+def test_training_equals_single_process_on_the_global_batch(comm: MPI.Comm, bucket_mb: float,
+                                                            set_to_none: bool, shm: bool) -> None:
+    with mpimp.init(comm=comm) as topo, DataParallel(copy.deepcopy(ref := _seeded(1)), topo, bucket_mb=bucket_mb,
+                                                     shm=shm) as model:
         dp = topo.dp
-        torch.manual_seed(1)
-        ref = Tied()
-        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=bucket_mb)
+        assert model.shared_memory == shm
         if bucket_mb < 1:
             assert len(model.buckets) >= 5  # about one per parameter, the tied weight once
         opt_ref = torch.optim.AdamW(ref.parameters(), lr=1e-2)
@@ -66,7 +77,7 @@ def test_training_equals_single_process_on_the_global_batch(comm: MPI.Comm, buck
             opt_ref.zero_grad()
             loss_ref = loss_fn(ref, x, y)
             loss_ref.backward()
-            opt.zero_grad()
+            opt.zero_grad(set_to_none=set_to_none)  # False: the bucket views are zeroed and accumulated into
             lx, ly = model.split_batch(x, y)
             assert lx.shape[0] == 12 // dp
             loss = loss_fn(model, lx, ly)
@@ -84,6 +95,13 @@ def test_training_equals_single_process_on_the_global_batch(comm: MPI.Comm, buck
             opt.step()
         for p, q in zip(model.module.parameters(), ref.parameters()):
             torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        grads = [p.grad for p in model.parameters()]
+        model.close()  # .grad views into the window become private copies
+        model.close()
+        for p, g in zip(model.parameters(), grads):
+            assert (p.grad is None) == (g is None)
+            if g is not None:
+                assert p.grad.sum().item() == p.grad.sum().item()  # readable after the window is gone
 
 
 @pytest.mark.mpi(min_size=1)
@@ -109,12 +127,13 @@ def test_16bit_gradients_on_the_wire(comm: MPI.Comm, wire: object) -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_buckets_start_during_backward(comm: MPI.Comm) -> None:
+@both_paths
+def test_buckets_start_during_backward(comm: MPI.Comm, shm: bool) -> None:
     with mpimp.init(comm=comm) as topo:
         torch.manual_seed(3)
         module = Tied()
         module.unused.requires_grad_(False)  # a bucket waiting for an unused gradient waits until the end
-        model = DataParallel(module, topo, bucket_mb=0.001)
+        model = DataParallel(module, topo, bucket_mb=0.001, shm=shm)
         seen = []
 
         def early(grad: torch.Tensor) -> None:  # fires when backward reaches the embedding output
@@ -131,30 +150,37 @@ def test_buckets_start_during_backward(comm: MPI.Comm) -> None:
         # by then the buckets of the layers after the embedding were already on the wire
         assert seen and sum(seen[0]) >= 3, seen
         assert all(b.request is None for b in model.buckets)  # all completed and reset
+        model.close()
 
 
 @pytest.mark.mpi(min_size=1)
-def test_no_sync_accumulates_then_averages(comm: MPI.Comm) -> None:
+@both_paths
+def test_no_sync_accumulates_then_averages(comm: MPI.Comm, shm: bool) -> None:
     with mpimp.init(comm=comm) as topo:
         torch.manual_seed(4)
         ref = Tied()
-        model = DataParallel(copy.deepcopy(ref), topo)
-        for micro in range(2):
+        model = DataParallel(copy.deepcopy(ref), topo, shm=shm)
+        # micro-batches 0, 1 local then 2 synchronised; then 3 local and 4 synchronised without
+        # zeroing: on the shared path .grad is then a bucket view that backward accumulates into
+        for micro in range(5):
             x, y = batch(4 * topo.dp, seed=10 + micro)
             loss_fn(ref, x, y).backward()
             lx, ly = model.split_batch(x, y)
-            if micro == 0:
+            if micro in (0, 1, 3):
                 with model.no_sync():
                     loss_fn(model, lx, ly).backward()
             else:
                 loss_fn(model, lx, ly).backward()
-        for p, q in zip(model.module.parameters(), ref.parameters()):
-            if q.grad is not None:
-                torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+            if micro in (2, 4):
+                for p, q in zip(model.module.parameters(), ref.parameters()):
+                    if q.grad is not None:
+                        torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        model.close()
 
 
 @pytest.mark.mpi(min_size=1)
-def test_parameters_unused_on_some_ranks(comm: MPI.Comm) -> None:
+@both_paths
+def test_parameters_unused_on_some_ranks(comm: MPI.Comm, shm: bool) -> None:
     """A branch only some replicas take: missing gradients count as zeros in the mean."""
 
     class Branchy(nn.Module):
@@ -170,7 +196,7 @@ def test_parameters_unused_on_some_ranks(comm: MPI.Comm) -> None:
         dp, rank = topo.dp, topo.dp_rank
         torch.manual_seed(5)
         ref = Branchy()
-        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=0.0001)
+        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=0.0001, shm=shm)
         x = torch.randn(dp, 3, 4, generator=torch.Generator().manual_seed(0))
         model(x[rank], rank % 2 == 1).sum().backward()
         # reference: replay every replica here and average
@@ -181,6 +207,7 @@ def test_parameters_unused_on_some_ranks(comm: MPI.Comm) -> None:
                 assert p.grad is None, name
             else:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6, msg=name)
+        model.close()
 
 
 @pytest.mark.mpi(min_size=1)
@@ -255,11 +282,12 @@ def test_construction_broadcasts_dp_rank_0_weights(comm: MPI.Comm) -> None:
 
 
 @pytest.mark.mpi(min_size=1)
-def test_a_backward_that_raised_does_not_poison_the_next_step(comm: MPI.Comm) -> None:
+@both_paths
+def test_a_backward_that_raised_does_not_poison_the_next_step(comm: MPI.Comm, shm: bool) -> None:
     with mpimp.init(comm=comm) as topo:
         torch.manual_seed(8)
         ref = Tied()
-        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=0.001)
+        model = DataParallel(copy.deepcopy(ref), topo, bucket_mb=0.001, shm=shm)
         x, y = batch(4 * topo.dp, seed=3)
         lx, ly = model.split_batch(x, y)
 
@@ -279,3 +307,27 @@ def test_a_backward_that_raised_does_not_poison_the_next_step(comm: MPI.Comm) ->
             if q.grad is not None:
                 torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
         assert all(b.request is None and b.pending == len(b.params) for b in model.buckets)
+        model.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_transport_choice(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    with mpimp.init(comm=comm) as topo:
+        with DataParallel(Tied(), topo) as model:  # automatic: shared memory from dp = 2 on one node
+            assert model.shared_memory == (topo.dp > 1)
+            assert model._worker._thread is None if topo.dp == 1 else model._worker._thread.is_alive()
+            thread = model._worker._thread
+        assert thread is None or not thread.is_alive()  # closed on leaving the block
+        with DataParallel(Tied(), topo, reduce_dtype="bf16") as model:
+            assert not model.shared_memory  # 16-bit wire types use MPI
+        monkeypatch.setenv("MPIMP_SHM", "0")
+        with DataParallel(Tied(), topo) as model:
+            assert not model.shared_memory
+        with pytest.raises(mpimp.ConfigError, match=r"shm=True\) reduces CPU fp32 gradients only"):
+            DataParallel(Tied(), topo, reduce_dtype="bf16", shm=True)
+        with DataParallel(Tied(), topo, shm=True) as model:  # an explicit request ignores MPIMP_SHM
+            assert model.shared_memory
+            x, y = batch(2 * topo.dp)
+            loss_fn(model, *model.split_batch(x, y)).backward()
+            b = model.buckets[0]
+            assert b.params[0].grad.data_ptr() == b.view(0).data_ptr()  # .grad is a view into the bucket
