@@ -11,7 +11,8 @@ per rank; each step is forward + backward (no optimizer, identical for all).
 Speed of light: 2 x the tokens/s of the whole model on one rank (1 thread) over the same
 8 micro-batches.  Then, for each schedule and m, the measured bubble of a step (from
 the executor's timeline) against the simulator's prediction on a cost model calibrated
-from that timeline.
+from that timeline (with more ranks than the node's cores, e.g. p = 4 on 2 cores, from
+the actions' CPU times, the simulator sharing the cores between the ranks).
 """
 
 from __future__ import annotations
@@ -190,7 +191,7 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                 tls = trace.gather(pipe)
                 if world.Get_rank() == 0:
                     measured.append(trace.bubble_fraction(tls)[0])
-                    cost = trace.calibrate(tls, pipe.num_stages)
+                    cost = trace.calibrate(tls, pipe.num_stages, cores=os.cpu_count())  # shared when p > cores
                     predicted.append(simulate(pipe.compute_table, cost, m).bubble)
                     if schedule in ("1f1b", "zb-h1") and m == 8 and _ == steps - 1:
                         RESULTS.mkdir(exist_ok=True)

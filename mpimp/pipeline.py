@@ -250,9 +250,12 @@ class Pipeline(StageExecutor):
         return self._step_start
 
     def timeline(self) -> list[dict[str, Any]]:
-        """This rank's actions of the last step: start/end seconds since the step began."""
+        """This rank's actions of the last step: start/end seconds since the step began, and
+        ``cpu``, the CPU seconds the rank's thread spent in the action (below ``end - start``
+        when ranks share cores, or while a receive waits without spinning)."""
         return [{"rank": self.topo.pp_rank, "world_rank": self.topo.rank, "action": str(a), "stage": a.stage,
-                 "kind": a.kind, "mb": a.mb, "start": t0, "end": t1} for a, t0, t1 in self._events]
+                 "kind": a.kind, "mb": a.mb, "start": t0, "end": t1, "cpu": c}
+                for a, t0, t1, c in self._events]
 
     def train_step(self, inputs: Any, targets: Any) -> float:
         """Forward and backward of one batch in ``chunks`` micro-batches; returns the mean loss.

@@ -151,12 +151,17 @@ def plot_gantt(timelines: Sequence[Timeline], path: str | Path, title: str = "")
     return path
 
 
-def calibrate(timelines: Sequence[Timeline], num_stages: int) -> CostModel:
+def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None = None) -> CostModel:
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
 
     A receive's own cost is estimated as its shortest measured duration (no waiting); the
     executor's time between actions (the mean gap) becomes the per-action ``overhead``.
+    ``cores``: the CPU cores the ranks shared while measured.  When fewer than the ranks,
+    F, B and W costs are the CPU seconds the executor recorded (wall-clock durations then
+    include the time other ranks held the core) and the model shares ``cores`` between
+    the ranks like the operating system did.
     """
+    shared = cores is not None and cores < len(timelines)
     per: dict[tuple[str, int], list[float]] = defaultdict(list)
     sends: list[float] = []
     recvs: list[float] = []
@@ -166,7 +171,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int) -> CostModel:
         for e in tl:
             d = e["end"] - e["start"]
             if _compute(e):
-                per[(e["kind"], e["stage"])].append(d)
+                per[(e["kind"], e["stage"])].append(e.get("cpu", d) if shared else d)
             elif e["kind"].startswith("SEND"):
                 sends.append(d)
             else:
@@ -181,7 +186,8 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int) -> CostModel:
     b = tuple(mean("B", s) for s in range(num_stages))
     w = tuple(mean("W", s) for s in range(num_stages)) if has_w else (0.0,) * num_stages
     return CostModel(f=f, b=b, w=w, send=sum(sends) / len(sends) if sends else 0.0,
-                     recv=min(recvs) if recvs else 0.0, overhead=sum(gaps) / len(gaps) if gaps else 0.0)
+                     recv=min(recvs) if recvs else 0.0, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
+                     cores=cores if shared else None)
 
 
 def predict(table: Sequence[Sequence[Any]], cost: CostModel, num_microbatches: int) -> float:

@@ -206,3 +206,27 @@ def test_balance_by_cost_and_checks() -> None:
     with pytest.raises(ConfigError, match="has 3 entries but there are 2 stages"):
         check_balance([2, 2, 2], 6, 2)
     assert check_balance([1, 5], 6, 2) == [1, 5]
+
+
+def test_simulator_shares_cores_between_ranks() -> None:
+    """With fewer cores than ranks, running actions split the cores (processor sharing)."""
+    base = CostModel(f=1.0, b=2.0, w=0.5)
+    for name, p, m in (("gpipe", 2, 4), ("1f1b", 4, 8), ("zb-h1", 4, 8), ("interleaved-1f1b", 2, 4)):
+        v = 2 if name == "interleaved-1f1b" else 1
+        table = build(name, p, m, v)
+        alone = simulate(table, base, m)
+        same = simulate(table, CostModel(f=1.0, b=2.0, w=0.5, cores=p), m)  # a core each: unchanged
+        assert same.step_time == pytest.approx(alone.step_time) and same.busy == pytest.approx(alone.busy)
+        one = simulate(table, CostModel(f=1.0, b=2.0, w=0.5, cores=1), m)
+        work = m * (1.0 + 2.5) * p * v  # every (virtual) stage's F and full backward of every micro-batch
+        # one core: never idle while any rank has work, and never faster than the total work
+        assert one.step_time == pytest.approx(work), (name, one.step_time, work)
+        assert one.peak_inflight == alone.peak_inflight
+        two = simulate(table, CostModel(f=1.0, b=2.0, w=0.5, cores=2), m)
+        assert max(alone.step_time, work / 2) - 1e-9 <= two.step_time <= one.step_time + 1e-9
+    # two ranks on one core, both computing: each at half speed
+    rep = simulate(build("gpipe", 2, 2), CostModel(f=1.0, b=1.0, w=0.0, cores=1), 2)
+    f1_on_rank0 = [e for e in rep.events[0] if str(e[0]) == "0F1"][0]
+    assert f1_on_rank0[2] - f1_on_rank0[1] == pytest.approx(2.0)  # shared with 1F0
+    with pytest.raises(ConfigError, match="cores=0"):
+        simulate(build("gpipe", 2, 2), CostModel(cores=0), 2)

@@ -139,7 +139,7 @@ class StageExecutor:
         self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, ERR_TAG) if p > 1 else None
         self._broken: str | None = None
         self._progress_thread = p > 1 and progress_thread_wanted()
-        self._events: list[tuple[Action, float, float]] = []
+        self._events: list[tuple[Action, float, float, float]] = []  # action, start, end, CPU seconds
         self._step_start = 0.0
         self.peak_inflight = 0  # measured in the last step: micro-batches held between F and B/W
         self.split_weight_passes = 0  # W actions of the last step that ran a separate weight pass
@@ -232,12 +232,12 @@ class StageExecutor:
                 recvs[a] = irecv(self.owner[a.stage + 1], self.comm, self._tag(a.stage, 1, a.mb), device=self.device)
         order = [a for a in row if a in recvs]
         sends: list[Request] = []
-        clock = time.perf_counter
+        clock, cpu = time.perf_counter, time.thread_time
         debug = os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
         for a in row:
             if debug:  # e.g. "r1 | pipeline 1RECV_F3 (mb 3, stage 1, tag 23)"
                 _trace(self.comm, f"pipeline {a} (mb {a.mb}, stage {a.stage}, tag {self._action_tag(a)})")
-            t0 = clock()
+            t0, c0 = clock(), cpu()
             if a.kind in ("RECV_F", "RECV_B"):
                 self._local[a] = self._wait(recvs.pop(a))
                 order.remove(a)
@@ -253,7 +253,7 @@ class StageExecutor:
                 self._backward(a.stage, a.mb)
             else:
                 self._weight(a.stage, a.mb)
-            self._events.append((a, t0 - self._step_start, clock() - self._step_start))
+            self._events.append((a, t0 - self._step_start, clock() - self._step_start, cpu() - c0))
             for key in order[:4]:  # drive the next receives while we compute
                 recvs[key].test()
             sends = [q for q in sends if not q.test()]

@@ -48,6 +48,12 @@ class CostModel:
     receive; ``send`` and ``recv`` are the sender's and receiver's own time per message
     (packing, posting); ``overhead`` is added to every action (the executor's own time).  ``activation_bytes`` (per micro-batch per stage) turns peak
     in-flight micro-batches into bytes.
+
+    ``cores``: CPU cores the ranks share (None: one each).  With fewer cores than ranks
+    the simulator shares them like the operating system does (processor sharing): while
+    k ranks run an action, each progresses at ``min(1, cores / k)`` of its speed, so the
+    times above are then CPU seconds, not wall-clock seconds; a rank waiting for a
+    message takes no core.
     """
 
     f: Seconds = 1.0
@@ -60,6 +66,7 @@ class CostModel:
     send: float = 0.0
     recv: float = 0.0
     overhead: float = 0.0
+    cores: int | None = None
 
     def message_time(self) -> float:
         return self.latency + (self.message_bytes / self.bandwidth if self.bandwidth else 0.0)
@@ -183,13 +190,87 @@ def verify(table: str | Sequence[Sequence[object]], num_microbatches: int | None
                             f"numbered 0..{num_stages - 1})\n{format_grid(lowered, {})}")
     m = num_microbatches if num_microbatches is not None else 1 + max(a.mb for row in lowered for a in row)
     _check_counts(lowered, owner, num_stages, m)
-    return _run(lowered, owner, num_stages, m, cost)
+    if cost is None or cost.cores is None or cost.cores >= len(lowered):
+        return _run(lowered, owner, num_stages, m, cost)
+    if cost.cores < 1:
+        raise ConfigError(f"CostModel.cores={cost.cores} must be >= 1 (or None: one core per rank)")
+    checked = _run(lowered, owner, num_stages, m, None)  # validity and peak memory
+    return _run_shared(lowered, owner, num_stages, m, cost, checked.peak_inflight)
 
 
 def simulate(table: str | Sequence[Sequence[object]], cost: CostModel,
              num_microbatches: int | None = None) -> Report:
     """Predicted step time, bubble and peak activations of a table on a cost model."""
     return verify(table, num_microbatches, cost)
+
+
+def _duration(cost: CostModel, a: Action, has_w: set[tuple[int, int]]) -> float:
+    """Seconds of one action on ``cost``: a B without its own W is a full backward."""
+    if a.kind == "B" and (a.stage, a.mb) not in has_w:
+        return cost.time("B", a.stage) + cost.time("W", a.stage) + cost.overhead
+    return cost.time(a.kind, a.stage) + cost.overhead
+
+
+def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel,
+                peak: list[int]) -> Report:
+    """Times of a verified table when ``cost.cores`` cores are shared by more ranks (processor sharing).
+
+    Event-driven: every rank runs its row in order; a receive first waits (on no core)
+    until its message has arrived (the matching send's end + message time); between
+    events every rank with an action in progress advances at ``min(1, cores / k)``.
+    """
+    p, cores = len(table), float(cost.cores or len(table))
+    has_w = {(a.stage, a.mb) for row in table for a in row if a.kind == "W"}
+    msg = cost.message_time()
+    arrival: dict[tuple[int, str, int], float] = {}  # (stage, SEND_F|SEND_B, mb) -> arrival time
+    pos, left = [0] * p, [0.0] * p  # next action; remaining CPU seconds of the running one
+    running = [False] * p
+    began, reached = [0.0] * p, [0.0] * p  # when the running action started; when the rank got to it
+    busy = [0.0] * p
+    events: list[list[tuple[Action, float, float]]] = [[] for _ in range(p)]
+    now = 0.0
+
+    def source(a: Action) -> tuple[int, str, int]:
+        return (a.stage - 1, "SEND_F", a.mb) if a.kind == "RECV_F" else (a.stage + 1, "SEND_B", a.mb)
+
+    def finish(r: int) -> None:
+        a = table[r][pos[r]]
+        start = reached[r] if a.kind in ("RECV_F", "RECV_B") else began[r]  # a receive includes its wait
+        events[r].append((a, start, now))
+        if a.kind in COMPUTE:
+            busy[r] += now - began[r]
+        elif a.kind in ("SEND_F", "SEND_B"):
+            arrival[(a.stage, a.kind, a.mb)] = now + msg
+        running[r] = False
+        pos[r] += 1
+        reached[r] = now
+
+    while True:
+        for r in range(p):  # start what can start now; zero-cost actions finish at once
+            while not running[r] and pos[r] < len(table[r]):
+                a = table[r][pos[r]]
+                if a.kind in ("RECV_F", "RECV_B") and arrival.get(source(a), float("inf")) > now:
+                    break
+                running[r], began[r], left[r] = True, now, _duration(cost, a, has_w)
+                if left[r] <= 0.0:
+                    finish(r)
+        active = [r for r in range(p) if running[r]]
+        waits = [arrival[source(table[r][pos[r]])] for r in range(p)
+                 if not running[r] and pos[r] < len(table[r]) and source(table[r][pos[r]]) in arrival]
+        if not active and not waits:
+            if any(pos[r] < len(table[r]) for r in range(p)):  # pragma: no cover - verified tables finish
+                raise _fail(table, {r: pos[r] for r in range(p) if pos[r] < len(table[r])}, "stuck")
+            break
+        rate = min(1.0, cores / len(active)) if active else 0.0
+        step = min([left[r] / rate for r in active] + [t - now for t in waits if t > now] or [0.0])
+        for r in active:
+            left[r] -= step * rate
+        now += step
+        for r in active:
+            if left[r] <= 1e-12:
+                finish(r)
+    return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
+                  step_time=now, busy=busy, events=events)
 
 
 def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel | None) -> Report:
@@ -259,11 +340,7 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
         return None
 
     def duration(a: Action) -> float:
-        if cost is None:
-            return 0.0
-        if a.kind == "B" and (a.stage, a.mb) not in has_w:
-            return cost.time("B", a.stage) + cost.time("W", a.stage) + cost.overhead
-        return cost.time(a.kind, a.stage) + cost.overhead
+        return 0.0 if cost is None else _duration(cost, a, has_w)
 
     remaining = sum(len(row) for row in table)
     while remaining:
