@@ -101,6 +101,21 @@ def default_timeout() -> float | None:
 _DEBUG = os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
 
 
+def _ranks_on_this_node() -> int:
+    """Ranks the launcher started on this node (Open MPI, MPICH/Hydra, SLURM), 1 if unknown."""
+    for name in ("OMPI_COMM_WORLD_LOCAL_SIZE", "MPI_LOCALNRANKS"):
+        value = os.environ.get(name, "")
+        if value.isdigit():
+            return int(value)
+    return 1
+
+
+# More ranks than cores on the node (e.g. 4 ranks on 2 cores): a waiting rank must hand
+# its core to a computing one at once instead of spinning first (Open MPI does the same
+# with mpi_yield_when_idle when it detects oversubscription).
+_SPIN_SECONDS = 0.0 if _ranks_on_this_node() > (os.cpu_count() or 1) else 2e-3
+
+
 def _trace(comm: MPI.Comm, text: str) -> None:
     if _DEBUG:
         print(f"r{MPI.COMM_WORLD.Get_rank()} | {text} (comm rank {comm.Get_rank()})",
@@ -111,10 +126,11 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
     """Poll ``done`` (which must drive MPI progress) until true or the deadline passes.
 
     Three phases, by elapsed time: spin for 2 ms (a message in flight completes within
-    microseconds, and a large one needs a progress call per fragment); then keep polling
-    but ``sched_yield`` between polls for up to 200 ms, so an oversubscribed rank hands
-    its core to a computing neighbour while an idle core keeps the transfer moving; then
-    sleep between polls, growing to 1 ms, for waits that are really long.
+    microseconds, and a large one needs a progress call per fragment; skipped when the
+    node runs more ranks than it has cores); then keep polling but ``sched_yield``
+    between polls for up to 200 ms, so an oversubscribed rank hands its core to a
+    computing neighbour while an idle core keeps the transfer moving; then sleep between
+    polls, growing to 1 ms, for waits that are really long.
     """
     if done():
         return
@@ -129,7 +145,7 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
         if elapsed > 0.2:
             time.sleep(nap)
             nap = min(1e-3, nap * 1.5)
-        elif elapsed > 2e-3:
+        elif elapsed >= _SPIN_SECONDS:
             os.sched_yield()
         if limit == -1.0:
             limit = default_timeout()
