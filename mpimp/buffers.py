@@ -10,7 +10,10 @@ speaks tensors.  ``tensor.numpy()`` rejects bfloat16 and CUDA tensors, and a car
   after synchronising the current stream (MPI does not know about CUDA streams: a kernel
   still writing the buffer would race with the send); otherwise they are staged through
   pinned host memory;
-* :func:`mpi_datatype` maps torch dtypes to MPI datatypes for reductions.
+* :func:`mpi_datatype` maps torch dtypes to MPI datatypes for reductions;
+* :class:`HostPool` recycles large host receive buffers: a fresh 64 MiB buffer costs
+  16,384 page faults (the kernel zeroes every page on first touch), which made receiving
+  into new memory 3.5x slower than receiving into memory that was used before.
 
 CUDA-awareness is detected (Open MPI's build info, Cray MPICH's
 ``MPICH_GPU_SUPPORT_ENABLED``, MVAPICH2's ``MV2_USE_CUDA``) and can be forced with
@@ -23,7 +26,10 @@ import functools
 import os
 import shutil
 import subprocess
+import threading
+import weakref
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -38,6 +44,7 @@ __all__ = [
     "cuda_aware",
     "to_wire",
     "from_wire",
+    "HostPool",
 ]
 
 # Stable wire codes: never renumber, only append (they appear inside messages).
@@ -169,3 +176,50 @@ def from_wire(t: torch.Tensor) -> tuple[object, torch.Tensor | None]:
         return to_wire(t)[0], None
     staged = torch.empty(t.shape, dtype=t.dtype, pin_memory=True)
     return host_buffer(staged), staged
+
+
+class HostPool:
+    """Large host buffers that come back when the last tensor over them is freed.
+
+    :meth:`take` returns a uint8 tensor of ``nbytes`` (contents undefined).  Below
+    ``min_bytes`` it is a plain new tensor.  Above, it is a numpy-backed tensor whose
+    memory returns to the pool when torch drops its last reference (every view of the
+    tensor holds the storage, the storage holds the numpy array, a finalizer on the array
+    gives the memory back), so a received activation that the model has consumed serves
+    the next message of the same size without new page faults.  At most ``max_bytes``
+    wait in the pool; more is released to the allocator.  Thread-safe.
+    """
+
+    def __init__(self, max_bytes: int = 512 << 20, min_bytes: int = 256 << 10) -> None:
+        self.max_bytes, self.min_bytes = max_bytes, min_bytes
+        self._free: dict[int, list[np.ndarray]] = {}
+        self._held = 0
+        self._lock = threading.Lock()
+        self.reused = 0  # buffers served from the pool (for tests and diagnostics)
+
+    def take(self, nbytes: int) -> torch.Tensor:
+        if nbytes < self.min_bytes:
+            return torch.empty(nbytes, dtype=torch.uint8)
+        base = None
+        with self._lock:
+            free = self._free.get(nbytes)
+            if free:
+                base = free.pop()
+                self._held -= nbytes
+                self.reused += 1
+        if base is None:
+            base = np.empty(nbytes, dtype=np.uint8)
+        view = base[:]  # the object torch will hold; its end returns ``base``
+        weakref.finalize(view, self._give_back, base)
+        return torch.from_numpy(view)
+
+    def _give_back(self, base: np.ndarray) -> None:
+        with self._lock:
+            if self._held + base.nbytes <= self.max_bytes:
+                self._free.setdefault(base.nbytes, []).append(base)
+                self._held += base.nbytes
+
+    @property
+    def held_bytes(self) -> int:
+        """Bytes waiting in the pool."""
+        return self._held

@@ -45,6 +45,7 @@ from mpi4py import MPI
 
 from .buffers import (
     CODE_DTYPES,
+    HostPool,
     cuda_aware,
     dtype_code,
     from_wire,
@@ -284,6 +285,7 @@ class _TypeCache:
 
 _SEND_TYPES = _TypeCache()
 _RECV_TYPES = _TypeCache()
+_RECV_POOL = HostPool()  # large receive buffers, recycled once the received tensors are freed
 
 
 def _as_list(tensors: Tensors) -> tuple[list[torch.Tensor], bool]:
@@ -573,7 +575,7 @@ class _RecvRequest(Request):
             self._raw = raw_t
             self._req = msg.Irecv([spec, count, MPI.BYTE])
         elif count > _PACK_LIMIT:
-            raw_t = torch.empty(count, dtype=torch.uint8)
+            raw_t = _RECV_POOL.take(count)
             self._raw = raw_t
             self._req = msg.Irecv([host_buffer(raw_t), count, MPI.BYTE])
         else:

@@ -76,3 +76,24 @@ def test_cuda_aware_override(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_16bit_float_predicate() -> None:
     assert buffers.is_16bit_float(torch.bfloat16) and buffers.is_16bit_float(torch.float16)
     assert not buffers.is_16bit_float(torch.float32) and not buffers.is_16bit_float(torch.int16)
+
+
+def test_host_pool_recycles_large_buffers_only_after_the_last_view_dies() -> None:
+    from mpimp.buffers import HostPool
+
+    pool = HostPool(max_bytes=3 << 20, min_bytes=1 << 20)
+    small = pool.take(1000)
+    assert small.numel() == 1000 and pool.held_bytes == 0  # below min_bytes: a plain tensor
+    a = pool.take(1 << 20)
+    ptr = a.data_ptr()
+    view = a[8:64].view(torch.float32)
+    del a
+    assert pool.held_bytes == 0  # a view still uses the memory: not recycled
+    del view
+    assert pool.held_bytes == 1 << 20
+    b = pool.take(1 << 20)
+    assert b.data_ptr() == ptr and pool.reused == 1 and pool.held_bytes == 0
+    b.fill_(7)  # writable, the right size
+    others = [pool.take(2 << 20) for _ in range(2)]
+    del others, b  # 1 + 2 + 2 MiB freed, at most 3 MiB kept
+    assert pool.held_bytes <= 3 << 20

@@ -537,3 +537,25 @@ def test_mpimp_debug_traces_every_call_on_stderr() -> None:
     assert any(line.startswith("r0 | Recv <- 0 tag 5") for line in lines), loud.stderr  # blocking recv
     assert not any("Recv <- 0 tag 5" in line and "Irecv" in line for line in lines)  # the fast path: one line
     assert any(line.startswith("r0 | Iallreduce 2 x torch.float32 op sum") for line in lines), loud.stderr
+
+
+@pytest.mark.mpi(min_size=1)
+def test_large_receives_reuse_freed_buffers_and_keep_live_ones(comm: MPI.Comm) -> None:
+    """recv() of large messages takes its buffer from the pool: a freed result's memory
+    serves the next one, a result still alive is never overwritten."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    shape = (300, 1000)  # 1.2 MB: above the pool's minimum
+    kept = []
+    reused_before = transport._RECV_POOL.reused
+    for i in range(4):
+        req = mpimp.isend(make(torch.float32, shape, 100 * rank + i), dst, comm, tag=40)
+        got = mpimp.recv(src, comm, tag=40)
+        req.wait()
+        assert torch.equal(got, make(torch.float32, shape, 100 * src + i))  # the sender's tensor
+        if i % 2 == 0:
+            kept.append((i, got))  # alive: its memory must stay untouched
+        del got
+    for i, t in kept:
+        assert torch.equal(t, make(torch.float32, shape, 100 * src + i))
+    assert transport._RECV_POOL.reused > reused_before  # the dropped results were recycled
