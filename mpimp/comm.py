@@ -80,6 +80,7 @@ _MAGIC = b"MPMP"
 _INLINE = 1  # header layout version: payloads follow the header in the same message
 _ALIGN = 64
 _PACK_LIMIT = 64 * 1024  # payload bytes; above this CPU payloads are sent from their own memory
+_EAGER = 4096  # bytes; messages up to this size travel eagerly in every MPI we know (shared memory, networks)
 _QUICK_POLLS = 64  # progress calls a blocking send/recv makes before its deadline-checked wait
 _BLOCKING_MIN = 4 * 1024  # bytes; all_reduce of at least this uses barrier + blocking collective
 _ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
@@ -463,8 +464,24 @@ def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool =
 
 def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: float | None = None) -> None:
     """Send a tensor (or tuple of tensors) to rank ``dst`` of ``comm``; returns when the buffer is reusable."""
+    t = tensors
+    if type(t) is torch.Tensor and t.is_cpu and not t.requires_grad and t.is_contiguous():
+        head, _, total = _frame1(t.dtype, t.shape)
+        if total <= _EAGER:  # the common small message, inline: no request object
+            msg = bytearray(head)  # the header is padded up to the payload's offset
+            n = total - len(head)
+            if n:
+                msg += MPI.buffer.fromaddress(t.data_ptr(), n)
+            if _DEBUG:
+                _trace(comm, f"Isend -> {dst} tag {tag} ({n} B)")
+            mreq = comm.Isend([msg, total, MPI.BYTE], dst, tag)
+            for _ in range(_QUICK_POLLS):  # an eager message completes within a few progress calls
+                if mreq.Test():
+                    return
+            _wait_until(mreq.Test, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout)
+            return
     req = isend(tensors, dst, comm, tag)
-    for _ in range(_QUICK_POLLS):  # a small (eager) message completes within a few progress calls
+    for _ in range(_QUICK_POLLS):
         if req.test():
             return
     req.wait(timeout)
@@ -495,8 +512,25 @@ def _views(raw: bytearray | torch.Tensor, meta: list[tuple[torch.dtype, tuple[in
 
 def _unpack(raw: bytearray) -> Tensors:
     """Header parse and views of a small message received into ``raw``."""
-    meta, as_tuple, _ = _parse_header(bytes(raw[: _HEAD.unpack_from(raw, 0)[3]]))
+    meta, as_tuple, _ = _parse_header(bytes(memoryview(raw)[: _HEAD.unpack_from(raw, 0)[3]]))
+    if len(meta) == 1 and not as_tuple:  # one tensor (the common case): one frombuffer
+        dtype, shape, off = meta[0]
+        if len(shape) == 1 and shape[0]:
+            return torch.frombuffer(raw, dtype=dtype, count=shape[0], offset=off)
+        return _view(raw, dtype, shape, off)
     return _views(raw, meta, as_tuple)
+
+
+def _check_out(meta: list[tuple[torch.dtype, tuple[int, ...], int]], out: torch.Tensor, src: int,
+               tag: int) -> None:
+    """Raise TransportError unless the message holds exactly one tensor of ``out``'s dtype and shape."""
+    if not (len(meta) == 1 and meta[0][0] == out.dtype and tuple(meta[0][1]) == tuple(out.shape)):
+        got = ", ".join(_describe(d, s) for d, s, _ in meta) or "nothing"
+        raise TransportError(
+            f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {src} tag {tag}: "
+            f"out is {_describe(out.dtype, out.shape)} but the message holds {got}; "
+            f"pass an out tensor of that shape and dtype, or out=None"
+        )
 
 
 class _RecvRequest(Request):
@@ -617,15 +651,8 @@ class _RecvRequest(Request):
         self._raw = self._staged = None
 
     def _check_out(self, meta: list[tuple[torch.dtype, tuple[int, ...], int]]) -> None:
-        out = self.out
-        assert out is not None
-        if not (len(meta) == 1 and meta[0][0] == out.dtype and tuple(meta[0][1]) == tuple(out.shape)):
-            got = ", ".join(_describe(d, s) for d, s, _ in meta) or "nothing"
-            raise TransportError(
-                f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {self.src} tag {self.tag}: "
-                f"out is {_describe(out.dtype, out.shape)} but the message holds {got}; "
-                f"pass an out tensor of that shape and dtype, or out=None"
-            )
+        assert self.out is not None
+        _check_out(meta, self.out, self.src, self.tag)
 
     def result(self) -> Tensors | None:
         return self._value
@@ -655,14 +682,26 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
         if msg is not None:
             break
         msg = comm.Improbe(src, tag, status)
-    if msg is not None and out is None and (dev is None or dev.type == "cpu"):
+    if msg is not None and (dev is None or dev.type == "cpu") and (
+            out is None or (out.is_cpu and out.is_contiguous())):
         count = status.Get_count(MPI.BYTE)
         if count <= _PACK_LIMIT + 4096:  # the common small message: no request object
             raw = bytearray(count)
-            req = msg.Irecv([raw, count, MPI.BYTE])
-            if not req.Test():
-                _wait_until(req.Test, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
-            return _unpack(raw)
+            if count <= _EAGER:  # matched and eager: its bytes have arrived, Mrecv only copies
+                msg.Recv([raw, count, MPI.BYTE])
+            else:
+                req = msg.Irecv([raw, count, MPI.BYTE])
+                if not req.Test():
+                    _wait_until(req.Test, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
+            if out is None:
+                return _unpack(raw)
+            meta, _, _ = _parse_header(bytes(memoryview(raw)[: _HEAD.unpack_from(raw, 0)[3]]))
+            _check_out(meta, out, src, tag)
+            n = out.nbytes
+            if n:
+                off = meta[0][2]
+                memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(raw)[off : off + n]
+            return out
     rreq = _RecvRequest(src, comm, tag, out, dev, msg, status)
     value = rreq._value if rreq.test() else rreq.wait(timeout)
     assert value is not None
