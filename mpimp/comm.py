@@ -81,6 +81,7 @@ _INLINE = 1  # header layout version: payloads follow the header in the same mes
 _ALIGN = 64
 _PACK_LIMIT = 64 * 1024  # payload bytes; above this CPU payloads are sent from their own memory
 _EAGER = 4096  # bytes; messages up to this size travel eagerly in every MPI we know (shared memory, networks)
+_TIGHT_POLLS = 4000  # tight Test calls (about 1-2 ms) before a wait falls back to the polling loop
 _QUICK_POLLS = 64  # progress calls a blocking send/recv makes before its deadline-checked wait
 _BLOCKING_MIN = 4 * 1024  # bytes; all_reduce of at least this uses barrier + blocking collective
 _ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
@@ -159,6 +160,20 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
                 f"The peer may have failed, or the ranks disagree on the schedule. "
                 f"Raise MPIMP_TIMEOUT (0 disables the deadline) or set MPIMP_DEBUG=1 to trace MPI calls."
             )
+
+
+def _spin(req: MPI.Request, polls: int) -> bool:
+    """Test ``req`` up to ``polls`` times in a tight loop; True once complete.
+
+    A large message moves one fragment per progress call on each side (Open MPI's shared
+    memory path copies 32 KiB per call), so the time between two calls is time the
+    transfer stands still: polling through Python method layers cost 45 us per 1 MiB
+    message.  Callers fall back to :func:`_wait_until` (with its deadline) afterwards.
+    """
+    for _ in range(polls):
+        if req.Test():
+            return True
+    return False
 
 
 # ----------------------------------------------------------------------------- headers
@@ -361,6 +376,11 @@ class _MPIRequest(Request):
     def result(self) -> Tensors | None:
         return self._value
 
+    def wait(self, timeout: float | None = None) -> Tensors | None:
+        if not self._done:
+            _spin(self._req, _TIGHT_POLLS)
+        return Request.wait(self, timeout)
+
 
 class _SendRequest(_MPIRequest):
     """An isend: its description is formatted only when needed (a deadline or a trace)."""
@@ -480,11 +500,7 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
                     return
             _wait_until(mreq.Test, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout)
             return
-    req = isend(tensors, dst, comm, tag)
-    for _ in range(_QUICK_POLLS):
-        if req.test():
-            return
-    req.wait(timeout)
+    isend(tensors, dst, comm, tag).wait(timeout)
 
 
 def _view(raw: bytearray | torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], off: int) -> torch.Tensor:
@@ -565,14 +581,27 @@ class _RecvRequest(Request):
     def describe(self) -> str:
         return f"recv from rank {self.src} (tag {self.tag})"
 
+    def wait(self, timeout: float | None = None) -> Tensors | None:
+        if not self._done:
+            if self._req is None:  # first the message's envelope (matched probe), then its bytes
+                _wait_until(self._probe, self.describe, timeout)
+            assert self._req is not None
+            _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
+        return Request.wait(self, timeout)
+
+    def _probe(self) -> bool:
+        """Match the message and post its receive; False while it has not arrived."""
+        msg = self.comm.Improbe(self.src, self.tag, self._status)
+        if msg is None:
+            return False
+        self._post(msg)
+        return True
+
     def test(self) -> bool:
         if self._done:
             return True
-        if self._req is None:
-            msg = self.comm.Improbe(self.src, self.tag, self._status)
-            if msg is None:
-                return False
-            self._post(msg)
+        if self._req is None and not self._probe():
+            return False
         assert self._req is not None
         if not self._req.Test():
             return False
