@@ -14,6 +14,12 @@ one after the other in a rotating order (so neither always goes first):
 * ``allreduce raw`` ``comm.Allreduce(IN_PLACE)`` on a float32 numpy array vs
   ``allreduce mpimp`` ``mpimp.all_reduce`` on a float32 tensor of the same size.
 
+* ``stream``    the OSU ``osu_bw`` method for bandwidth: the sender keeps a window of
+                messages in flight (``Isend`` x w, then ``Waitall``; the receiver ``Irecv``
+                x w), then a 1-byte acknowledgement; raw vs ``mpimp.isend`` /
+                ``mpimp.irecv`` (+ ``out=``) / ``wait_all``.  Per-message software overhead
+                overlaps with the transfers in flight, as in a pipeline.
+
 A ping-pong trial times n round trips; one-way time = trial / (2 n).  The report gives the
 median over repetitions, raw's latency and bandwidth, and mpimp's as ratios to raw
 (bandwidth ratio = raw time / mpimp time: 1.0 = as fast as raw, higher = faster) plus the
@@ -91,6 +97,47 @@ def _pingpong_mpimp(comm: MPI.Comm, nbytes: int, n: int, use_out: bool) -> float
     return (time.perf_counter() - start) / (2 * n)
 
 
+def _window(nbytes: int) -> int:
+    """Messages in flight per round of the streaming test (OSU osu_bw uses 64)."""
+    return int(max(1, min(64, (16 << 20) // nbytes)))
+
+
+def _stream_raw(comm: MPI.Comm, nbytes: int, n: int) -> float:
+    """osu_bw-style: rank 0 posts a window of Isends, rank 1 a window of Irecvs, then a 1-byte ack."""
+    rank, peer, w = comm.Get_rank(), 1 - comm.Get_rank(), _window(nbytes)
+    sbuf, rbuf = _buffers(nbytes)
+    ack = np.zeros(1, dtype=np.uint8)
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(n):
+        if rank == 0:
+            MPI.Request.Waitall([comm.Isend([sbuf, MPI.BYTE], peer, TAG) for _ in range(w)])
+            comm.Recv([ack, MPI.BYTE], peer, TAG + 1)
+        else:
+            MPI.Request.Waitall([comm.Irecv([rbuf, MPI.BYTE], peer, TAG) for _ in range(w)])
+            comm.Send([ack, MPI.BYTE], peer, TAG + 1)
+    return (time.perf_counter() - start) / (n * w)
+
+
+def _stream_mpimp(comm: MPI.Comm, nbytes: int, n: int, use_out: bool) -> float:
+    """The same with mpimp.isend / mpimp.irecv (learning the shape, or into ``out``) and wait_all."""
+    rank, peer, w = comm.Get_rank(), 1 - comm.Get_rank(), _window(nbytes)
+    sbuf, rbuf = _buffers(nbytes)
+    t = torch.from_numpy(sbuf).view(torch.float32)
+    out = torch.from_numpy(rbuf).view(torch.float32) if use_out else None
+    ack = np.zeros(1, dtype=np.uint8)
+    comm.Barrier()
+    start = time.perf_counter()
+    for _ in range(n):
+        if rank == 0:
+            mpimp.wait_all([mpimp.isend(t, peer, comm, TAG) for _ in range(w)])
+            comm.Recv([ack, MPI.BYTE], peer, TAG + 1)
+        else:
+            mpimp.wait_all([mpimp.irecv(peer, comm, TAG, out=out) for _ in range(w)])
+            comm.Send([ack, MPI.BYTE], peer, TAG + 1)
+    return (time.perf_counter() - start) / (n * w)
+
+
 def _allreduce_raw(comm: MPI.Comm, nbytes: int, n: int) -> float:
     a = np.ones(nbytes // 4, dtype=np.float32)
     comm.Barrier()
@@ -135,7 +182,7 @@ def main() -> int:
     parser.add_argument("--reps", type=int, default=7, help="repetitions per peer and size")
     parser.add_argument("--budget-mib", type=float, default=256,
                         help="bytes moved per trial (sets the number of round trips)")
-    parser.add_argument("--only", choices=["p2p", "allreduce"], default=None)
+    parser.add_argument("--only", choices=["p2p", "stream", "allreduce"], default=None)
     args = parser.parse_args()
     world = MPI.COMM_WORLD
     if world.Get_size() != 2:
@@ -173,6 +220,22 @@ def main() -> int:
                 print(f"| {_fmt_size(nbytes):>7} | {raw * 1e6:9.1f} | {nbytes / raw / 1e6:9.0f} | "
                       f"{raw / med['mpimp']:12.3f} | {(med['mpimp'] - raw) * 1e6:9.1f} | "
                       f"{raw / med['out']:11.3f} | {(med['out'] - raw) * 1e6:8.1f} |", flush=True)
+    if args.only in (None, "stream"):
+        if rank == 0:
+            print("\n## streaming bandwidth (osu_bw style: a window of messages in flight), time per message")
+            print(f"| {'size':>7} | {'window':>6} | {'raw MB/s':>9} | {'mpimp/raw bw':>12} | {'out=/raw bw':>11} |")
+            print("|---:|---:|---:|---:|---:|")
+        for nbytes in sizes:
+            n = max(3, _iterations(nbytes * _window(nbytes), budget) // 2)
+            med = _median_times(comm, {
+                "raw": lambda k, b=nbytes: _stream_raw(comm, b, k),
+                "mpimp": lambda k, b=nbytes: _stream_mpimp(comm, b, k, False),
+                "out": lambda k, b=nbytes: _stream_mpimp(comm, b, k, True),
+            }, n, args.reps)
+            if rank == 0:
+                raw = med["raw"]
+                print(f"| {_fmt_size(nbytes):>7} | {_window(nbytes):>6} | {nbytes / raw / 1e6:9.0f} | "
+                      f"{raw / med['mpimp']:12.3f} | {raw / med['out']:11.3f} |", flush=True)
     if args.only in (None, "allreduce"):
         if rank == 0:
             print("\n## all-reduce (sum, float32, in place), time per call")

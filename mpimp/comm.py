@@ -537,6 +537,11 @@ def _unpack(raw: bytearray) -> Tensors:
     return _views(raw, meta, as_tuple)
 
 
+def _direct_out(out: torch.Tensor | None) -> bool:
+    """Whether a receive lands straight in ``out`` (large, contiguous, on the host)."""
+    return out is not None and out.is_cpu and out.is_contiguous() and out.nbytes > _PACK_LIMIT
+
+
 def _check_out(meta: list[tuple[torch.dtype, tuple[int, ...], int]], out: torch.Tensor, src: int,
                tag: int) -> None:
     """Raise TransportError unless the message holds exactly one tensor of ``out``'s dtype and shape."""
@@ -577,6 +582,8 @@ class _RecvRequest(Request):
             _trace(comm, f"Irecv <- {src} tag {tag}")
         if msg is not None:  # already matched by the caller's probe (status holds its size)
             self._post(msg)
+        elif _direct_out(out):
+            self._post_direct(None)
 
     def describe(self) -> str:
         return f"recv from rank {self.src} (tag {self.tag})"
@@ -586,7 +593,10 @@ class _RecvRequest(Request):
             if self._req is None:  # first the message's envelope (matched probe), then its bytes
                 _wait_until(self._probe, self.describe, timeout)
             assert self._req is not None
-            _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
+            try:
+                _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
+            except MPI.Exception as exc:
+                self._raise_truncated(exc)
         return Request.wait(self, timeout)
 
     def _probe(self) -> bool:
@@ -603,11 +613,51 @@ class _RecvRequest(Request):
         if self._req is None and not self._probe():
             return False
         assert self._req is not None
-        if not self._req.Test():
-            return False
+        try:
+            if not self._req.Test():
+                return False
+        except MPI.Exception as exc:
+            self._raise_truncated(exc)
         self._finish()
         self._done = True
         return True
+
+    def _raise_truncated(self, exc: MPI.Exception) -> None:
+        """A message larger than the pre-posted ``out``: a TransportError naming both."""
+        if exc.Get_error_class() != MPI.ERR_TRUNCATE or self.out is None:
+            raise exc
+        self._done = True
+        try:  # the header arrived first: name what the message holds when it is readable
+            meta = _parse_header(self._header_bytes())[0]
+            holds = ", ".join(_describe(d, sh) for d, sh, _ in meta)
+        except (TransportError, struct.error, KeyError):
+            holds = f"more than {_frame1(self.out.dtype, self.out.shape)[2]} bytes with its header"
+        raise TransportError(
+            f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {self.src} tag {self.tag}: "
+            f"out is {_describe(self.out.dtype, self.out.shape)} but the message is larger ({holds}); "
+            f"pass an out tensor of the sent shape and dtype, or out=None"
+        ) from None
+
+    def _post_direct(self, msg: MPI.Message | None) -> None:
+        """Receive straight into ``out`` (header scratch + out's memory, one cached datatype).
+
+        Without ``msg`` the receive is posted before the message arrives (``out`` tells the
+        expected size), so a rendezvous starts as soon as the sender's envelope lands.
+        """
+        out = self.out
+        assert out is not None
+        head, _, total = _frame1(out.dtype, out.shape)
+        hlen, ptr, nbytes = len(head), out.data_ptr(), out.nbytes
+
+        def blocks() -> tuple[list[tuple[int, int]], object]:
+            scratch = bytearray(hlen)  # the header lands here; the entry keeps it
+            return [(MPI.Get_address(scratch), hlen), (ptr, nbytes)], scratch
+
+        dtype, scratch = _RECV_TYPES.get((ptr, nbytes, hlen), blocks)
+        self._raw = scratch  # type: ignore[assignment]
+        self._direct = True
+        spec = [MPI.BOTTOM, 1, dtype]
+        self._req = msg.Irecv(spec) if msg is not None else self.comm.Irecv(spec, self.src, self.tag)
 
     def _post(self, msg: MPI.Message) -> None:
         count = self._status.Get_count(MPI.BYTE)
@@ -617,20 +667,9 @@ class _RecvRequest(Request):
             self._raw = bytearray(count)  # small: one buffer, views (or a copy into out)
             self._req = msg.Irecv([self._raw, count, MPI.BYTE])
             return
-        if out is not None and out.is_cpu and out.is_contiguous() and out.nbytes > _PACK_LIMIT:
-            head, _, total = _frame1(out.dtype, out.shape)
-            if count == total:
-                hlen, ptr, nbytes = len(head), out.data_ptr(), out.nbytes
-
-                def blocks() -> tuple[list[tuple[int, int]], object]:
-                    scratch = bytearray(hlen)  # the header lands here; the entry keeps it
-                    return [(MPI.Get_address(scratch), hlen), (ptr, nbytes)], scratch
-
-                dtype, scratch = _RECV_TYPES.get((ptr, nbytes, hlen), blocks)
-                self._raw = scratch  # type: ignore[assignment]
-                self._direct = True
-                self._req = msg.Irecv([MPI.BOTTOM, 1, dtype])
-                return
+        if _direct_out(out) and count == _frame1(out.dtype, out.shape)[2]:  # type: ignore[union-attr]
+            self._post_direct(msg)
+            return
         device = self.device if out is None else None
         if device is not None and device.type != "cpu":
             raw_t = torch.empty(count, dtype=torch.uint8, device=device)
@@ -692,8 +731,10 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     """Start receiving a tensor (or tuple) from rank ``src`` of ``comm``; ``wait()`` returns it.
 
     Shape and dtype come from the message.  With ``out`` the data is written into it
-    (its shape and dtype must match the message's; a mismatch raises TransportError and
-    leaves ``out`` unchanged).  ``device`` places the result (default: ``out``'s, else CPU).
+    (its shape and dtype must match the message's; a mismatch raises TransportError naming
+    both, and ``out``'s contents are then unspecified: a large contiguous ``out`` is posted
+    as the receive buffer before the message arrives).  ``device`` places the result
+    (default: ``out``'s, else CPU).
     """
     dev = torch.device(device) if isinstance(device, str) else device
     return _RecvRequest(src, comm, tag, out, dev)
@@ -705,6 +746,11 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
     dev = torch.device(device) if isinstance(device, str) else device
     if _DEBUG:
         _trace(comm, f"Recv <- {src} tag {tag}")
+    if _direct_out(out):  # pre-posted straight into out: no probe
+        rreq = _RecvRequest(src, comm, tag, out, dev)
+        value = rreq._value if rreq.test() else rreq.wait(timeout)
+        assert value is not None
+        return value
     status = MPI.Status()
     msg = comm.Improbe(src, tag, status)
     for _ in range(_QUICK_POLLS):  # spin briefly before paying for a request object
