@@ -86,6 +86,9 @@ _QUICK_POLLS = 64  # progress calls a blocking send/recv makes before its deadli
 _BLOCKING_MIN = 4 * 1024  # bytes; all_reduce of at least this uses barrier + blocking collective
 _ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
+# dtypes every MPI reduces natively with every op in _OPS (all_reduce's fast path)
+_PLAIN_TYPES = {torch.float32: MPI.FLOAT, torch.float64: MPI.DOUBLE, torch.int32: MPI.INT32_T,
+                torch.int64: MPI.INT64_T}
 _HEAD = struct.Struct("<4sBBH")
 _ENTRY = struct.Struct("<BB6x")
 
@@ -895,6 +898,27 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
     in docs/benchmarks.md).  A rank that dies inside it brings the job down (MPI's
     default error handler), it does not hang.
     """
+    mpi_type = _PLAIN_TYPES.get(tensor.dtype)
+    if (mpi_type is not None and tensor.is_cpu and tensor.is_contiguous() and not _DEBUG
+            and (op in _OPS or (op == "avg" and tensor.dtype.is_floating_point))):
+        # the common case (fp32/fp64/int host tensors): no staging, no request objects
+        n = tensor.numel()
+        spec = [MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes) if n else None, n, mpi_type]
+        mpi_op = _OPS["sum" if op == "avg" else op]
+        if tensor.nbytes >= _BLOCKING_MIN:
+            barrier = comm.Ibarrier()  # the deadline: every rank has reached this collective
+            if not _spin(barrier, _TIGHT_POLLS):
+                _wait_until(barrier.Test, lambda: f"all_reduce of {n} elements over {comm.Get_size()} "
+                            f"ranks (waiting for every rank to arrive)", timeout)
+            comm.Allreduce(MPI.IN_PLACE, spec, mpi_op)
+        else:
+            req = comm.Iallreduce(MPI.IN_PLACE, spec, mpi_op)
+            if not _spin(req, _TIGHT_POLLS):
+                _wait_until(req.Test, lambda: f"all_reduce of {n} elements over {comm.Get_size()} ranks",
+                            timeout)
+        if op == "avg":
+            tensor.div_(comm.Get_size())
+        return tensor
     value = _all_reduce(tensor, comm, op, timeout, blocking=True).wait(timeout)
     assert isinstance(value, torch.Tensor)
     return value
