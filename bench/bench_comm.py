@@ -180,6 +180,17 @@ def _median_times(comm: MPI.Comm, peers: dict[str, Callable[[int], float]], n: i
     return {k: statistics.median(v) for k, v in samples.items()}
 
 
+def _p2p_peers(comm: MPI.Comm, raw: Callable[[MPI.Comm, int, int], float],
+               ours: Callable[[MPI.Comm, int, int, bool], float], nbytes: int, n: int,
+               reps: int) -> dict[str, float]:
+    """Median times of raw, mpimp (new result) and mpimp (out=) for one message size."""
+    return _median_times(comm, {
+        "raw": lambda k: raw(comm, nbytes, k),
+        "mpimp": lambda k: ours(comm, nbytes, k, False),
+        "out": lambda k: ours(comm, nbytes, k, True),
+    }, n, reps)
+
+
 def _fmt_size(nbytes: int) -> str:
     return f"{nbytes // (1 << 20)} MiB" if nbytes >= 1 << 20 else f"{nbytes // KIB} KiB"
 
@@ -219,11 +230,7 @@ def main() -> int:
             print("|---:|---:|---:|---:|---:|---:|---:|")
         for nbytes in sizes:
             n = _iterations(nbytes, budget)
-            med = _median_times(comm, {
-                "raw": lambda k, b=nbytes: _pingpong_raw(comm, b, k),
-                "mpimp": lambda k, b=nbytes: _pingpong_mpimp(comm, b, k, False),
-                "out": lambda k, b=nbytes: _pingpong_mpimp(comm, b, k, True),
-            }, n, args.reps)
+            med = _p2p_peers(comm, _pingpong_raw, _pingpong_mpimp, nbytes, n, args.reps)
             if rank == 0:
                 raw = med["raw"]
                 print(f"| {_fmt_size(nbytes):>7} | {raw * 1e6:9.1f} | {nbytes / raw / 1e6:9.0f} | "
@@ -236,11 +243,7 @@ def main() -> int:
             print("|---:|---:|---:|---:|---:|")
         for nbytes in sizes:
             n = max(3, _iterations(nbytes * _window(nbytes), budget) // 2)
-            med = _median_times(comm, {
-                "raw": lambda k, b=nbytes: _stream_raw(comm, b, k),
-                "mpimp": lambda k, b=nbytes: _stream_mpimp(comm, b, k, False),
-                "out": lambda k, b=nbytes: _stream_mpimp(comm, b, k, True),
-            }, n, args.reps)
+            med = _p2p_peers(comm, _stream_raw, _stream_mpimp, nbytes, n, args.reps)
             if rank == 0:
                 raw = med["raw"]
                 print(f"| {_fmt_size(nbytes):>7} | {_window(nbytes):>6} | {nbytes / raw / 1e6:9.0f} | "
