@@ -81,7 +81,9 @@ _INLINE = 1  # header layout version: payloads follow the header in the same mes
 _ALIGN = 64
 _PACK_LIMIT = 64 * 1024  # payload bytes; above this CPU payloads are sent from their own memory
 _EAGER = 4096  # bytes; messages up to this size travel eagerly in every MPI we know (shared memory, networks)
-_TIGHT_POLLS = 4000  # tight Test calls (about 1-2 ms) before a wait falls back to the polling loop
+# tight Test calls (about 1-2 ms) before a wait falls back to the polling loop (few when
+# ranks outnumber cores: the core belongs to a computing rank then)
+_TIGHT_POLLS = 4000
 _QUICK_POLLS = 64  # progress calls a blocking send/recv makes before its deadline-checked wait
 _BLOCKING_MIN = 4 * 1024  # bytes; all_reduce of at least this uses barrier + blocking collective
 _ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
@@ -117,9 +119,14 @@ def _ranks_on_this_node() -> int:
 
 
 # More ranks than cores on the node (e.g. 4 ranks on 2 cores): a waiting rank must hand
-# its core to a computing one at once instead of spinning first (Open MPI does the same
-# with mpi_yield_when_idle when it detects oversubscription).
-_SPIN_SECONDS = 0.0 if _ranks_on_this_node() > (os.cpu_count() or 1) else 2e-3
+# its core to a computing one at once (Open MPI's mpi_yield_when_idle does the same when
+# it detects oversubscription), and sched_yield is not enough: the scheduler still gives
+# a yielding rank its fair share of the core, so such waits sleep between polls.
+_OVERSUBSCRIBED = _ranks_on_this_node() > (os.cpu_count() or 1)
+_SPIN_SECONDS = 0.0 if _OVERSUBSCRIBED else 2e-3  # polling without pause
+if _OVERSUBSCRIBED:
+    _TIGHT_POLLS = 32
+_YIELD_SECONDS = 0.0 if _OVERSUBSCRIBED else 0.2  # then polling with sched_yield, then with naps
 
 
 def _trace(comm: MPI.Comm, text: str) -> None:
@@ -132,11 +139,11 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
     """Poll ``done`` (which must drive MPI progress) until true or the deadline passes.
 
     Three phases, by elapsed time: spin for 2 ms (a message in flight completes within
-    microseconds, and a large one needs a progress call per fragment; skipped when the
-    node runs more ranks than it has cores); then keep polling but ``sched_yield``
-    between polls for up to 200 ms, so an oversubscribed rank hands its core to a
+    microseconds, and a large one needs a progress call per fragment); then keep polling
+    but ``sched_yield`` between polls for up to 200 ms, so a rank hands its core to a
     computing neighbour while an idle core keeps the transfer moving; then sleep between
-    polls, growing to 1 ms, for waits that are really long.
+    polls, growing from 20 us to 1 ms, for waits that are really long.  When the node runs
+    more ranks than it has cores, waits sleep between polls from the start.
     """
     if done():
         return
@@ -148,7 +155,7 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
         if spins & 31:
             continue
         elapsed = time.monotonic() - start
-        if elapsed > 0.2:
+        if elapsed > _YIELD_SECONDS:
             time.sleep(nap)
             nap = min(1e-3, nap * 1.5)
         elif elapsed >= _SPIN_SECONDS:

@@ -250,12 +250,13 @@ class Pipeline(StageExecutor):
         return self._step_start
 
     def timeline(self) -> list[dict[str, Any]]:
-        """This rank's actions of the last step: start/end seconds since the step began, and
-        ``cpu``, the CPU seconds the rank's thread spent in the action (below ``end - start``
-        when ranks share cores, or while a receive waits without spinning)."""
+        """This rank's actions of the last step: start/end seconds since the step began;
+        ``cpu_start``/``cpu_end``, the CPU seconds the rank's thread had used since the step
+        began, and ``cpu``, their difference (below ``end - start`` when ranks share cores,
+        or while a receive waits without spinning)."""
         return [{"rank": self.topo.pp_rank, "world_rank": self.topo.rank, "action": str(a), "stage": a.stage,
-                 "kind": a.kind, "mb": a.mb, "start": t0, "end": t1, "cpu": c}
-                for a, t0, t1, c in self._events]
+                 "kind": a.kind, "mb": a.mb, "start": t0, "end": t1, "cpu": c1 - c0, "cpu_start": c0,
+                 "cpu_end": c1} for a, t0, t1, c0, c1 in self._events]
 
     def train_step(self, inputs: Any, targets: Any) -> float:
         """Forward and backward of one batch in ``chunks`` micro-batches; returns the mean loss.

@@ -157,9 +157,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     A receive's own cost is estimated as its shortest measured duration (no waiting); the
     executor's time between actions (the mean gap) becomes the per-action ``overhead``.
     ``cores``: the CPU cores the ranks shared while measured.  When fewer than the ranks,
-    F, B and W costs are the CPU seconds the executor recorded (wall-clock durations then
-    include the time other ranks held the core) and the model shares ``cores`` between
-    the ranks like the operating system did.
+    every cost (F, B, W, send, receive and the gaps between actions) is the CPU time the
+    executor recorded (wall-clock durations then include the time other ranks held the
+    core) and the model shares ``cores`` between the ranks like the operating system did.
     """
     shared = cores is not None and cores < len(timelines)
     per: dict[tuple[str, int], list[float]] = defaultdict(list)
@@ -167,11 +167,14 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     recvs: list[float] = []
     gaps: list[float] = []
     for tl in timelines:
-        gaps += [max(0.0, b["start"] - a["end"]) for a, b in zip(tl, tl[1:])]
+        if shared and all("cpu_start" in e for e in tl):  # the executor's own CPU between actions
+            gaps += [max(0.0, b["cpu_start"] - a["cpu_end"]) for a, b in zip(tl, tl[1:])]
+        else:
+            gaps += [max(0.0, b["start"] - a["end"]) for a, b in zip(tl, tl[1:])]
         for e in tl:
-            d = e["end"] - e["start"]
+            d = e.get("cpu", e["end"] - e["start"]) if shared else e["end"] - e["start"]
             if _compute(e):
-                per[(e["kind"], e["stage"])].append(e.get("cpu", d) if shared else d)
+                per[(e["kind"], e["stage"])].append(d)
             elif e["kind"].startswith("SEND"):
                 sends.append(d)
             else:

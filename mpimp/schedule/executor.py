@@ -139,7 +139,9 @@ class StageExecutor:
         self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, ERR_TAG) if p > 1 else None
         self._broken: str | None = None
         self._progress_thread = p > 1 and progress_thread_wanted()
-        self._events: list[tuple[Action, float, float, float]] = []  # action, start, end, CPU seconds
+        # action, start, end (wall seconds), CPU seconds of this thread at start and end (since the step began)
+        self._events: list[tuple[Action, float, float, float, float]] = []
+        self._cpu_start = 0.0
         self._step_start = 0.0
         self.peak_inflight = 0  # measured in the last step: micro-batches held between F and B/W
         self.split_weight_passes = 0  # W actions of the last step that ran a separate weight pass
@@ -171,6 +173,7 @@ class StageExecutor:
         self.peak_inflight = 0
         self.split_weight_passes = 0
         self._step_start = time.perf_counter()
+        self._cpu_start = time.thread_time()
 
     def _tag(self, stage: int, direction: int, mb: int) -> int:
         return TAG_BASE + 2 * (mb * self.num_stages + stage) + direction
@@ -253,7 +256,8 @@ class StageExecutor:
                 self._backward(a.stage, a.mb)
             else:
                 self._weight(a.stage, a.mb)
-            self._events.append((a, t0 - self._step_start, clock() - self._step_start, cpu() - c0))
+            self._events.append((a, t0 - self._step_start, clock() - self._step_start,
+                                 c0 - self._cpu_start, cpu() - self._cpu_start))
             for key in order[:4]:  # drive the next receives while we compute
                 recvs[key].test()
             sends = [q for q in sends if not q.test()]
