@@ -55,6 +55,7 @@ from .buffers import (
     to_wire,
 )
 from .errors import ConfigError, DeadlineError, TransportError
+from .watchdog import WATCHDOG
 
 __all__ = [
     "send",
@@ -85,7 +86,6 @@ _EAGER = 4096  # bytes; messages up to this size travel eagerly in every MPI we 
 # ranks outnumber cores: the core belongs to a computing rank then)
 _TIGHT_POLLS = 4000
 _QUICK_POLLS = 64  # progress calls a blocking send/recv makes before its deadline-checked wait
-_BLOCKING_MIN = 4 * 1024  # bytes; all_reduce of at least this uses barrier + blocking collective
 _ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 # dtypes every MPI reduces natively with every op in _OPS (all_reduce's fast path)
@@ -865,16 +865,11 @@ def _all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str, timeout: float | 
     buf, staged = to_wire(work)
     n = work.numel()
     what = lambda: f"all_reduce of {n} elements over {comm.Get_size()} ranks"  # noqa: E731
-    if blocking and work.nbytes >= _BLOCKING_MIN:
-        # the deadline: every rank has reached this collective
-        if _DEBUG:
-            _trace(comm, "Ibarrier")
-        barrier = comm.Ibarrier()
-        if not barrier.Test():
-            _MPIRequest(barrier, lambda: f"{what()} (waiting for every rank to arrive)").wait(timeout)
+    if blocking:  # the library's tuned blocking collective, under the watchdog's deadline
         if _DEBUG:
             _trace(comm, f"Allreduce {n} x {work.dtype} op {op}")
-        comm.Allreduce(MPI.IN_PLACE, [buf, n, dtype], mpi_op)
+        with WATCHDOG.guard(what, default_timeout() if timeout is None else timeout):
+            comm.Allreduce(MPI.IN_PLACE, [buf, n, dtype], mpi_op)
         req = MPI.REQUEST_NULL  # already complete
     else:
         if _DEBUG:
@@ -898,12 +893,12 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
                timeout: float | None = None) -> torch.Tensor:
     """In-place all-reduce of ``tensor`` over ``comm``; returns ``tensor``.
 
-    Small tensors: a non-blocking all-reduce polled until the deadline.  From
-    ``_BLOCKING_MIN`` bytes: a barrier polled until the deadline (so a missing rank still
-    raises DeadlineError instead of hanging), then the library's blocking all-reduce,
-    whose tuned algorithms beat the non-blocking schedule on large buffers (measured
-    in docs/benchmarks.md).  A rank that dies inside it brings the job down (MPI's
-    default error handler), it does not hang.
+    The library's blocking all-reduce (its tuned algorithms beat the non-blocking
+    schedule at every size, measured in docs/benchmarks.md), guarded by the
+    :mod:`mpimp.watchdog`: if it has not returned by the deadline (``timeout``, default
+    ``MPIMP_TIMEOUT``) because a rank failed or never called it, the job is aborted with
+    a stall report naming the rank and the call, instead of hanging.  For a catchable
+    :class:`DeadlineError` use ``iall_reduce(...).wait(timeout)``.
     """
     mpi_type = _PLAIN_TYPES.get(tensor.dtype)
     if (mpi_type is not None and tensor.is_cpu and tensor.is_contiguous() and not _DEBUG
@@ -912,17 +907,9 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
         n = tensor.numel()
         spec = [MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes) if n else None, n, mpi_type]
         mpi_op = _OPS["sum" if op == "avg" else op]
-        if tensor.nbytes >= _BLOCKING_MIN:
-            barrier = comm.Ibarrier()  # the deadline: every rank has reached this collective
-            if not _spin(barrier, _TIGHT_POLLS):
-                _wait_until(barrier.Test, lambda: f"all_reduce of {n} elements over {comm.Get_size()} "
-                            f"ranks (waiting for every rank to arrive)", timeout)
+        with WATCHDOG.guard(lambda: f"all_reduce of {n} x {tensor.dtype} over {comm.Get_size()} ranks",
+                            default_timeout() if timeout is None else timeout):
             comm.Allreduce(MPI.IN_PLACE, spec, mpi_op)
-        else:
-            req = comm.Iallreduce(MPI.IN_PLACE, spec, mpi_op)
-            if not _spin(req, _TIGHT_POLLS):
-                _wait_until(req.Test, lambda: f"all_reduce of {n} elements over {comm.Get_size()} ranks",
-                            timeout)
         if op == "avg":
             tensor.div_(comm.Get_size())
         return tensor

@@ -1,0 +1,93 @@
+"""Deadlines for blocking MPI calls: a collective that never completes ends the job, it does not hang.
+
+Problem: mpimp's own waits poll non-blocking requests and raise :class:`DeadlineError`
+when a peer does not show up.  The library's *blocking* collectives (``MPI_Allreduce``
+with its tuned algorithms) cannot be polled, and guarding each one with a polled
+barrier first costs a synchronisation round per call (5-10% of a 1 MiB all-reduce,
+measured in bench/bench_comm.py).  Yet a rank that died or took another branch would
+leave every other rank blocked in the collective forever.
+
+So a blocking call runs under :meth:`Watchdog.guard`: it records (deadline, description)
+in a table that one daemon thread per process scans every ``period`` seconds.  A call that
+returns removes its entry (a dict store and a delete, under the GIL: well under a
+microsecond).  A call still running past its deadline cannot be interrupted from Python,
+so the watchdog prints a stall report (the rank, the call, how long it has been running,
+the fix) to stderr and aborts the job (``MPI_Abort`` on ``COMM_WORLD``: the launcher
+then stops every rank) instead of leaving the others hanging.
+
+The deadline is the transport's (``MPIMP_TIMEOUT`` seconds, 0 disables it).  The thread
+is started on first use; it holds no communicator and makes no MPI call except the abort.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+
+from mpi4py import MPI
+
+__all__ = ["Watchdog", "WATCHDOG"]
+
+
+class Watchdog:
+    """Aborts the job when a guarded blocking call outlives its deadline (see the module doc)."""
+
+    def __init__(self, period: float = 0.25, abort: Callable[[str], None] | None = None) -> None:
+        self.period = period
+        self._abort = abort or self._abort_job
+        self._pending: dict[int, tuple[float, float, Callable[[], str]]] = {}
+        self._ids = itertools.count()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self.fired: list[str] = []  # reports issued (the default abort never returns)
+
+    @contextmanager
+    def guard(self, what: Callable[[], str], timeout: float | None) -> Iterator[None]:
+        """Run the body under a deadline of ``timeout`` seconds (None or <= 0: no deadline)."""
+        if timeout is None or timeout <= 0:
+            yield
+            return
+        if self._thread is None:
+            self._start()
+        key = next(self._ids)
+        now = time.monotonic()
+        self._pending[key] = (now + timeout, now, what)
+        try:
+            yield
+        finally:
+            self._pending.pop(key, None)  # gone already if the watchdog fired
+
+    def _start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name="mpimp-watchdog", daemon=True)
+                self._thread.start()
+
+    def _loop(self) -> None:
+        while True:
+            time.sleep(self.period)
+            now = time.monotonic()
+            for key, (deadline, started, what) in list(self._pending.items()):
+                if now > deadline and key in self._pending:
+                    self._pending.pop(key, None)
+                    report = (
+                        f"mpimp watchdog: rank {MPI.COMM_WORLD.Get_rank()}: {what()} has been blocked for "
+                        f"{now - started:.1f} s, past its deadline of {deadline - started:g} s. A peer "
+                        f"failed or never entered this collective (ranks disagree on the schedule). "
+                        f"Aborting the job so no rank hangs; raise MPIMP_TIMEOUT (0 disables the "
+                        f"deadline) or set MPIMP_DEBUG=1 to trace MPI calls."
+                    )
+                    self.fired.append(report)
+                    self._abort(report)
+
+    @staticmethod
+    def _abort_job(report: str) -> None:
+        print(report, file=sys.stderr, flush=True)
+        MPI.COMM_WORLD.Abort(70)
+
+
+WATCHDOG = Watchdog()  # one per process: it guards every blocking call of the transport

@@ -1,0 +1,66 @@
+"""The watchdog: a blocking collective past its deadline ends the job with a stall report."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from mpimp.watchdog import Watchdog
+
+
+def test_guard_fires_only_for_calls_past_their_deadline() -> None:
+    reports: list[str] = []
+    dog = Watchdog(period=0.05, abort=reports.append)
+    with dog.guard(lambda: "quick call", timeout=5.0):
+        pass
+    with dog.guard(lambda: "no deadline", timeout=0):  # 0 / None: never fires
+        time.sleep(0.2)
+    with dog.guard(lambda: "all_reduce of 7 x torch.float32 over 2 ranks", timeout=0.1):
+        time.sleep(0.5)  # a blocked call the thread cannot interrupt
+    assert len(reports) == 1, reports
+    assert "all_reduce of 7 x torch.float32 over 2 ranks" in reports[0]
+    assert "past its deadline of 0.1 s" in reports[0] and "MPIMP_TIMEOUT" in reports[0]
+    assert dog.fired == reports
+    with dog.guard(lambda: "again quick", timeout=0.1):
+        pass
+    time.sleep(0.2)
+    assert len(reports) == 1  # finished calls are forgotten
+
+
+def _mpirun() -> str:
+    found = Path(sys.executable).parent / "mpirun"
+    if found.exists():
+        return str(found)
+    which = shutil.which("mpirun")
+    if which is None:
+        pytest.skip("no mpirun found next to the interpreter or on PATH")
+    return which
+
+
+def test_a_rank_missing_from_an_all_reduce_aborts_the_job_instead_of_hanging() -> None:
+    script = (
+        "import time, torch, mpimp\n"
+        "from mpi4py import MPI\n"
+        "c = MPI.COMM_WORLD\n"
+        "if c.Get_rank() == 0:\n"
+        "    mpimp.all_reduce(torch.ones(1 << 18), c)  # rank 1 never joins\n"
+        "else:\n"
+        "    time.sleep(60)\n"
+    )
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
+               MPIMP_TIMEOUT="2")
+    start = time.monotonic()
+    done = subprocess.run([_mpirun(), "--oversubscribe", "-n", "2", sys.executable, "-c", script],
+                          env=env, capture_output=True, text=True, timeout=120)
+    took = time.monotonic() - start
+    assert done.returncode != 0
+    assert "mpimp watchdog: rank 0: all_reduce of 262144 x torch.float32 over 2 ranks" in done.stderr, done.stderr
+    assert took < 45, f"the job took {took:.0f} s to end (rank 1 sleeps 60 s)"
