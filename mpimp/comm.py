@@ -907,9 +907,12 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
         n = tensor.numel()
         spec = [MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes) if n else None, n, mpi_type]
         mpi_op = _OPS["sum" if op == "avg" else op]
-        with WATCHDOG.guard(lambda: f"all_reduce of {n} x {tensor.dtype} over {comm.Get_size()} ranks",
-                            default_timeout() if timeout is None else timeout):
+        key = WATCHDOG.arm(lambda: f"all_reduce of {n} x {tensor.dtype} over {comm.Get_size()} ranks",
+                           default_timeout() if timeout is None else timeout)
+        try:
             comm.Allreduce(MPI.IN_PLACE, spec, mpi_op)
+        finally:
+            WATCHDOG.disarm(key)
         if op == "avg":
             tensor.div_(comm.Get_size())
         return tensor

@@ -48,18 +48,26 @@ class Watchdog:
     @contextmanager
     def guard(self, what: Callable[[], str], timeout: float | None) -> Iterator[None]:
         """Run the body under a deadline of ``timeout`` seconds (None or <= 0: no deadline)."""
-        if timeout is None or timeout <= 0:
+        key = self.arm(what, timeout)
+        try:
             yield
-            return
+        finally:
+            self.disarm(key)
+
+    def arm(self, what: Callable[[], str], timeout: float | None) -> int:
+        """Start a deadline; pass the returned key to :meth:`disarm` when the call returns
+        (the cheaper form of :meth:`guard` for hot paths that cannot raise in between)."""
+        if timeout is None or timeout <= 0:
+            return -1
         if self._thread is None:
             self._start()
         key = next(self._ids)
         now = time.monotonic()
         self._pending[key] = (now + timeout, now, what)
-        try:
-            yield
-        finally:
-            self._pending.pop(key, None)  # gone already if the watchdog fired
+        return key
+
+    def disarm(self, key: int) -> None:
+        self._pending.pop(key, None)  # gone already if the watchdog fired
 
     def _start(self) -> None:
         with self._lock:
