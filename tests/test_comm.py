@@ -542,7 +542,7 @@ def test_mpimp_debug_traces_every_call_on_stderr() -> None:
     assert any(line.startswith("r0 | Isend -> 0 tag 5") for line in lines), loud.stderr
     assert any(line.startswith("r0 | Recv <- 0 tag 5") for line in lines), loud.stderr  # blocking recv
     assert not any("Recv <- 0 tag 5" in line and "Irecv" in line for line in lines)  # the fast path: one line
-    assert any(line.startswith("r0 | Iallreduce 2 x torch.float32 op sum") for line in lines), loud.stderr
+    assert any(line.startswith("r0 | Allreduce 2 x torch.float32 op sum") for line in lines), loud.stderr
 
 
 @pytest.mark.mpi(min_size=1)
