@@ -18,6 +18,7 @@ the actions' CPU times, the simulator sharing the cores between the ranks).
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import math
 import os
@@ -171,9 +172,29 @@ def throughput(world: MPI.Comm, rounds: int, steps: int) -> dict:
     return out
 
 
+def fit_quantum(world: MPI.Comm, topo: mpimp.Topology, cores: int) -> float:
+    """With more ranks than cores: the scheduler's effective time slice, fitted once on a
+    1F1B step with m = 8 (a calibration step, not one of the measured points)."""
+    m = 8
+    x, y = batch(2 * m, seed=99)
+    pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, schedule="1f1b")
+    pipe.train_step(x, y)
+    mpimp.barrier(world)
+    pipe.train_step(x, y)
+    tls = trace.gather(pipe)
+    q = trace.fit_quantum(tls, pipe.compute_table, pipe.num_stages, m, cores) if world.Get_rank() == 0 else 0.0
+    pipe.close()
+    return world.bcast(q)
+
+
 def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
     p = world.Get_size()
     topo = mpimp.init(pp=p, comm=world)
+    cores = os.cpu_count() or p
+    quantum = fit_quantum(world, topo, cores) if p > cores else 0.0
+    if world.Get_rank() == 0 and p > cores:
+        print(f"  {p} ranks on {cores} cores: effective time slice fitted on a calibration step "
+              f"(1f1b, m=8): {quantum * 1e3:g} ms", flush=True)
     rows = []
     for schedule in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
         for m in ms:
@@ -191,7 +212,9 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                 tls = trace.gather(pipe)
                 if world.Get_rank() == 0:
                     measured.append(trace.bubble_fraction(tls)[0])
-                    cost = trace.calibrate(tls, pipe.num_stages, cores=os.cpu_count())  # shared when p > cores
+                    cost = trace.calibrate(tls, pipe.num_stages, cores=cores)  # shared when p > cores
+                    if p > cores:
+                        cost = dataclasses.replace(cost, quantum=quantum)
                     predicted.append(simulate(pipe.compute_table, cost, m).bubble)
                     if schedule in ("1f1b", "zb-h1") and m == 8 and _ == steps - 1:
                         RESULTS.mkdir(exist_ok=True)
@@ -200,7 +223,7 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                                          title=f"{schedule}, p={p}, m={m}")
             if world.Get_rank() == 0:
                 meas, pred = statistics.median(measured), statistics.median(predicted)
-                rows.append({"schedule": schedule, "p": p, "m": m, "v": v, "measured": meas, "predicted": pred,
+                rows.append({"schedule": schedule, "p": p, "m": m, "v": v, "measured": meas, "predicted": pred, "quantum": quantum,
                              "rel_error": abs(pred - meas) / meas if meas else math.nan})
                 print(f"  {schedule:<17} m={m:<3} measured bubble {meas:6.1%}  predicted {pred:6.1%}  "
                       f"rel. error {rows[-1]['rel_error']:5.1%}", flush=True)

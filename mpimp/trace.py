@@ -18,6 +18,7 @@ one rank (aligned on the shared monotonic clock when all ranks share a host), wh
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections import defaultdict
 from collections.abc import Sequence
@@ -27,7 +28,7 @@ from typing import Any
 from .schedule import CostModel, simulate
 
 __all__ = ["gather", "bubble_fraction", "chrome_trace", "write_chrome_trace", "plot_gantt",
-           "calibrate", "predict"]
+           "calibrate", "predict", "fit_quantum"]
 
 Timeline = list[dict[str, Any]]
 _COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868", "SEND_F": "#C9C9C9", "SEND_B": "#C9C9C9",
@@ -196,3 +197,23 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
 def predict(table: Sequence[Sequence[Any]], cost: CostModel, num_microbatches: int) -> float:
     """Predicted bubble fraction of ``table`` on ``cost`` (mean over ranks)."""
     return simulate(table, cost, num_microbatches).bubble
+
+
+QUANTA = (0.0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2)
+
+
+def fit_quantum(timelines: Sequence[Timeline], table: Sequence[Sequence[Any]], num_stages: int,
+                num_microbatches: int, cores: int) -> float:
+    """The operating system's effective time slice, fitted on one measured step.
+
+    With more ranks than cores the measured bubble depends on how long a running rank
+    keeps its core before a rank that became ready gets it (measured here: about one
+    pipeline action, tens of milliseconds, far longer than the scheduler's nominal slice).
+    Fit it once on a calibration step (the ``quantum`` in :data:`QUANTA` whose simulated
+    bubble is closest to the measured one), then predict other schedules and
+    micro-batch counts with it: a machine constant, like latency and bandwidth.
+    """
+    cost = calibrate(timelines, num_stages, cores=cores)
+    measured = bubble_fraction(timelines)[0]
+    return min(QUANTA, key=lambda q: abs(simulate(table, dataclasses.replace(cost, quantum=q),
+                                                  num_microbatches).bubble - measured))

@@ -224,9 +224,16 @@ def test_simulator_shares_cores_between_ranks() -> None:
         assert one.peak_inflight == alone.peak_inflight
         two = simulate(table, CostModel(f=1.0, b=2.0, w=0.5, cores=2), m)
         assert max(alone.step_time, work / 2) - 1e-9 <= two.step_time <= one.step_time + 1e-9
-    # two ranks on one core, both computing: each at half speed
-    rep = simulate(build("gpipe", 2, 2), CostModel(f=1.0, b=1.0, w=0.0, cores=1), 2)
-    f1_on_rank0 = [e for e in rep.events[0] if str(e[0]) == "0F1"][0]
-    assert f1_on_rank0[2] - f1_on_rank0[1] == pytest.approx(2.0)  # shared with 1F0
+    # two ranks on one core, both computing: each at half speed (processor sharing), or
+    # alternating time slices (round robin: within one slice of that)
+    for quantum in (0.0, 0.003, 0.25):
+        rep = simulate(build("gpipe", 2, 2), CostModel(f=1.0, b=1.0, w=0.0, cores=1, quantum=quantum), 2)
+        f1_on_rank0 = [e for e in rep.events[0] if str(e[0]) == "0F1"][0]
+        assert f1_on_rank0[2] - f1_on_rank0[1] == pytest.approx(2.0, abs=quantum + 1e-9)  # shared with 1F0
+        assert rep.step_time == pytest.approx(8.0)  # one core, never idle
+    # round robin: a woken rank waits for a core; processor sharing gives it one at once
+    ps = simulate(build("1f1b", 4, 8), CostModel(f=1.0, b=2.0, w=0.5, cores=2, quantum=0.0), 8)
+    rr = simulate(build("1f1b", 4, 8), CostModel(f=1.0, b=2.0, w=0.5, cores=2, quantum=0.5), 8)
+    assert rr.bubble > ps.bubble - 1e-9
     with pytest.raises(ConfigError, match="cores=0"):
         simulate(build("gpipe", 2, 2), CostModel(cores=0), 2)

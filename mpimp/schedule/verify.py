@@ -50,10 +50,11 @@ class CostModel:
     in-flight micro-batches into bytes.
 
     ``cores``: CPU cores the ranks share (None: one each).  With fewer cores than ranks
-    the simulator shares them like the operating system does (processor sharing): while
-    k ranks run an action, each progresses at ``min(1, cores / k)`` of its speed, so the
-    times above are then CPU seconds, not wall-clock seconds; a rank waiting for a
-    message takes no core.
+    the simulator schedules them like the operating system does: ranks ready to run
+    queue for a core and hold it for up to ``quantum`` seconds (the scheduler's time
+    slice; 0 = processor sharing, every ready rank at ``min(1, cores / k)`` of its
+    speed), so the times above are then CPU seconds, not wall-clock seconds; a rank
+    waiting for a message takes no core.
     """
 
     f: Seconds = 1.0
@@ -67,6 +68,7 @@ class CostModel:
     recv: float = 0.0
     overhead: float = 0.0
     cores: int | None = None
+    quantum: float = 0.003
 
     def message_time(self) -> float:
         return self.latency + (self.message_bytes / self.bandwidth if self.bandwidth else 0.0)
@@ -213,62 +215,111 @@ def _duration(cost: CostModel, a: Action, has_w: set[tuple[int, int]]) -> float:
 
 def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel,
                 peak: list[int]) -> Report:
-    """Times of a verified table when ``cost.cores`` cores are shared by more ranks (processor sharing).
+    """Times of a verified table when ``cost.cores`` cores are shared by more ranks.
 
-    Event-driven: every rank runs its row in order; a receive first waits (on no core)
-    until its message has arrived (the matching send's end + message time); between
-    events every rank with an action in progress advances at ``min(1, cores / k)``.
+    Event-driven, like an operating system's round-robin scheduler: every rank runs its
+    row in order; a rank whose next action is a receive of a message that has not arrived
+    blocks (on no core) until it arrives (the matching send's end + message time), then
+    joins the run queue; a free core takes the first rank of the queue and runs it for up
+    to ``cost.quantum`` seconds (then, if others wait, the rank goes to the back of the
+    queue).  ``quantum = 0`` is processor sharing: the k ranks ready to run all advance at
+    ``min(1, cores / k)``.  As in the executor's timeline, an action starts when its rank
+    first gets a core for it, and a receive lasts from the end of the previous action.
     """
-    p, cores = len(table), float(cost.cores or len(table))
+    p, cores = len(table), int(cost.cores or len(table))
     has_w = {(a.stage, a.mb) for row in table for a in row if a.kind == "W"}
-    msg = cost.message_time()
+    msg, quantum = cost.message_time(), cost.quantum
     arrival: dict[tuple[int, str, int], float] = {}  # (stage, SEND_F|SEND_B, mb) -> arrival time
-    pos, left = [0] * p, [0.0] * p  # next action; remaining CPU seconds of the running one
-    running = [False] * p
-    began, reached = [0.0] * p, [0.0] * p  # when the running action started; when the rank got to it
+    pos, left = [0] * p, [-1.0] * p  # next action; its remaining CPU seconds (-1: not started)
+    began, reached = [0.0] * p, [0.0] * p  # when the action first ran; when the rank got to it
     busy = [0.0] * p
     events: list[list[tuple[Action, float, float]]] = [[] for _ in range(p)]
+    queue: list[int] = []  # ranks ready to run, in arrival order
+    on_core: dict[int, float] = {}  # running rank -> end of its time slice
+    blocked: set[int] = set()
     now = 0.0
 
     def source(a: Action) -> tuple[int, str, int]:
         return (a.stage - 1, "SEND_F", a.mb) if a.kind == "RECV_F" else (a.stage + 1, "SEND_B", a.mb)
 
-    def finish(r: int) -> None:
+    def can_run(r: int) -> bool:
+        """Whether rank r has work it can do now (blocks it on a missing message otherwise)."""
+        if pos[r] >= len(table[r]):
+            return False
         a = table[r][pos[r]]
-        start = reached[r] if a.kind in ("RECV_F", "RECV_B") else began[r]  # a receive includes its wait
-        events[r].append((a, start, now))
-        if a.kind in COMPUTE:
-            busy[r] += now - began[r]
-        elif a.kind in ("SEND_F", "SEND_B"):
-            arrival[(a.stage, a.kind, a.mb)] = now + msg
-        running[r] = False
-        pos[r] += 1
-        reached[r] = now
+        if left[r] < 0 and a.kind in ("RECV_F", "RECV_B") and arrival.get(source(a), float("inf")) > now:
+            blocked.add(r)
+            return False
+        return True
 
-    while True:
-        for r in range(p):  # start what can start now; zero-cost actions finish at once
-            while not running[r] and pos[r] < len(table[r]):
-                a = table[r][pos[r]]
-                if a.kind in ("RECV_F", "RECV_B") and arrival.get(source(a), float("inf")) > now:
-                    break
-                running[r], began[r], left[r] = True, now, _duration(cost, a, has_w)
-                if left[r] <= 0.0:
-                    finish(r)
-        active = [r for r in range(p) if running[r]]
-        waits = [arrival[source(table[r][pos[r]])] for r in range(p)
-                 if not running[r] and pos[r] < len(table[r]) and source(table[r][pos[r]]) in arrival]
-        if not active and not waits:
-            if any(pos[r] < len(table[r]) for r in range(p)):  # pragma: no cover - verified tables finish
+    def advance(r: int, dt: float, share: float) -> None:
+        """Rank r got dt CPU seconds (at ``share`` of a core) ending now: finish every action
+        that completes (zero-cost ones at once)."""
+        while pos[r] < len(table[r]):
+            a = table[r][pos[r]]
+            if left[r] < 0:
+                if not can_run(r):
+                    return
+                left[r], began[r] = _duration(cost, a, has_w), now - dt / share
+            used = min(dt, left[r])
+            left[r] -= used
+            dt -= used
+            if left[r] > 1e-12:
+                return
+            end = now - dt / share
+            start = reached[r] if a.kind in ("RECV_F", "RECV_B") else began[r]
+            events[r].append((a, start, end))
+            if a.kind in COMPUTE:
+                busy[r] += end - began[r]
+            elif a.kind in ("SEND_F", "SEND_B"):
+                arrival[(a.stage, a.kind, a.mb)] = end + msg
+            pos[r] += 1
+            left[r] = -1.0
+            reached[r] = end
+
+    for r in range(p):
+        if can_run(r):
+            queue.append(r)
+    while queue or on_core or blocked:
+        while queue and len(on_core) < cores:  # hand free cores to waiting ranks
+            r = queue.pop(0)
+            on_core[r] = now + quantum if quantum > 0 else float("inf")
+        wakes = [arrival[source(table[r][pos[r]])] for r in blocked if source(table[r][pos[r]]) in arrival]
+        share = 1.0
+        if quantum <= 0 and on_core:  # processor sharing: every ready rank runs at cores / k
+            for r in queue:
+                on_core[r] = float("inf")
+            queue.clear()
+            share = min(1.0, cores / len(on_core))
+        if not on_core:
+            if not wakes:  # pragma: no cover - verified tables finish
                 raise _fail(table, {r: pos[r] for r in range(p) if pos[r] < len(table[r])}, "stuck")
-            break
-        rate = min(1.0, cores / len(active)) if active else 0.0
-        step = min([left[r] / rate for r in active] + [t - now for t in waits if t > now] or [0.0])
-        for r in active:
-            left[r] -= step * rate
-        now += step
-        for r in active:
-            if left[r] <= 1e-12:
-                finish(r)
+            now = max(now, min(wakes))
+        else:
+            ends = []
+            for r in on_core:
+                a = table[r][pos[r]]
+                need = left[r] if left[r] >= 0 else _duration(cost, a, has_w)
+                ends.append(now + need / share)
+            nxt = min([*ends, *on_core.values(), *[t for t in wakes if t > now]])
+            dt, now = nxt - now, nxt
+            for r in list(on_core):
+                advance(r, dt * share, share)
+                if pos[r] >= len(table[r]) or r in blocked:
+                    del on_core[r]
+                elif on_core[r] <= now + 1e-12 and queue:  # time slice over, others wait
+                    del on_core[r]
+                    queue.append(r)
+                elif on_core[r] <= now + 1e-12:
+                    on_core[r] = now + quantum
+        for r in sorted(blocked):  # messages that have arrived wake their ranks
+            if arrival.get(source(table[r][pos[r]]), float("inf")) <= now + 1e-12:
+                blocked.discard(r)
+                queue.append(r)
+        if quantum <= 0:
+            for r in list(on_core):
+                queue.append(r)
+            on_core.clear()
     return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
                   step_time=now, busy=busy, events=events)
 
