@@ -85,3 +85,23 @@ def test_timeline_of_a_real_step(comm: MPI.Comm, tmp_path_factory: pytest.TempPa
             assert tls is None
         pipe.close()
     sub.Free()
+
+
+def test_fit_quantum_recovers_the_time_slice_of_a_simulated_machine() -> None:
+    """Timelines of 4 ranks on 2 cores simulated with a known time slice: the fit finds it."""
+    table = build("1f1b", 4, 8)
+    for quantum in (0.0, 0.05):
+        cost = CostModel(f=0.02, b=0.04, w=0.0, cores=2, quantum=quantum)
+        rep = simulate(table, cost, 8)
+        timelines = []
+        for r, events in enumerate(rep.events):
+            used, tl = 0.0, []
+            for a, start, end in events:
+                cpu = cost.time("B", a.stage) + cost.time("W", a.stage) if a.kind == "B" else cost.time(a.kind, a.stage)
+                tl.append({"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind,
+                           "mb": a.mb, "start": start, "end": end, "cpu": cpu, "cpu_start": used,
+                           "cpu_end": used + cpu})
+                used += cpu
+            timelines.append(tl)
+        assert trace.bubble_fraction(timelines)[0] == pytest.approx(rep.bubble)
+        assert trace.fit_quantum(timelines, table, 4, 8, cores=2) == pytest.approx(quantum)
