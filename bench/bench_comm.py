@@ -191,6 +191,14 @@ def _p2p_peers(comm: MPI.Comm, raw: Callable[[MPI.Comm, int, int], float],
     }, n, reps)
 
 
+def _header(rank: int, title: str, columns: list[str]) -> None:
+    """A section title and a markdown table header (rank 0 prints)."""
+    if rank == 0:
+        print(f"\n## {title}")
+        print("| " + " | ".join(f"{c:>9}" for c in columns) + " |")
+        print("|" + "---:|" * len(columns))
+
+
 def _fmt_size(nbytes: int) -> str:
     return f"{nbytes // (1 << 20)} MiB" if nbytes >= 1 << 20 else f"{nbytes // KIB} KiB"
 
@@ -223,11 +231,8 @@ def main() -> int:
               f"mpi4py {__import__('mpi4py').__version__}; {args.reps} reps, median; "
               f"MPIMP_TIMEOUT={os.environ.get('MPIMP_TIMEOUT', '600')}")
     if args.only in (None, "p2p"):
-        if rank == 0:
-            print("\n## ping-pong, one-way time per message")
-            print(f"| {'size':>7} | {'raw us':>9} | {'raw MB/s':>9} | {'mpimp/raw bw':>12} | "
-                  f"{'+us mpimp':>9} | {'out=/raw bw':>11} | {'+us out=':>8} |")
-            print("|---:|---:|---:|---:|---:|---:|---:|")
+        _header(rank, "ping-pong, one-way time per message",
+                ["size", "raw us", "raw MB/s", "mpimp/raw bw", "+us mpimp", "out=/raw bw", "+us out="])
         for nbytes in sizes:
             n = _iterations(nbytes, budget)
             med = _p2p_peers(comm, _pingpong_raw, _pingpong_mpimp, nbytes, n, args.reps)
@@ -237,10 +242,8 @@ def main() -> int:
                       f"{raw / med['mpimp']:12.3f} | {(med['mpimp'] - raw) * 1e6:9.1f} | "
                       f"{raw / med['out']:11.3f} | {(med['out'] - raw) * 1e6:8.1f} |", flush=True)
     if args.only in (None, "stream"):
-        if rank == 0:
-            print("\n## streaming bandwidth (osu_bw style: a window of messages in flight), time per message")
-            print(f"| {'size':>7} | {'window':>6} | {'raw MB/s':>9} | {'mpimp/raw bw':>12} | {'out=/raw bw':>11} |")
-            print("|---:|---:|---:|---:|---:|")
+        _header(rank, "streaming bandwidth (osu_bw style: a window of messages in flight), time per message",
+                ["size", "window", "raw MB/s", "mpimp/raw bw", "out=/raw bw"])
         for nbytes in sizes:
             n = max(3, _iterations(nbytes * _window(nbytes), budget) // 2)
             med = _p2p_peers(comm, _stream_raw, _stream_mpimp, nbytes, n, args.reps)
@@ -249,10 +252,8 @@ def main() -> int:
                 print(f"| {_fmt_size(nbytes):>7} | {_window(nbytes):>6} | {nbytes / raw / 1e6:9.0f} | "
                       f"{raw / med['mpimp']:12.3f} | {raw / med['out']:11.3f} |", flush=True)
     if args.only in (None, "allreduce"):
-        if rank == 0:
-            print("\n## all-reduce (sum, float32, in place), time per call")
-            print(f"| {'size':>7} | {'raw us':>9} | {'mpimp/raw':>9} | {'+us mpimp':>9} |")
-            print("|---:|---:|---:|---:|")
+        _header(rank, "all-reduce (sum, float32, in place), time per call",
+                ["size", "raw us", "mpimp/raw", "+us mpimp"])
         for nbytes in sizes:
             n = _iterations(nbytes, budget // 2)
             med = _median_times(comm, {
