@@ -889,6 +889,22 @@ def _all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str, timeout: float | 
     return _MPIRequest(req, what, (work, staged), finish)
 
 
+_SPECS: dict[tuple[int, int, torch.dtype], list] = {}
+
+
+def _plain_spec(tensor: torch.Tensor) -> list | None:
+    """``[buffer, count, datatype]`` of a contiguous host tensor of a plain dtype (cached)."""
+    mpi_type = _PLAIN_TYPES.get(tensor.dtype)
+    if mpi_type is None:
+        return None
+    n = tensor.numel()
+    spec = [MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes) if n else None, n, mpi_type]
+    if len(_SPECS) >= _CACHE_MAX:
+        _SPECS.clear()
+    _SPECS[(tensor.data_ptr(), tensor.nbytes, tensor.dtype)] = spec
+    return spec
+
+
 def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
                timeout: float | None = None) -> torch.Tensor:
     """In-place all-reduce of ``tensor`` over ``comm``; returns ``tensor``.
@@ -900,22 +916,25 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
     a stall report naming the rank and the call, instead of hanging.  For a catchable
     :class:`DeadlineError` use ``iall_reduce(...).wait(timeout)``.
     """
-    mpi_type = _PLAIN_TYPES.get(tensor.dtype)
-    if (mpi_type is not None and tensor.is_cpu and tensor.is_contiguous() and not _DEBUG
-            and (op in _OPS or (op == "avg" and tensor.dtype.is_floating_point))):
-        # the common case (fp32/fp64/int host tensors): no staging, no request objects
-        n = tensor.numel()
-        spec = [MPI.buffer.fromaddress(tensor.data_ptr(), tensor.nbytes) if n else None, n, mpi_type]
-        mpi_op = _OPS["sum" if op == "avg" else op]
-        key = WATCHDOG.arm(lambda: f"all_reduce of {n} x {tensor.dtype} over {comm.Get_size()} ranks",
-                           default_timeout() if timeout is None else timeout)
-        try:
-            comm.Allreduce(MPI.IN_PLACE, spec, mpi_op)
-        finally:
-            WATCHDOG.disarm(key)
-        if op == "avg":
-            tensor.div_(comm.Get_size())
-        return tensor
+    mpi_op = _OPS.get(op)
+    if mpi_op is not None and tensor.is_cpu and tensor.is_contiguous() and not _DEBUG:
+        # the common case (fp32/fp64/int host tensors): no staging, no request objects, the
+        # buffer spec cached by (address, bytes, dtype): each Python step after a large
+        # transfer runs on caches the transfer has evicted
+        spec = _SPECS.get((tensor.data_ptr(), tensor.nbytes, tensor.dtype))
+        if spec is None:
+            spec = _plain_spec(tensor)
+        if spec is not None:
+            key = WATCHDOG.arm(lambda: f"all_reduce of {tensor.numel()} x {tensor.dtype} over "
+                               f"{comm.Get_size()} ranks", timeout)
+            try:
+                comm.Allreduce(MPI.IN_PLACE, spec, mpi_op)
+            finally:
+                WATCHDOG.disarm(key)
+            return tensor
+    elif op == "avg" and tensor.is_floating_point():
+        all_reduce(tensor, comm, "sum", timeout)
+        return tensor.div_(comm.Get_size())
     value = _all_reduce(tensor, comm, op, timeout, blocking=True).wait(timeout)
     assert isinstance(value, torch.Tensor)
     return value

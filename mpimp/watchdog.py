@@ -39,7 +39,7 @@ class Watchdog:
     def __init__(self, period: float = 0.25, abort: Callable[[str], None] | None = None) -> None:
         self.period = period
         self._abort = abort or self._abort_job
-        self._pending: dict[int, tuple[float, float, Callable[[], str]]] = {}
+        self._pending: dict[int, tuple[float | None, float, Callable[[], str]]] = {}
         self._ids = itertools.count()
         self._thread: threading.Thread | None = None
         self._lock = threading.Lock()
@@ -47,7 +47,8 @@ class Watchdog:
 
     @contextmanager
     def guard(self, what: Callable[[], str], timeout: float | None) -> Iterator[None]:
-        """Run the body under a deadline of ``timeout`` seconds (None or <= 0: no deadline)."""
+        """Run the body under a deadline of ``timeout`` seconds (None: ``MPIMP_TIMEOUT``;
+        <= 0: no deadline)."""
         key = self.arm(what, timeout)
         try:
             yield
@@ -55,15 +56,15 @@ class Watchdog:
             self.disarm(key)
 
     def arm(self, what: Callable[[], str], timeout: float | None) -> int:
-        """Start a deadline; pass the returned key to :meth:`disarm` when the call returns
-        (the cheaper form of :meth:`guard` for hot paths that cannot raise in between)."""
-        if timeout is None or timeout <= 0:
+        """Start a deadline of ``timeout`` seconds (None: ``MPIMP_TIMEOUT``, read by the
+        watchdog thread, not on the hot path; <= 0: none); pass the returned key to
+        :meth:`disarm` when the call returns (the cheaper form of :meth:`guard`)."""
+        if timeout is not None and timeout <= 0:
             return -1
         if self._thread is None:
             self._start()
         key = next(self._ids)
-        now = time.monotonic()
-        self._pending[key] = (now + timeout, now, what)
+        self._pending[key] = (timeout, time.monotonic(), what)
         return key
 
     def disarm(self, key: int) -> None:
@@ -76,10 +77,17 @@ class Watchdog:
                 self._thread.start()
 
     def _loop(self) -> None:
+        from .comm import default_timeout
+
         while True:
             time.sleep(self.period)
             now = time.monotonic()
-            for key, (deadline, started, what) in list(self._pending.items()):
+            fallback = default_timeout()
+            for key, (timeout, started, what) in list(self._pending.items()):
+                limit = fallback if timeout is None else timeout
+                if limit is None:
+                    continue
+                deadline = started + limit
                 if now > deadline and key in self._pending:
                     self._pending.pop(key, None)
                     report = (
