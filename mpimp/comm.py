@@ -510,7 +510,22 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
                     return
             _wait_until(mreq.Test, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout)
             return
+        if total - len(head) > _PACK_LIMIT and not _DEBUG:  # large: the cached zero-copy datatype
+            dtype = _large_send_type(t, head)
+            mreq = comm.Isend([MPI.BOTTOM, 1, dtype], dst, tag)
+            if not _spin(mreq, _TIGHT_POLLS):
+                _wait_until(mreq.Test, lambda: f"send of {t.nbytes} B to rank {dst} (tag {tag})", timeout)
+            return
     isend(tensors, dst, comm, tag).wait(timeout)
+
+
+def _large_send_type(t: torch.Tensor, head: bytes) -> MPI.Datatype:
+    """The struct datatype [header | t's memory] of a one-tensor message (cached by address)."""
+
+    def blocks() -> tuple[list[tuple[int, int]], object]:
+        return [(MPI.Get_address(head), len(head)), (t.data_ptr(), t.nbytes)], head
+
+    return _SEND_TYPES.get((head, (t.data_ptr(), t.nbytes)), blocks)[0]
 
 
 def _view(raw: bytearray | torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], off: int) -> torch.Tensor:
@@ -545,6 +560,35 @@ def _unpack(raw: bytearray) -> Tensors:
             return torch.frombuffer(raw, dtype=dtype, count=shape[0], offset=off)
         return _view(raw, dtype, shape, off)
     return _views(raw, meta, as_tuple)
+
+
+def _recv_type(out: torch.Tensor, hlen: int) -> tuple[MPI.Datatype, bytearray]:
+    """The struct datatype [header scratch | out's memory] and its scratch (cached by address)."""
+    ptr, nbytes = out.data_ptr(), out.nbytes
+
+    def blocks() -> tuple[list[tuple[int, int]], object]:
+        scratch = bytearray(hlen)  # the header lands here; the entry keeps it
+        return [(MPI.Get_address(scratch), hlen), (ptr, nbytes)], scratch
+
+    return _RECV_TYPES.get((ptr, nbytes, hlen), blocks)  # type: ignore[return-value]
+
+
+def _raise_truncated(exc: MPI.Exception, out: torch.Tensor | None, src: int, tag: int,
+                     scratch: object) -> None:
+    """Re-raise ``exc``; a truncated receive into ``out`` becomes a TransportError naming both."""
+    if exc.Get_error_class() != MPI.ERR_TRUNCATE or out is None:
+        raise exc
+    try:  # the header arrived first: name what the message holds when it is readable
+        raw = scratch if isinstance(scratch, (bytes, bytearray)) else b""
+        meta = _parse_header(bytes(raw[: _HEAD.unpack_from(raw, 0)[3]]))[0]
+        holds = ", ".join(_describe(d, sh) for d, sh, _ in meta)
+    except (TransportError, struct.error, KeyError):
+        holds = f"more than {_frame1(out.dtype, out.shape)[2]} bytes with its header"
+    raise TransportError(
+        f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {src} tag {tag}: "
+        f"out is {_describe(out.dtype, out.shape)} but the message is larger ({holds}); "
+        f"pass an out tensor of the sent shape and dtype, or out=None"
+    ) from None
 
 
 def _direct_out(out: torch.Tensor | None) -> bool:
@@ -634,19 +678,9 @@ class _RecvRequest(Request):
 
     def _raise_truncated(self, exc: MPI.Exception) -> None:
         """A message larger than the pre-posted ``out``: a TransportError naming both."""
-        if exc.Get_error_class() != MPI.ERR_TRUNCATE or self.out is None:
-            raise exc
-        self._done = True
-        try:  # the header arrived first: name what the message holds when it is readable
-            meta = _parse_header(self._header_bytes())[0]
-            holds = ", ".join(_describe(d, sh) for d, sh, _ in meta)
-        except (TransportError, struct.error, KeyError):
-            holds = f"more than {_frame1(self.out.dtype, self.out.shape)[2]} bytes with its header"
-        raise TransportError(
-            f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {self.src} tag {self.tag}: "
-            f"out is {_describe(self.out.dtype, self.out.shape)} but the message is larger ({holds}); "
-            f"pass an out tensor of the sent shape and dtype, or out=None"
-        ) from None
+        if self.out is not None and exc.Get_error_class() == MPI.ERR_TRUNCATE:
+            self._done = True
+        _raise_truncated(exc, self.out, self.src, self.tag, self._raw)
 
     def _post_direct(self, msg: MPI.Message | None) -> None:
         """Receive straight into ``out`` (header scratch + out's memory, one cached datatype).
@@ -656,14 +690,7 @@ class _RecvRequest(Request):
         """
         out = self.out
         assert out is not None
-        head, _, total = _frame1(out.dtype, out.shape)
-        hlen, ptr, nbytes = len(head), out.data_ptr(), out.nbytes
-
-        def blocks() -> tuple[list[tuple[int, int]], object]:
-            scratch = bytearray(hlen)  # the header lands here; the entry keeps it
-            return [(MPI.Get_address(scratch), hlen), (ptr, nbytes)], scratch
-
-        dtype, scratch = _RECV_TYPES.get((ptr, nbytes, hlen), blocks)
+        dtype, scratch = _recv_type(out, len(_frame1(out.dtype, out.shape)[0]))
         self._raw = scratch  # type: ignore[assignment]
         self._direct = True
         spec = [MPI.BOTTOM, 1, dtype]
@@ -757,6 +784,20 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
     if _DEBUG:
         _trace(comm, f"Recv <- {src} tag {tag}")
     if _direct_out(out):  # pre-posted straight into out: no probe
+        assert out is not None
+        if not _DEBUG:  # inline: the received header must equal the one out implies
+            head = _frame1(out.dtype, out.shape)[0]
+            dtype, scratch = _recv_type(out, len(head))
+            mreq = comm.Irecv([MPI.BOTTOM, 1, dtype], src, tag)
+            try:
+                if not _spin(mreq, _TIGHT_POLLS):
+                    _wait_until(mreq.Test, lambda: f"recv into out from rank {src} (tag {tag})", timeout)
+            except MPI.Exception as exc:
+                _raise_truncated(exc, out, src, tag, scratch)
+            if scratch != head:
+                meta = _parse_header(bytes(scratch))[0]
+                _check_out(meta, out, src, tag)
+            return out
         rreq = _RecvRequest(src, comm, tag, out, dev)
         value = rreq._value if rreq.test() else rreq.wait(timeout)
         assert value is not None
