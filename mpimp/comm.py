@@ -1012,7 +1012,7 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
             finally:
                 WATCHDOG.disarm(key)
             return tensor
-    elif op == "avg" and tensor.is_floating_point():
+    elif op == "avg" and tensor.dtype in (torch.float32, torch.float64):  # 16-bit: below, in fp32
         all_reduce(tensor, comm, "sum", timeout)
         return tensor.div_(comm.Get_size())
     value = _all_reduce(tensor, comm, op, timeout, blocking=True).wait(timeout)
