@@ -49,6 +49,7 @@ from .buffers import (
     cuda_aware,
     dtype_code,
     from_wire,
+    host_buffer,
     is_16bit_float,
     mpi_datatype,
     to_wire,
@@ -561,21 +562,6 @@ def _unpack(raw: bytearray) -> Tensors:
     return _views(raw, meta, as_tuple)
 
 
-class _Split:
-    """A large message received as [first 64 bytes -> scratch | the rest -> body]."""
-
-    __slots__ = ("scratch", "body")
-
-    def __init__(self, scratch: bytearray, body: torch.Tensor) -> None:
-        self.scratch, self.body = scratch, body
-
-    def header(self) -> bytes:
-        hlen = _HEAD.unpack_from(self.scratch, 0)[3]
-        if hlen <= _ALIGN:
-            return bytes(self.scratch[:hlen])
-        return bytes(self.scratch) + bytes(self.body[: hlen - _ALIGN].numpy())
-
-
 def _recv_type(out: torch.Tensor, hlen: int) -> tuple[MPI.Datatype, bytearray]:
     """The struct datatype [header scratch | out's memory] and its scratch (cached by address)."""
     ptr, nbytes = out.data_ptr(), out.nbytes
@@ -728,20 +714,9 @@ class _RecvRequest(Request):
             self._raw = raw_t
             self._req = msg.Irecv([spec, count, MPI.BYTE])
         elif count > _PACK_LIMIT:
-            # two blocks, like the sender's datatype: the first 64 bytes (the header of one
-            # tensor) into a scratch, the rest into a pooled buffer; mirrored block
-            # structures take Open MPI's fast path (a contiguous receive of a struct send
-            # ran at 0.5-0.6x), and the payload starts at the buffer's first byte
-            body = _RECV_POOL.take(count - _ALIGN)
-            ptr = body.data_ptr()
-
-            def blocks() -> tuple[list[tuple[int, int]], object]:
-                scratch = bytearray(_ALIGN)
-                return [(MPI.Get_address(scratch), _ALIGN), (ptr, count - _ALIGN)], scratch
-
-            dtype, scratch = _RECV_TYPES.get((ptr, count - _ALIGN, _ALIGN), blocks)
-            self._raw = _Split(scratch, body)  # type: ignore[assignment]
-            self._req = msg.Irecv([MPI.BOTTOM, 1, dtype])
+            raw_t = _RECV_POOL.take(count)
+            self._raw = raw_t
+            self._req = msg.Irecv([host_buffer(raw_t), count, MPI.BYTE])
         else:
             self._raw = bytearray(count)
             self._req = msg.Irecv([self._raw, count, MPI.BYTE])
@@ -750,8 +725,6 @@ class _RecvRequest(Request):
         raw = self._raw
         if type(raw) is bytearray:
             return bytes(raw[: _HEAD.unpack_from(raw, 0)[3]])
-        if isinstance(raw, _Split):
-            return raw.header()
         if isinstance(raw, torch.Tensor):
             src = self._staged if self._staged is not None else raw
             hlen = _HEAD.unpack(bytes(src[:8].cpu().numpy()))[3]
@@ -778,9 +751,6 @@ class _RecvRequest(Request):
                 else:
                     out.copy_(_view(raw, *meta[0][:2], off))
                 self._value = out
-            elif isinstance(raw, _Split):
-                views = tuple(_view(raw.body, d, sh, off - _ALIGN) for d, sh, off in meta)
-                self._value = views if as_tuple else views[0]
             else:
                 self._value = _views(raw, meta, as_tuple)
         self._raw = self._staged = None
