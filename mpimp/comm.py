@@ -714,6 +714,10 @@ class _RecvRequest(Request):
             self._raw = raw_t
             self._req = msg.Irecv([spec, count, MPI.BYTE])
         elif count > _PACK_LIMIT:
+            # one contiguous buffer: a sender's packed (contiguous) message is then pulled
+            # by this side alone (single-copy CMA); a two-block receive datatype mirroring
+            # the sender's was measured to double the pipeline's bubble (the copy then
+            # waits for the computing sender's MPI calls)
             raw_t = _RECV_POOL.take(count)
             self._raw = raw_t
             self._req = msg.Irecv([host_buffer(raw_t), count, MPI.BYTE])

@@ -565,3 +565,21 @@ def test_large_receives_reuse_freed_buffers_and_keep_live_ones(comm: MPI.Comm) -
     for i, t in kept:
         assert torch.equal(t, make(torch.float32, shape, 100 * src + i))
     assert transport._RECV_POOL.reused > reused_before  # the dropped results were recycled
+
+
+@pytest.mark.mpi(min_size=1)
+def test_large_message_with_a_long_header_round_trips(comm: MPI.Comm) -> None:
+    """A large tuple whose header spans more than 64 bytes (five dimensions, four tensors)."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+
+    def mine(r: int) -> tuple[torch.Tensor, ...]:
+        return (make(torch.float32, (200, 150), r), make(torch.bfloat16, (2, 3, 4, 5, 6), r + 1),
+                make(torch.int64, (7, 1, 9, 1, 3, 100), r + 2), torch.empty(0, 4))
+
+    req = mpimp.isend(mine(rank), dst, comm, tag=41)
+    got = mpimp.recv(src, comm, tag=41)
+    req.wait()
+    assert isinstance(got, tuple) and len(got) == 4
+    for g, w in zip(got, mine(src)):
+        assert same(g, w)
