@@ -86,16 +86,24 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--message-bytes", type=float, default=0.0, help="activation message size (B)")
     p.add_argument("--activation-bytes", type=float, default=0.0,
                    help="activation memory held per in-flight micro-batch per stage (B)")
+    p.add_argument("--cores", type=int, default=None,
+                   help="CPU cores the ranks share (default: one per rank); fewer cores than "
+                        "ranks are scheduled round-robin, times then being CPU seconds")
+    p.add_argument("--quantum", type=float, default=0.003,
+                   help="with --cores: the scheduler's time slice (s); 0 = processor sharing")
 
 
 def _run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
-    for name in ("pp", "chunks"):
-        if getattr(args, name) < 1:
+    for name in ("pp", "chunks", "cores"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name} {getattr(args, name)} must be >= 1")
+    if args.quantum < 0:
+        raise ConfigError(f"--quantum {args.quantum} must be >= 0 seconds")
     cost = CostModel(f=args.f, b=args.b, w=args.w, latency=args.latency, bandwidth=args.bandwidth,
-                     message_bytes=args.message_bytes, activation_bytes=args.activation_bytes)
+                     message_bytes=args.message_bytes, activation_bytes=args.activation_bytes,
+                     cores=args.cores, quantum=args.quantum)
     names = [args.schedule] if args.schedule else list(BUILDERS)
     rows, skipped = [], []
     t0 = time.perf_counter()

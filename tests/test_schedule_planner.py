@@ -41,3 +41,20 @@ def test_plan_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
     assert "--chunks 0 must be >= 1" in capsys.readouterr().err
     assert main(["plan", "--pp", "4", "--chunks", "6", "--schedule", "interleaved-1f1b"]) == 2
     assert "divisible" in capsys.readouterr().err
+
+
+@pytest.mark.mpi(min_size=1)
+def test_plan_with_ranks_sharing_cores(capsys: pytest.CaptureFixture[str]) -> None:
+    """4 stages on 1 core: the step is all the work, whatever the schedule."""
+    from mpi4py import MPI
+
+    assert main(["plan", "--pp", "4", "--chunks", "8", "--schedule", "1f1b", "--cores", "1",
+                 "--quantum", "0"]) == 0
+    out = capsys.readouterr().out
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        row = next(line for line in out.splitlines() if line.startswith("1f1b"))
+        # f = b = w = 1: per stage 8 x (F + B + W) = 24 s of CPU, 4 stages on one core: 96 s
+        assert row.split()[4] == "96"
+    assert main(["plan", "--pp", "4", "--chunks", "8", "--cores", "0"]) == 2
+    err = capsys.readouterr().err
+    assert ("--cores 0 must be >= 1" in err) == (MPI.COMM_WORLD.Get_rank() == 0)  # rank 0 reports
