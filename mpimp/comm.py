@@ -82,9 +82,6 @@ _INLINE = 1  # header layout version: payloads follow the header in the same mes
 _ALIGN = 64
 _PACK_LIMIT = 64 * 1024  # payload bytes; above this CPU payloads are sent from their own memory
 _EAGER = 4096  # bytes; messages up to this size travel eagerly in every MPI we know (shared memory, networks)
-# tight Test calls (about 1-2 ms) before a wait falls back to the polling loop (few when
-# ranks outnumber cores: the core belongs to a computing rank then)
-_TIGHT_POLLS = 4000
 _QUICK_POLLS = 64  # progress calls a blocking send/recv makes before its deadline-checked wait
 _ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
@@ -124,8 +121,9 @@ def _ranks_on_this_node() -> int:
 # a yielding rank its fair share of the core, so such waits sleep between polls.
 _OVERSUBSCRIBED = _ranks_on_this_node() > (os.cpu_count() or 1)
 _SPIN_SECONDS = 0.0 if _OVERSUBSCRIBED else 2e-3  # polling without pause
-if _OVERSUBSCRIBED:
-    _TIGHT_POLLS = 32
+# tight Test calls (about 1-2 ms) before a wait falls back to the polling loop (few when
+# ranks outnumber cores: the core belongs to a computing rank then)
+_TIGHT_POLLS = 32 if _OVERSUBSCRIBED else 4000
 _YIELD_SECONDS = 0.0 if _OVERSUBSCRIBED else 0.2  # then polling with sched_yield, then with naps
 
 
@@ -186,6 +184,13 @@ def _spin(req: MPI.Request, polls: int) -> bool:
     return False
 
 
+def _complete(req: MPI.Request, what: Callable[[], str], timeout: float | None,
+              polls: int = _TIGHT_POLLS) -> None:
+    """Complete one MPI request: :func:`_spin` first, then the deadline loop."""
+    if not _spin(req, polls):
+        _wait_until(req.Test, what, timeout)
+
+
 # ----------------------------------------------------------------------------- headers
 
 def _round_up(n: int, k: int = _ALIGN) -> int:
@@ -228,7 +233,7 @@ def _frame(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...], as_tuple: boo
 
 def _parse_header_uncached(buf: bytes) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
     """(dtype, shape, payload offset) of each tensor, the tuple flag and the layout, from the
-    header bytes (cached: the same shapes arrive again and again)."""
+    header bytes (:func:`_parse_header` caches it)."""
     magic, layout, n, hlen = _HEAD.unpack_from(buf, 0)
     if magic != _MAGIC or layout != _INLINE:
         raise TransportError(
@@ -265,6 +270,11 @@ def _frame1(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, tuple[in
             _FRAMES1.clear()
         fr = _FRAMES1[key] = _frame(((dtype, tuple(shape)),), False, _INLINE)
     return fr
+
+
+def _head_of(raw: bytes | bytearray) -> bytes:
+    """The header bytes at the start of a received message (its length is in the header)."""
+    return bytes(memoryview(raw)[: _HEAD.unpack_from(raw, 0)[3]])
 
 
 def _parse_header(buf: bytes) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
@@ -408,6 +418,23 @@ def _struct(blocks: list[tuple[int, int]]) -> MPI.Datatype:
                                       [MPI.BYTE] * len(blocks)).Commit()
 
 
+def _send_type(tensors: Sequence[torch.Tensor], head: bytes, offsets: Sequence[int]) -> MPI.Datatype:
+    """The struct datatype [header | each tensor's own memory, zero padding between] of one
+    message over absolute addresses (cached by the header and the tensors' addresses)."""
+
+    def blocks() -> tuple[list[tuple[int, int]], object]:
+        spec, pos = [(MPI.Get_address(head), len(head))], len(head)
+        for t, off in zip(tensors, offsets):
+            if off > pos:
+                spec.append((_ZEROS.data_ptr(), off - pos))
+            if t.nbytes:
+                spec.append((t.data_ptr(), t.nbytes))
+            pos = off + t.nbytes
+        return spec, head  # the entry keeps this very header object (its address) alive
+
+    return _SEND_TYPES.get((head, *[(t.data_ptr(), t.nbytes) for t in tensors]), blocks)[0]
+
+
 def _messages(tensors: list[torch.Tensor], as_tuple: bool, pack: bool = False) -> tuple[list, object, int]:
     """The MPI buffer spec of one mpimp message, the objects to keep alive, and the payload bytes.
 
@@ -424,20 +451,7 @@ def _messages(tensors: list[torch.Tensor], as_tuple: bool, pack: bool = False) -
         on_host = all(t.is_cpu for t in tensors)
     head, offsets, total = _frame(specs, as_tuple, _INLINE)
     if on_host and payload > _PACK_LIMIT and not pack:
-        key = (head, *[(t.data_ptr(), t.nbytes) for t in tensors])
-
-        def blocks() -> tuple[list[tuple[int, int]], object]:
-            spec, pos = [(MPI.Get_address(head), len(head))], len(head)
-            for t, off in zip(tensors, offsets):
-                if off > pos:
-                    spec.append((_ZEROS.data_ptr(), off - pos))
-                if t.nbytes:
-                    spec.append((t.data_ptr(), t.nbytes))
-                pos = off + t.nbytes
-            return spec, head  # the entry keeps this very header object (its address) alive
-
-        dtype, _ = _SEND_TYPES.get(key, blocks)
-        return [MPI.BOTTOM, 1, dtype], tensors, payload
+        return [MPI.BOTTOM, 1, _send_type(tensors, head, offsets)], tensors, payload
     if on_host:
         packed = bytearray(total)  # small: one memcpy per tensor into the message
         packed[: len(head)] = head
@@ -496,7 +510,7 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
     """Send a tensor (or tuple of tensors) to rank ``dst`` of ``comm``; returns when the buffer is reusable."""
     t = tensors
     if type(t) is torch.Tensor and t.is_cpu and not t.requires_grad and t.is_contiguous():
-        head, _, total = _frame1(t.dtype, t.shape)
+        head, offsets, total = _frame1(t.dtype, t.shape)
         if total <= _EAGER:  # the common small message, inline: no request object
             msg = bytearray(head)  # the header is padded up to the payload's offset
             n = total - len(head)
@@ -504,28 +518,17 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
                 msg += MPI.buffer.fromaddress(t.data_ptr(), n)
             if _DEBUG:
                 _trace(comm, f"Isend -> {dst} tag {tag} ({n} B)")
-            mreq = comm.Isend([msg, total, MPI.BYTE], dst, tag)
-            for _ in range(_QUICK_POLLS):  # an eager message completes within a few progress calls
-                if mreq.Test():
-                    return
-            _wait_until(mreq.Test, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout)
+            # an eager message completes within a few progress calls
+            _complete(comm.Isend([msg, total, MPI.BYTE], dst, tag),
+                      lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, _QUICK_POLLS)
             return
-        if total - len(head) > _PACK_LIMIT and not _DEBUG:  # large: the cached zero-copy datatype
-            dtype = _large_send_type(t, head)
-            mreq = comm.Isend([MPI.BOTTOM, 1, dtype], dst, tag)
-            if not _spin(mreq, _TIGHT_POLLS):
-                _wait_until(mreq.Test, lambda: f"send of {t.nbytes} B to rank {dst} (tag {tag})", timeout)
+        if total - len(head) > _PACK_LIMIT:  # large: the cached zero-copy datatype
+            if _DEBUG:
+                _trace(comm, f"Isend -> {dst} tag {tag} ({t.nbytes} B)")
+            _complete(comm.Isend([MPI.BOTTOM, 1, _send_type([t], head, offsets)], dst, tag),
+                      lambda: f"send of {t.nbytes} B to rank {dst} (tag {tag})", timeout)
             return
     isend(tensors, dst, comm, tag).wait(timeout)
-
-
-def _large_send_type(t: torch.Tensor, head: bytes) -> MPI.Datatype:
-    """The struct datatype [header | t's memory] of a one-tensor message (cached by address)."""
-
-    def blocks() -> tuple[list[tuple[int, int]], object]:
-        return [(MPI.Get_address(head), len(head)), (t.data_ptr(), t.nbytes)], head
-
-    return _SEND_TYPES.get((head, (t.data_ptr(), t.nbytes)), blocks)[0]
 
 
 def _view(raw: bytearray | torch.Tensor, dtype: torch.dtype, shape: tuple[int, ...], off: int) -> torch.Tensor:
@@ -545,15 +548,13 @@ def _view(raw: bytearray | torch.Tensor, dtype: torch.dtype, shape: tuple[int, .
 def _views(raw: bytearray | torch.Tensor, meta: list[tuple[torch.dtype, tuple[int, ...], int]],
            as_tuple: bool) -> Tensors:
     """The received tensor (or tuple) as views into the message buffer."""
-    if len(meta) == 1 and not as_tuple:
-        return _view(raw, *meta[0])
     views = tuple(_view(raw, dtype, shape, off) for dtype, shape, off in meta)
     return views if as_tuple else views[0]
 
 
 def _unpack(raw: bytearray) -> Tensors:
     """Header parse and views of a small message received into ``raw``."""
-    meta, as_tuple, _ = _parse_header(bytes(memoryview(raw)[: _HEAD.unpack_from(raw, 0)[3]]))
+    meta, as_tuple, _ = _parse_header(_head_of(raw))
     if len(meta) == 1 and not as_tuple:  # one tensor (the common case): one frombuffer
         dtype, shape, off = meta[0]
         if len(shape) == 1 and shape[0]:
@@ -579,8 +580,7 @@ def _raise_truncated(exc: MPI.Exception, out: torch.Tensor | None, src: int, tag
     if exc.Get_error_class() != MPI.ERR_TRUNCATE or out is None:
         raise exc
     try:  # the header arrived first: name what the message holds when it is readable
-        raw = scratch if isinstance(scratch, (bytes, bytearray)) else b""
-        meta = _parse_header(bytes(raw[: _HEAD.unpack_from(raw, 0)[3]]))[0]
+        meta = _parse_header(_head_of(scratch if isinstance(scratch, (bytes, bytearray)) else b""))[0]
         holds = ", ".join(_describe(d, sh) for d, sh, _ in meta)
     except (TransportError, struct.error, KeyError):
         holds = f"more than {_frame1(out.dtype, out.shape)[2]} bytes with its header"
@@ -728,13 +728,13 @@ class _RecvRequest(Request):
     def _header_bytes(self) -> bytes:
         raw = self._raw
         if type(raw) is bytearray:
-            return bytes(raw[: _HEAD.unpack_from(raw, 0)[3]])
+            return _head_of(raw)
         if isinstance(raw, torch.Tensor):
             src = self._staged if self._staged is not None else raw
             hlen = _HEAD.unpack(bytes(src[:8].cpu().numpy()))[3]
             return bytes(src[:hlen].cpu().numpy())
         assert raw is not None
-        return bytes(raw[: _HEAD.unpack_from(raw, 0)[3]])
+        return _head_of(raw)  # type: ignore[arg-type]
 
     def _finish(self) -> None:
         meta, as_tuple, _ = _parse_header(self._header_bytes())
@@ -787,25 +787,18 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
     dev = torch.device(device) if isinstance(device, str) else device
     if _DEBUG:
         _trace(comm, f"Recv <- {src} tag {tag}")
-    if _direct_out(out):  # pre-posted straight into out: no probe
+    if _direct_out(out):  # posted straight into out before the message arrives: no probe
         assert out is not None
-        if not _DEBUG:  # inline: the received header must equal the one out implies
-            head = _frame1(out.dtype, out.shape)[0]
-            dtype, scratch = _recv_type(out, len(head))
-            mreq = comm.Irecv([MPI.BOTTOM, 1, dtype], src, tag)
-            try:
-                if not _spin(mreq, _TIGHT_POLLS):
-                    _wait_until(mreq.Test, lambda: f"recv into out from rank {src} (tag {tag})", timeout)
-            except MPI.Exception as exc:
-                _raise_truncated(exc, out, src, tag, scratch)
-            if scratch != head:
-                meta = _parse_header(bytes(scratch))[0]
-                _check_out(meta, out, src, tag)
-            return out
-        rreq = _RecvRequest(src, comm, tag, out, dev)
-        value = rreq._value if rreq.test() else rreq.wait(timeout)
-        assert value is not None
-        return value
+        head = _frame1(out.dtype, out.shape)[0]
+        dtype, scratch = _recv_type(out, len(head))
+        try:
+            _complete(comm.Irecv([MPI.BOTTOM, 1, dtype], src, tag),
+                      lambda: f"recv into out from rank {src} (tag {tag})", timeout)
+        except MPI.Exception as exc:
+            _raise_truncated(exc, out, src, tag, scratch)
+        if scratch != head:  # the header out implies, byte for byte, or an error naming both
+            _check_out(_parse_header(_head_of(scratch))[0], out, src, tag)
+        return out
     status = MPI.Status()
     msg = comm.Improbe(src, tag, status)
     for _ in range(_QUICK_POLLS):  # spin briefly before paying for a request object
@@ -820,12 +813,11 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
             if count <= _EAGER:  # matched and eager: its bytes have arrived, Mrecv only copies
                 msg.Recv([raw, count, MPI.BYTE])
             else:
-                req = msg.Irecv([raw, count, MPI.BYTE])
-                if not req.Test():
-                    _wait_until(req.Test, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
+                _complete(msg.Irecv([raw, count, MPI.BYTE]),
+                          lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
             if out is None:
                 return _unpack(raw)
-            meta, _, _ = _parse_header(bytes(memoryview(raw)[: _HEAD.unpack_from(raw, 0)[3]]))
+            meta, _, _ = _parse_header(_head_of(raw))
             _check_out(meta, out, src, tag)
             n = out.nbytes
             if n:
@@ -922,7 +914,7 @@ def _all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str, timeout: float | 
     if blocking:  # the library's tuned blocking collective, under the watchdog's deadline
         if _DEBUG:
             _trace(comm, f"Allreduce {n} x {work.dtype} op {op}")
-        with WATCHDOG.guard(what, default_timeout() if timeout is None else timeout):
+        with WATCHDOG.guard(what, timeout):
             comm.Allreduce(MPI.IN_PLACE, [buf, n, dtype], mpi_op)
         req = MPI.REQUEST_NULL  # already complete
     else:
@@ -971,7 +963,7 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
     :class:`DeadlineError` use ``iall_reduce(...).wait(timeout)``.
     """
     mpi_op = _OPS.get(op)
-    if mpi_op is not None and tensor.is_cpu and tensor.is_contiguous() and not _DEBUG:
+    if mpi_op is not None and tensor.is_cpu and tensor.is_contiguous():
         # the common case (fp32/fp64/int host tensors): no staging, no request objects, the
         # buffer spec cached by (address, bytes, dtype): each Python step after a large
         # transfer runs on caches the transfer has evicted
@@ -979,6 +971,8 @@ def all_reduce(tensor: torch.Tensor, comm: MPI.Comm, op: str = "sum",
         if spec is None:
             spec = _plain_spec(tensor)
         if spec is not None:
+            if _DEBUG:
+                _trace(comm, f"Allreduce {tensor.numel()} x {tensor.dtype} op {op}")
             key = WATCHDOG.arm(lambda: f"all_reduce of {tensor.numel()} x {tensor.dtype} over "
                                f"{comm.Get_size()} ranks", timeout)
             try:

@@ -281,16 +281,12 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
         if can_run(r):
             queue.append(r)
     while queue or on_core or blocked:
-        while queue and len(on_core) < cores:  # hand free cores to waiting ranks
+        # hand free cores to waiting ranks; processor sharing: every ready rank runs, at cores / k
+        while queue and (quantum <= 0 or len(on_core) < cores):
             r = queue.pop(0)
             on_core[r] = now + quantum if quantum > 0 else float("inf")
         wakes = [arrival[source(table[r][pos[r]])] for r in blocked if source(table[r][pos[r]]) in arrival]
-        share = 1.0
-        if quantum <= 0 and on_core:  # processor sharing: every ready rank runs at cores / k
-            for r in queue:
-                on_core[r] = float("inf")
-            queue.clear()
-            share = min(1.0, cores / len(on_core))
+        share = min(1.0, cores / len(on_core)) if quantum <= 0 and on_core else 1.0
         if not on_core:
             if not wakes:  # pragma: no cover - verified tables finish
                 raise _fail(table, {r: pos[r] for r in range(p) if pos[r] < len(table[r])}, "stuck")
@@ -316,10 +312,6 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             if arrival.get(source(table[r][pos[r]]), float("inf")) <= now + 1e-12:
                 blocked.discard(r)
                 queue.append(r)
-        if quantum <= 0:
-            for r in list(on_core):
-                queue.append(r)
-            on_core.clear()
     return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
                   step_time=now, busy=busy, events=events)
 
