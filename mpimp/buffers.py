@@ -200,6 +200,14 @@ class HostPool:
     def take(self, nbytes: int) -> torch.Tensor:
         if nbytes < self.min_bytes:
             return torch.empty(nbytes, dtype=torch.uint8)
+        return torch.from_numpy(self.take_array(nbytes))
+
+    def take_array(self, nbytes: int) -> np.ndarray:
+        """The pooled buffer as a uint8 numpy array (any object holding it keeps it out of the pool).
+
+        The cheaper form for a receive: MPI takes the array directly, and
+        ``torch.frombuffer(array, ...)`` makes the received tensors in one call each.
+        """
         base = None
         with self._lock:
             free = self._free.get(nbytes)
@@ -211,7 +219,7 @@ class HostPool:
             base = np.empty(nbytes, dtype=np.uint8)
         view = base[:]  # the object torch will hold; its end returns ``base``
         weakref.finalize(view, self._give_back, base)
-        return torch.from_numpy(view)
+        return view
 
     def _give_back(self, base: np.ndarray) -> None:
         with self._lock:

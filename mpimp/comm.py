@@ -40,6 +40,7 @@ import time
 from collections.abc import Callable, Sequence
 from typing import Union
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -49,7 +50,6 @@ from .buffers import (
     cuda_aware,
     dtype_code,
     from_wire,
-    host_buffer,
     is_16bit_float,
     mpi_datatype,
     to_wire,
@@ -627,7 +627,7 @@ class _RecvRequest(Request):
         self.device = device if device is not None or out is None else out.device
         self._status = MPI.Status() if status is None else status
         self._req: MPI.Request | None = None
-        self._raw: bytearray | torch.Tensor | None = None
+        self._raw: bytearray | np.ndarray | torch.Tensor | None = None
         self._staged: torch.Tensor | None = None
         self._direct = False  # True when receiving straight into out
         self._value: Tensors | None = None
@@ -718,9 +718,9 @@ class _RecvRequest(Request):
             # by this side alone (single-copy CMA); a two-block receive datatype mirroring
             # the sender's was measured to double the pipeline's bubble (the copy then
             # waits for the computing sender's MPI calls)
-            raw_t = _RECV_POOL.take(count)
-            self._raw = raw_t
-            self._req = msg.Irecv([host_buffer(raw_t), count, MPI.BYTE])
+            arr = _RECV_POOL.take_array(count)  # tensors made over it by frombuffer, one call each
+            self._raw = arr
+            self._req = msg.Irecv([arr, count, MPI.BYTE])
         else:
             self._raw = bytearray(count)
             self._req = msg.Irecv([self._raw, count, MPI.BYTE])
@@ -749,7 +749,7 @@ class _RecvRequest(Request):
             if out is not None:
                 self._check_out(meta)
                 off, n = meta[0][2], out.nbytes
-                if type(raw) is bytearray and out.is_cpu and out.is_contiguous():
+                if not isinstance(raw, torch.Tensor) and out.is_cpu and out.is_contiguous():
                     if n:
                         memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(raw)[off : off + n]
                 else:
