@@ -96,4 +96,30 @@ def test_host_pool_recycles_large_buffers_only_after_the_last_view_dies() -> Non
     b.fill_(7)  # writable, the right size
     others = [pool.take(2 << 20) for _ in range(2)]
     del others, b  # 1 + 2 + 2 MiB freed, at most 3 MiB kept
-    assert pool.held_bytes <= 3 << 20
+    assert pool.held_bytes <= 3 << 20 and pool.owned_bytes <= 3 << 20
+
+
+def test_host_pool_counts_numpy_and_frombuffer_views_as_users() -> None:
+    import numpy as np
+
+    from mpimp.buffers import HostPool
+
+    pool = HostPool(max_bytes=4 << 20, min_bytes=1 << 20)
+    arr = pool.take_array(1 << 20)
+    first = arr.ctypes.data
+    t = torch.from_numpy(arr[64 : 64 + 4096].view(np.float32).reshape(32, 32))  # as comm._view makes them
+    u = torch.frombuffer(arr, dtype=torch.int16, count=8, offset=64)
+    del arr
+    second = pool.take_array(1 << 20)
+    assert second.ctypes.data != first  # both tensors use the first buffer
+    del t
+    third = pool.take_array(1 << 20)
+    assert third.ctypes.data not in (first, second.ctypes.data)  # the frombuffer tensor still does
+    del u
+    assert pool.take_array(1 << 20).ctypes.data == first and pool.reused == 1  # free again
+    del second, third
+    assert pool.held_bytes == 3 << 20 and pool.owned_bytes == 3 << 20
+    big = pool.take_array(3 << 20)  # needs the room: two free 1 MiB buffers are dropped
+    assert pool.owned_bytes == 4 << 20 and pool.held_bytes == 1 << 20
+    del big
+    assert pool.held_bytes == 4 << 20
