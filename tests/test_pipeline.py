@@ -17,7 +17,6 @@ from mpi4py import MPI
 from torch import nn
 
 import mpimp
-from mpimp import ConfigError
 
 TOL = 1e-5
 SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
@@ -72,8 +71,7 @@ def _cases() -> list[tuple[str, int, int]]:
     out = []
     for name in SCHEDULES:
         for p in (2, 4):
-            ms = (p, 2 * p) if name == "interleaved-1f1b" else (1, p, 2 * p + 1)
-            out += [(name, p, m) for m in ms]
+            out += [(name, p, m) for m in (1, p, 2 * p + 1)]
     return out
 
 
@@ -107,44 +105,42 @@ def test_pipeline_equals_single_process(pp_world: mpimp.Topology | None, schedul
 
 
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("p", [2, 4])
-def test_interleaved_rejects_indivisible_chunks_on_every_rank(pp_world: mpimp.Topology | None, p: int) -> None:
-    if pp_world is None:
-        return
-    for m in (1, 2 * p + 1):
-        with pytest.raises(ConfigError, match=f"divisible by the pipeline size p={p}"):
-            mpimp.Pipeline(_layers(), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule="interleaved-1f1b",
-                           virtual_stages=2)
-
-
-@pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "interleaved-1f1b"])
+@pytest.mark.parametrize("schedule", SCHEDULES)
 @pytest.mark.parametrize("checkpoint", ["always", "except_last"])
-@pytest.mark.parametrize("p", [2])
+@pytest.mark.parametrize("p,m", [(p, m) for p in (2, 4) for m in (1, p, 2 * p + 1)])
 def test_checkpointing_is_transparent(pp_world: mpimp.Topology | None, schedule: str, checkpoint: str,
-                                      p: int) -> None:
+                                      p: int, m: int) -> None:
     if pp_world is None:
         return
-    m = 4
     ref = _layers(3)
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule=schedule,
                           virtual_stages=2 if schedule == "interleaved-1f1b" else 1, checkpoint=checkpoint)
-    x, y = _data(8, seed=4)
+    x, y = _data(2 * m, seed=4)
     _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
     pipe.close()
 
 
+_UNEVEN = {  # 9 layers; interleaved: p x 2 virtual stages
+    (2, 1): [[1, 8], [7, 2]], (4, 1): [[1, 1, 2, 5], [5, 2, 1, 1]],
+    (2, 2): [[1, 3, 4, 1], [4, 1, 1, 3]], (4, 2): [[1, 1, 1, 1, 1, 1, 1, 2], [2, 1, 1, 1, 1, 1, 1, 1]],
+}
+
+
 @pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("p,balance", [(2, [1, 8]), (2, [7, 2]), (4, [1, 1, 2, 5]), (4, [5, 2, 1, 1])])
-@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
-def test_uneven_balance(pp_world: mpimp.Topology | None, p: int, balance: list[int], schedule: str) -> None:
+@pytest.mark.parametrize("p,k", [(p, k) for p in (2, 4) for k in (0, 1)])
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("checkpoint", ["never", "except_last"])
+def test_uneven_balance(pp_world: mpimp.Topology | None, p: int, k: int, schedule: str, checkpoint: str) -> None:
     if pp_world is None:
         return
+    v = 2 if schedule == "interleaved-1f1b" else 1
+    balance = _UNEVEN[(p, v)][k]
     ref = _layers(5)
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=p + 1, loss_fn=nn.MSELoss(), schedule=schedule,
-                          balance=balance, checkpoint="except_last")
-    start = sum(balance[: pp_world.pp_rank])
-    assert pipe.layer_indices == list(range(start, start + balance[pp_world.pp_rank]))
+                          balance=balance, virtual_stages=v, checkpoint=checkpoint)
+    starts = [sum(balance[:s]) for s in range(p * v)]
+    mine = [i for s in range(pp_world.pp_rank, p * v, p) for i in range(starts[s], starts[s] + balance[s])]
+    assert pipe.layer_indices == mine
     x, y = _data(2 * (p + 1), seed=6)
     _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
     pipe.close()

@@ -43,10 +43,6 @@ def _cases() -> list[tuple[str, int, int, int]]:
 
 @pytest.mark.parametrize("name,p,m,v", _cases())
 def test_every_builder_verifies(name: str, p: int, m: int, v: int) -> None:
-    if name == "interleaved-1f1b" and v > 1 and m % p:
-        with pytest.raises(ConfigError, match=f"divisible by the pipeline size p={p}"):
-            build(name, p, m, v)
-        return
     table = build(name, p, m, v)
     assert len(table) == p
     report = verify(table, m)
@@ -64,13 +60,19 @@ def test_every_builder_verifies(name: str, p: int, m: int, v: int) -> None:
         assert report.peak_inflight == [min(p - r, m) for r in range(p)]
     elif name == "zb-h1":
         assert max(report.peak_inflight) == min(p, m)
+    else:  # interleaved, v > 1: Megatron's warm-up (groups of >= p micro-batches) plus the one in its 1F1B pair
+        group = m // max(1, m // p) + (1 if m % max(1, m // p) else 0)
+        warm = [m * v if m <= p else (p - r - 1) * 2 + (v - 1) * group for r in range(p)]
+        assert report.peak_inflight == [min(m * v, w + 1) for w in warm]
     # simulated step time with unit F, B, W (B without W costs 2) against the closed forms
     sim = simulate(table, CostModel(f=1, b=1, w=1), m)
     if name == "zb-h1":
         # Qi et al.: bubble (p-1)(F+B-W) once m >= p; with fewer micro-batches the F/B chain dominates
         assert sim.step_time == 3 * m + (p - 1) + max(0, p - m)
-    elif name == "interleaved-1f1b" and v > 1:
+    elif name == "interleaved-1f1b" and v > 1 and m >= p:
         assert sim.step_time == 3 * m * v + 3 * (p - 1)  # per virtual stage: bubble shrinks by v
+    elif name == "interleaved-1f1b" and v > 1:  # m < p: the last micro-batch's chain through p*v stages
+        assert sim.step_time == 3 * p * v + 3 * (m - 1)
     else:
         assert sim.step_time == 3 * (m + p - 1)
     assert 0 <= sim.bubble < 1
@@ -166,9 +168,20 @@ def test_verifier_checks_lowered_tables() -> None:
         verify(bad, 2)
 
 
-def test_interleaved_needs_divisible_microbatches() -> None:
-    with pytest.raises(ConfigError, match=r"chunks=6\).*p=4; use chunks=4 or 8"):
-        interleaved_1f1b(4, 6, 2)
+def test_interleaved_groups_any_number_of_microbatches() -> None:
+    # m = 6, p = 4: one group of 6 (rank r: its 6 micro-batches on virtual stage r, then on r + 4)
+    row = [str(a) for a in interleaved_1f1b(4, 6, 2)[0]]
+    assert row[:12] == [f"0F{i}" for i in range(6)] + [f"4F{i}" for i in range(6)]
+    assert [a for a in row if "B" in a][:6] == [f"4B{i}" for i in range(6)]
+    # m = 9, p = 4: groups of 5 and 4; m divisible by p: Megatron's groups of p
+    fwd = [str(a) for a in interleaved_1f1b(4, 9, 2)[3] if a.kind == "F"]
+    assert fwd == ([f"3F{i}" for i in range(5)] + [f"7F{i}" for i in range(5)]
+                   + [f"3F{i}" for i in range(5, 9)] + [f"7F{i}" for i in range(5, 9)])
+    fwd = [str(a) for a in interleaved_1f1b(2, 4, 2)[1] if a.kind == "F"]
+    assert fwd == ["1F0", "1F1", "3F0", "3F1", "1F2", "1F3", "3F2", "3F3"]
+
+
+def test_builder_option_errors() -> None:
     with pytest.raises(ConfigError, match="use schedule='interleaved-1f1b' for virtual stages"):
         build("1f1b", 2, 4, 2)
     with pytest.raises(ConfigError, match="unknown schedule"):

@@ -15,8 +15,8 @@ a..h: B of micro-batch 0..7, w: weight gradient, . idle; one column = one time u
 * ``1f1b``: ``p - r - 1`` warm-up forwards on rank r, then alternate one forward and one
   backward, then drain (Narayanan et al., 2019: PipeDream-Flush).
 * ``interleaved-1f1b``: rank r holds virtual stages r, r + p, r + 2p, ...; forwards go
-  in groups of p micro-batches per virtual stage (Megatron-LM, Narayanan et al., 2021).
-  Needs m divisible by p.  Bubble shrinks by a factor v.
+  in groups of p micro-batches per virtual stage (Megatron-LM, Narayanan et al., 2021);
+  any m (m // p groups of >= p).  Bubble shrinks by a factor v.
 * ``zb-h1``: backward split into B (input gradient, on the critical path) and W (weight
   gradient, deferrable) as in Qi et al., 2023, "Zero Bubble Pipeline Parallelism":
   1F1B's order with rank r holding back r weight gradients to fill the drain bubble.
@@ -71,33 +71,38 @@ def one_f_one_b(p: int, m: int, v: int = 1) -> Table:
 
 
 def interleaved_1f1b(p: int, m: int, v: int = 2) -> Table:
-    """Megatron's interleaved 1F1B over ``v`` virtual stages per rank (m divisible by p)."""
+    """Megatron's interleaved 1F1B over ``v`` virtual stages per rank, for any m.
+
+    Micro-batches go in ``max(1, m // p)`` groups of g >= p (sizes differing by at most
+    one; a single group of m when m < p): rank r runs the forwards of one group on its
+    virtual stage r, then on r + p, ..., then the next group; backwards in the same
+    groups, virtual stages in reverse.  ``(p - r - 1) * 2 + (v - 1) * g`` warm-up forwards
+    (Megatron's count with its group size g; all of them when m <= p), then one forward
+    and one backward in turn, then the drain.  With m divisible by p this is Megatron's
+    schedule.  Unit costs (F = 1, B = 2 per virtual stage): step ``3 m v + 3 (p - 1)``
+    for m >= p (1F1B's bubble over v); for m < p the last micro-batch's chain through all
+    p v stages, ``3 p v + 3 (m - 1)``.  Peak: ``min(m v, warm-up + 1)`` virtual-stage
+    micro-batches.
+    """
     _check("interleaved-1f1b", p, m, v)
     if v == 1:
         return one_f_one_b(p, m)
-    if m % p:
-        raise ConfigError(
-            f"interleaved-1f1b needs the number of micro-batches (chunks={m}) divisible by the "
-            f"pipeline size p={p}; use chunks={max(p, m // p * p)} or {(m // p + 1) * p}, "
-            f"or schedule='1f1b'"
-        )
+    rounds = max(1, m // p)  # groups of p or more micro-batches, sizes differing by at most 1
+    size, extra = divmod(m, rounds)
+    starts = [k * size + min(k, extra) for k in range(rounds + 1)]
+    groups = [range(a, b) for a, b in zip(starts, starts[1:])]
+    forward = [(c, i) for group in groups for c in range(v) for i in group]
+    backward = [(c, i) for group in groups for c in reversed(range(v)) for i in group]
     total = m * v
-
-    def fwd(k: int, r: int) -> Action:
-        chunk = (k // p) % v
-        return Action(chunk * p + r, "F", (k // (p * v)) * p + k % p)
-
-    def bwd(k: int, r: int) -> Action:
-        chunk = v - 1 - (k // p) % v
-        return Action(chunk * p + r, "B", (k // (p * v)) * p + k % p)
-
     table = []
     for r in range(p):
-        warm = total if m == p else min((p - r - 1) * 2 + (v - 1) * p, total)
-        row = [fwd(k, r) for k in range(warm)]
+        warm = total if m <= p else min((p - r - 1) * 2 + (v - 1) * len(groups[0]), total)
+        fwd = [Action(c * p + r, "F", i) for c, i in forward]
+        bwd = [Action(c * p + r, "B", i) for c, i in backward]
+        row = fwd[:warm]
         for k in range(total - warm):
-            row += [fwd(warm + k, r), bwd(k, r)]
-        row += [bwd(k, r) for k in range(total - warm, total)]
+            row += [fwd[warm + k], bwd[k]]
+        row += bwd[total - warm:]
         table.append(row)
     return table
 
