@@ -146,6 +146,38 @@ def test_uneven_balance(pp_world: mpimp.Topology | None, p: int, k: int, schedul
     pipe.close()
 
 
+class _ReadsWeightOf(nn.Module):
+    """Applies another layer's weight (weight tying inside a stage); owns no parameter."""
+
+    def __init__(self, other: nn.Linear) -> None:
+        super().__init__()
+        self.other = [other]  # not registered: the weight stays the other layer's
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.nn.functional.linear(x, self.other[0].weight.t())
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+@pytest.mark.parametrize("schedule", ["zb-h1", "1f1b"])
+def test_weight_used_outside_its_layer_gets_its_full_gradient(pp_world: mpimp.Topology | None, p: int,
+                                                              schedule: str) -> None:
+    """zb-h1 splits W per layer; a weight also read by another layer of the stage must fall
+    back to full backwards instead of losing that layer's share of its gradient."""
+    if pp_world is None:
+        return
+    torch.manual_seed(11)
+    lin = nn.Linear(8, 6)
+    ref = nn.Sequential(lin, nn.Tanh(), _ReadsWeightOf(lin), nn.Tanh(), nn.Linear(8, 3))
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=3, loss_fn=nn.MSELoss(), schedule=schedule,
+                          balance=[3, 2])
+    x, y = _data(6, seed=12)
+    _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    if schedule == "zb-h1":  # rank 0 fell back to full backwards, rank 1 still splits
+        assert pipe.split_weight_passes == (0 if pp_world.pp_rank == 0 else 3)
+    pipe.close()
+
+
 class _Split(nn.Module):
     """float features -> (features, int64 bucket per row): a stage boundary carrying a tuple."""
 

@@ -108,6 +108,32 @@ class _MB:
         self.target: Any = None
 
 
+def _leaf_outside(out: Any, captured: list[tuple[nn.Module, list[torch.Tensor]]],
+                  inputs: list[torch.Tensor]) -> bool:
+    """True when the graph of ``out`` reaches a leaf other than the stage inputs without
+    passing through a captured module output.
+
+    The B/W split computes input gradients and the gradients of the captured module
+    outputs in B, and each module's own parameter gradients from those in W; a parameter
+    that enters the graph elsewhere (read by another module: weight tying within a
+    stage, or a functional use) would get no gradient.  Then the stage runs full backwards.
+    """
+    stop = {t.grad_fn for _, ts in captured for t in ts if t.grad_fn is not None}
+    allowed = {id(t) for t in inputs}
+    stack = [t.grad_fn for t in flat_tensors(out) if t.grad_fn is not None]
+    seen: set[Any] = set()
+    while stack:
+        node = stack.pop()
+        if node in seen or node in stop:
+            continue
+        seen.add(node)
+        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that wants a gradient
+        if leaf is not None and id(leaf) not in allowed:
+            return True
+        stack.extend(n for n, _ in node.next_functions if n is not None)
+    return False
+
+
 class StageExecutor:
     """Mixin running a row of actions; the host class provides the attributes below.
 
@@ -335,8 +361,10 @@ class StageExecutor:
         st.out = out
         if st.split:
             mods = [m for m, _ in (captured or [])]
-            # the B/W split is exact when every parameter-owning module ran exactly once
-            if len(set(map(id, mods))) != len(mods) or len(mods) != len(self._owners_of_params[s]):
+            # the B/W split is exact when every parameter-owning module ran exactly once and
+            # no parameter is used outside its module (a tied weight read by another layer)
+            if len(set(map(id, mods))) != len(mods) or len(mods) != len(self._owners_of_params[s]) \
+                    or _leaf_outside(out, captured or [], flat_tensors(st.x)):
                 st.split = False
             else:
                 st.captures = captured
