@@ -37,6 +37,7 @@ import struct
 import sys
 import threading
 import time
+import weakref
 from collections.abc import Callable, Sequence
 from typing import Union
 
@@ -242,10 +243,16 @@ def _parse_header_uncached(buf: bytes) -> tuple[list[tuple[torch.dtype, tuple[in
         )
     out, pos, offset = [], 8, hlen
     for _ in range(n & 0x7F):
-        code, ndim = _ENTRY.unpack_from(buf, pos)
-        shape = struct.unpack_from(f"<{ndim}q", buf, pos + 8) if ndim else ()
+        try:
+            code, ndim = _ENTRY.unpack_from(buf, pos)
+            shape = struct.unpack_from(f"<{ndim}q", buf, pos + 8) if ndim else ()
+            dtype = CODE_DTYPES[code]
+        except (struct.error, KeyError) as exc:
+            raise TransportError(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: received an mpimp message with a corrupt or foreign "
+                f"header ({len(buf)} of {hlen} header bytes; {exc}); do both sides run the same mpimp version?"
+            ) from None
         pos += 8 + 8 * ndim
-        dtype = CODE_DTYPES[code]
         out.append((dtype, tuple(shape), offset))
         numel = 1
         for s in shape:
@@ -607,6 +614,21 @@ def _raise_truncated(exc: MPI.Exception, out: torch.Tensor | None, src: int, tag
     ) from None
 
 
+def _out_meta(scratch: bytes | bytearray, out: torch.Tensor, src: int,
+              tag: int) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
+    """The header of a message received straight into ``out`` (``scratch`` holds out's own
+    header length); a longer header (a tuple, more dimensions) raises a TransportError."""
+    hlen = _HEAD.unpack_from(scratch, 0)[3]
+    if hlen > len(scratch):
+        raise TransportError(
+            f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {src} tag {tag}: out is "
+            f"{_describe(out.dtype, out.shape)} but the message has another layout (a {hlen}-byte header: "
+            f"a tuple or more dimensions; out's is {len(scratch)} bytes); out's contents are unspecified; "
+            f"pass an out tensor of the sent shape and dtype, or out=None"
+        )
+    return _parse_header(_head_of(scratch))[0]
+
+
 def _direct_out(out: torch.Tensor | None) -> bool:
     """Whether a receive lands straight in ``out`` (large, contiguous, on the host)."""
     return out is not None and out.is_cpu and out.is_contiguous() and out.nbytes > _PACK_LIMIT
@@ -624,6 +646,72 @@ def _check_out(meta: list[tuple[torch.dtype, tuple[int, ...], int]], out: torch.
         )
 
 
+class _Unmatched:
+    """Receives posted with ``irecv`` that have not matched their message yet, per communicator.
+
+    MPI matches receives in the order they were posted; an mpimp receive without a
+    fitting ``out`` can only post its MPI receive after a matched probe tells the size,
+    which happens when it is first tested or waited on.  So that a later receive on the
+    same (source, tag) never takes the message meant for an earlier one, a receive may
+    probe only after every earlier unmatched receive that could match the same message
+    (same source and tag, or a wildcard) has matched; waiting on a later one first
+    matches the earlier ones (their bytes then move while they wait), and a large
+    ``out=`` receive is posted up front only when no such earlier receive is pending.
+    """
+
+    def __init__(self) -> None:
+        # communicator handle -> the unmatched receives, in posting order (weakly: a request
+        # its owner dropped matches nothing, unlike a freed MPI request)
+        self.pending: dict[int, list[weakref.ref[_RecvRequest]]] = {}
+
+    @staticmethod
+    def overlap(src: int, tag: int, other: _RecvRequest) -> bool:
+        return ((src == other.src or MPI.ANY_SOURCE in (src, other.src))
+                and (tag == other.tag or MPI.ANY_TAG in (tag, other.tag)))
+
+    def _live(self, handle: int) -> list[_RecvRequest]:
+        refs = self.pending.get(handle, [])
+        # dropped requests, and those of a freed communicator (whose handle a new one may reuse)
+        live = [r for r in (ref() for ref in refs) if r is not None and r.comm.handle == handle]
+        if len(live) != len(refs):  # drop the dead
+            if live:
+                self.pending[handle] = [weakref.ref(r) for r in live]
+            else:
+                self.pending.pop(handle, None)
+        return live
+
+    def blocked(self, comm: MPI.Comm, src: int, tag: int) -> bool:
+        """Whether an unmatched earlier receive could take the next message of (src, tag)."""
+        return any(self.overlap(src, tag, r) for r in self._live(comm.handle))
+
+    def add(self, r: _RecvRequest) -> None:
+        self.pending.setdefault(r.comm.handle, []).append(weakref.ref(r))
+
+    def forget(self, r: _RecvRequest) -> None:
+        """``r`` matched its message (or was abandoned by a blocking recv that raised)."""
+        refs = self.pending.get(r.comm.handle)
+        if refs is not None:
+            refs[:] = [ref for ref in refs if ref() is not r]
+            if not refs:
+                del self.pending[r.comm.handle]
+
+    def earlier_matched(self, r: _RecvRequest) -> bool:
+        """Match the earlier overlapping receives of ``r`` (in order); False if one cannot yet."""
+        handle = r.comm.handle
+        for ref in list(self.pending.get(handle, ())):  # a copy: matching removes entries
+            other = ref()
+            if other is r:
+                break
+            if other is None or other.comm.handle != handle:
+                continue  # dropped, or of a freed communicator: _live() cleans up
+            if self.overlap(r.src, r.tag, other) and other._req is None and not other._probe():
+                return False
+        return True
+
+
+_UNMATCHED = _Unmatched()  # mirrors MPI's own per-process queue of posted receives
+
+
 class _RecvRequest(Request):
     """Receive of a self-describing message: matched probe, then one receive of the whole message.
 
@@ -634,7 +722,7 @@ class _RecvRequest(Request):
     """
 
     __slots__ = ("src", "comm", "tag", "out", "device", "_status", "_req", "_raw", "_staged",
-                 "_direct", "_value", "_done")
+                 "_direct", "_value", "_done", "__weakref__")
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
                  device: torch.device | None, msg: MPI.Message | None = None,
@@ -652,8 +740,10 @@ class _RecvRequest(Request):
             _trace(comm, f"Irecv <- {src} tag {tag}")
         if msg is not None:  # already matched by the caller's probe (status holds its size)
             self._post(msg)
-        elif _direct_out(out):
+        elif _direct_out(out) and not _UNMATCHED.blocked(comm, src, tag):
             self._post_direct(None)
+        else:
+            _UNMATCHED.add(self)
 
     def describe(self) -> str:
         return f"recv from rank {self.src} (tag {self.tag})"
@@ -670,10 +760,14 @@ class _RecvRequest(Request):
         return Request.wait(self, timeout)
 
     def _probe(self) -> bool:
-        """Match the message and post its receive; False while it has not arrived."""
+        """Match the message and post its receive; False while it has not arrived (or an
+        earlier receive that could take the same message has not matched yet)."""
+        if _UNMATCHED.pending and not _UNMATCHED.earlier_matched(self):
+            return False
         msg = self.comm.Improbe(self.src, self.tag, self._status)
         if msg is None:
             return False
+        _UNMATCHED.forget(self)
         self._post(msg)
         return True
 
@@ -753,26 +847,28 @@ class _RecvRequest(Request):
         return _head_of(raw)  # type: ignore[arg-type]
 
     def _finish(self) -> None:
-        meta, as_tuple, _ = _parse_header(self._header_bytes())
         out, raw = self.out, self._raw
         if self._direct:
+            assert out is not None and isinstance(raw, bytearray)
+            self._check_out(_out_meta(raw, out, self.src, self.tag))
+            self._value = out
+            self._raw = None
+            return
+        meta, as_tuple, _ = _parse_header(self._header_bytes())
+        if isinstance(raw, torch.Tensor) and self._staged is not None:
+            raw.copy_(self._staged)
+        assert raw is not None
+        if out is not None:
             self._check_out(meta)
+            off, n = meta[0][2], out.nbytes
+            if not isinstance(raw, torch.Tensor) and out.is_cpu and out.is_contiguous():
+                if n:
+                    memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(raw)[off : off + n]
+            else:
+                out.copy_(_view(raw, *meta[0][:2], off))
             self._value = out
         else:
-            if isinstance(raw, torch.Tensor) and self._staged is not None:
-                raw.copy_(self._staged)
-            assert raw is not None
-            if out is not None:
-                self._check_out(meta)
-                off, n = meta[0][2], out.nbytes
-                if not isinstance(raw, torch.Tensor) and out.is_cpu and out.is_contiguous():
-                    if n:
-                        memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(raw)[off : off + n]
-                else:
-                    out.copy_(_view(raw, *meta[0][:2], off))
-                self._value = out
-            else:
-                self._value = _views(raw, meta, as_tuple)
+            self._value = _views(raw, meta, as_tuple)
         self._raw = self._staged = None
 
     def _check_out(self, meta: list[tuple[torch.dtype, tuple[int, ...], int]]) -> None:
@@ -803,6 +899,14 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
     dev = torch.device(device) if isinstance(device, str) else device
     if _DEBUG:
         _trace(comm, f"Recv <- {src} tag {tag}")
+    if _UNMATCHED.pending and _UNMATCHED.blocked(comm, src, tag):  # after the earlier irecvs, in order
+        rreq = _RecvRequest(src, comm, tag, out, dev)
+        try:
+            value = rreq.wait(timeout)
+        finally:
+            _UNMATCHED.forget(rreq)  # a receive that raised is abandoned: it must not match later
+        assert value is not None
+        return value
     if _direct_out(out):  # posted straight into out before the message arrives: no probe
         assert out is not None
         head = _frame1(out.dtype, out.shape)[0]
@@ -813,7 +917,7 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
         except MPI.Exception as exc:
             _raise_truncated(exc, out, src, tag, scratch)
         if scratch != head:  # the header out implies, byte for byte, or an error naming both
-            _check_out(_parse_header(_head_of(scratch))[0], out, src, tag)
+            _check_out(_out_meta(scratch, out, src, tag), out, src, tag)
         return out
     status = MPI.Status()
     msg = comm.Improbe(src, tag, status)

@@ -546,6 +546,58 @@ def test_mpimp_debug_traces_every_call_on_stderr() -> None:
 
 
 @pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("shape", [(3,), (300, 100)], ids=["small", "large"])
+def test_receives_on_one_tag_match_in_posting_order(comm: MPI.Comm, shape: tuple[int, ...]) -> None:
+    """Like MPI's posted receives: the first irecv gets the first message, whichever is waited
+    on first, with or without out= (a large out= is otherwise posted up front)."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+
+    def sent(k: int, who: int) -> torch.Tensor:
+        return torch.full(shape, 1000.0 * who + k)
+
+    cases = ("wait later first", "later has out=", "wait_all reversed", "blocking recv after irecv")
+    for case_no, case in enumerate(cases):
+        tag = 61 + case_no
+        r1 = mpimp.irecv(src, comm, tag=tag)
+        r2 = mpimp.irecv(src, comm, tag=tag, out=torch.empty(shape)) if case == "later has out=" else None
+        if case in ("wait later first", "wait_all reversed"):
+            r2 = mpimp.irecv(src, comm, tag=tag)
+        sends = [mpimp.isend(sent(k, rank), dst, comm, tag=tag) for k in (1, 2)]
+        if case == "wait_all reversed":
+            assert r2 is not None
+            got2, got1 = mpimp.wait_all([r2, r1])
+        elif case == "blocking recv after irecv":
+            got2 = mpimp.recv(src, comm, tag=tag)
+            got1 = r1.wait()
+        else:
+            assert r2 is not None
+            got2 = r2.wait()
+            got1 = r1.wait()
+        mpimp.wait_all(sends)
+        assert torch.equal(got1, sent(1, src)), case  # type: ignore[arg-type]
+        assert torch.equal(got2, sent(2, src)), case  # type: ignore[arg-type]
+    left = [r for refs in transport._UNMATCHED.pending.values() for r in (ref() for ref in refs)]
+    assert not [r for r in left if r is not None and 61 <= r.tag < 61 + len(cases)]
+
+
+@pytest.mark.mpi(min_size=1)
+def test_out_receive_of_a_message_with_a_longer_header_names_both(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    out = torch.empty(300, 100)  # large: posted straight into out, with room for out's own header only
+    for blocking in (True, False):
+        tag = 70 + blocking
+        mine = (torch.zeros(100, 100), torch.zeros(10), torch.zeros(10), torch.zeros(10, 1, 1, 1, 1, 1, 1))
+        req = mpimp.isend(mine, dst, comm, tag=tag)
+        with pytest.raises(mpimp.TransportError, match=r"out is float32\[300, 100\] but the message has another layout"):
+            if blocking:
+                mpimp.recv(src, comm, tag=tag, out=out)
+            else:
+                mpimp.irecv(src, comm, tag=tag, out=out).wait()
+        req.wait()
+
+
+@pytest.mark.mpi(min_size=1)
 def test_large_receives_reuse_freed_buffers_and_keep_live_ones(comm: MPI.Comm) -> None:
     """recv() of large messages takes its buffer from the pool: a freed result's memory
     serves the next one, a result still alive is never overwritten."""
