@@ -36,6 +36,7 @@ import numpy as np
 from mpi4py import MPI
 
 from .data import batch_indices
+from .watchdog import guarded
 
 __all__ = ["Control", "StepMessage", "Coordinator", "StopFlag", "reduce_to_root"]
 
@@ -150,12 +151,12 @@ class Coordinator:
         """The message for ``step`` (collective: the same object on every rank)."""
         # one tiny allgather doubles as the OR-reduction of the stop flags and tells
         # rank 0 who was signalled and by what
-        flags = self.comm.gather(self.flag.signal_name, root=0)
+        flags = guarded("coordinator: gather of the stop flags", lambda: self.comm.gather(self.flag.signal_name, root=0))
         msg = None
         if self.comm.Get_rank() == 0:
             signalled = [(r, name) for r, name in enumerate(flags) if name is not None]
             msg = self._decide(step, signalled)
-        return self.comm.bcast(msg, root=0)
+        return guarded("coordinator: broadcast of the step message", lambda: self.comm.bcast(msg, root=0))
 
 
 def reduce_to_root(comm: MPI.Comm, values: dict[str, float], contributes: bool,

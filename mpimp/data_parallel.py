@@ -68,6 +68,7 @@ from .comm import Request, all_reduce, broadcast, default_timeout
 from .errors import ConfigError, DeadlineError
 from .shm import SharedBuckets, shm_available, shm_wanted
 from .topology import Topology
+from .watchdog import guarded
 
 __all__ = ["DataParallel", "reduce_gradients", "split_batch", "check_replicas"]
 
@@ -344,9 +345,11 @@ def check_replicas(module: nn.Module, comm: MPI.Comm) -> None:
     """Raise ConfigError on every rank if the parameters' names, shapes or count differ over ``comm``."""
     mine = _describe(module)
     digest = hashlib.sha256(repr(mine).encode()).hexdigest()
-    if all(d == digest for d in comm.allgather(digest)):
+    if all(d == digest for d in guarded("DataParallel: allgather of the parameter digest",
+                                        lambda: comm.allgather(digest))):
         return
-    everyone = comm.allgather(mine)  # only on a mismatch, which every rank saw
+    everyone = guarded("DataParallel: allgather of the parameter lists",
+                       lambda: comm.allgather(mine))  # only on a mismatch, which every rank saw
     ref = everyone[0]
     for r, desc in enumerate(everyone):
         if desc == ref:

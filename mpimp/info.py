@@ -16,6 +16,7 @@ import torch
 from mpi4py import MPI
 
 from .buffers import cuda_aware
+from .watchdog import guarded
 
 __all__ = ["environment", "format_info"]
 
@@ -62,7 +63,7 @@ def format_info(comm: MPI.Comm, dp: int | None = None, pp: int = 1, tp: int = 1)
 
     with init(dp=dp, pp=pp, tp=tp, comm=comm) as topo:
         row = dict(topo.coords(), host=socket.gethostname())
-        rows = topo.world.gather(row, root=0)
+        rows = guarded("mpimp info: gather of every rank's row", lambda: topo.world.gather(row, root=0))
         if not topo.is_coordinator:
             return None
         env = environment()

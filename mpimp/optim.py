@@ -42,6 +42,7 @@ from .comm import all_gather, reduce_scatter
 from .data_parallel import _reduce_dtype
 from .errors import ConfigError
 from .topology import Topology
+from .watchdog import guarded
 
 __all__ = ["ShardedOptimizer"]
 
@@ -237,7 +238,7 @@ class ShardedOptimizer:
             if small:
                 scalars.setdefault(i, small)
         merged: dict[int, dict[str, Any]] = {}
-        for part in self.comm.allgather(scalars):
+        for part in guarded("ShardedOptimizer: allgather of the scalar state", lambda: self.comm.allgather(scalars)):
             for i, small in part.items():
                 merged.setdefault(i, small)
         state = {}

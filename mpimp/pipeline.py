@@ -48,6 +48,7 @@ from .schedule import Action, build, lower, parse_table, stage_owners, verify
 from .schedule.executor import TAG_BASE, StageExecutor, as_leaf, detach_all, flat_tensors
 from .schedule.partition import balance_by_cost, check_balance, stage_bounds
 from .topology import Topology
+from .watchdog import guarded
 
 __all__ = ["Pipeline", "CHECKPOINT_MODES", "SCHEDULES"]
 
@@ -175,7 +176,8 @@ class Pipeline(StageExecutor):
                 self.layer_indices.extend(range(lo, hi))
         except Exception as exc:  # a factory failing on one rank must fail every rank
             failure = f"rank {topo.rank} (stage {me}): building its layers failed: {type(exc).__name__}: {exc}"
-        failures = [f for f in topo.world.allgather(failure) if f]
+        failures = [f for f in guarded("Pipeline: allgather of construction errors",
+                                       lambda: topo.world.allgather(failure)) if f]
         if failures:
             raise ConfigError(failures[0])
         self.device = next((q.device for q in self.parameters()), torch.device("cpu"))
@@ -220,7 +222,8 @@ class Pipeline(StageExecutor):
             times.append(best)
             x = detach_all(y)
         # every rank must cut at the same places: average the measurements over the world
-        total = self.topo.world.allreduce(np.asarray(times, dtype=np.float64), op=MPI.SUM)
+        total = guarded("Pipeline: all-reduce of layer times (balance='time')",
+                        lambda: self.topo.world.allreduce(np.asarray(times, dtype=np.float64), op=MPI.SUM))
         return balance_by_cost([float(t) / self.topo.size for t in total], self.num_stages)
 
     # ------------------------------------------------------------------ public surface

@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from .errors import ConfigError
+from .watchdog import guarded
 
 __all__ = ["Topology", "init", "suggest_layouts"]
 
@@ -175,7 +176,7 @@ def init(dp: int | None = None, pp: int = 1, tp: int = 1, comm: MPI.Comm | None 
     """
     base = MPI.COMM_WORLD if comm is None else comm
     size, rank = base.Get_size(), base.Get_rank()
-    requested = base.allgather((dp, pp, tp))
+    requested = guarded("mpimp.init: allgather of every rank's (dp, pp, tp)", lambda: base.allgather((dp, pp, tp)))
     if any(r != requested[0] for r in requested):
         diff = [i for i, r in enumerate(requested) if r != requested[0]]
         raise ConfigError(

@@ -53,6 +53,7 @@ from .coordinator import Control, Coordinator, StepMessage, StopFlag, reduce_to_
 from .data import IGNORE_INDEX, DataError, Dataset, ReverseTask, open_dataset
 from .errors import ConfigError
 from .topology import Topology, init
+from .watchdog import guarded
 
 __all__ = ["TrainConfig", "Trainer", "lr_schedule", "CONFIG_HELP"]
 
@@ -160,7 +161,7 @@ def _agree(comm: MPI.Comm, fn: Any) -> Any:
             verdict = ("ok", fn())
         except ConfigError as exc:
             verdict = ("error", str(exc))
-    verdict = comm.bcast(verdict, root=0)
+    verdict = guarded("trainer: broadcast of the configuration check", lambda: comm.bcast(verdict, root=0))
     if verdict[0] == "error":
         raise DataError(verdict[1])
     return verdict[1]
@@ -330,7 +331,8 @@ class Trainer:
             if self._counted_in_norm(p):
                 sq += p.grad.detach().double().pow(2).sum()
         if self.topo.model_comm.Get_size() > 1:
-            self.topo.model_comm.Allreduce(MPI.IN_PLACE, sq.numpy(), op=MPI.SUM)
+            guarded("trainer: all-reduce of the gradient norm",
+                    lambda: self.topo.model_comm.Allreduce(MPI.IN_PLACE, sq.numpy(), op=MPI.SUM))
         norm = float(sq.sqrt())
         if self.cfg.grad_clip > 0:
             coef = self.cfg.grad_clip / (norm + 1e-6)
@@ -371,7 +373,8 @@ class Trainer:
         vals, idx = z.max(dim=-1)
         if self.topo.tp == 1:
             return idx
-        parts = self.topo.tp_comm.allgather((vals.numpy(), (idx + start).numpy()))
+        parts = guarded("sample: allgather of the top-k over tp",
+                        lambda: self.topo.tp_comm.allgather((vals.numpy(), (idx + start).numpy())))
         v = torch.from_numpy(np.stack([p[0] for p in parts]))
         i = torch.from_numpy(np.stack([p[1] for p in parts]))
         return i.gather(0, v.argmax(dim=0, keepdim=True)).squeeze(0)
@@ -511,14 +514,14 @@ class Trainer:
     def num_parameters(self) -> int:
         """Parameters of the whole model (each element once), from this rank's shards (collective)."""
         n = sum(p.numel() for p in self.parameters() if self._counted_in_norm(p))
-        return int(self.topo.model_comm.allreduce(n))
+        return int(guarded("trainer: all-reduce of the parameter count", lambda: self.topo.model_comm.allreduce(n)))
 
     def _finish(self, stop_reason: str, times: list[float], elapsed: float) -> dict[str, Any] | None:
         cfg, topo = self.cfg, self.topo
         root = topo.rank == 0
         self._write_trace()
         state = self.full_state_dict()
-        peak = topo.world.gather(_peak_rss_mb(), root=0)
+        peak = guarded("trainer: gather of peak memory", lambda: topo.world.gather(_peak_rss_mb(), root=0))
         if not root:
             return None
         self._save_model(state)
@@ -707,7 +710,7 @@ class Trainer:
                 for k, v in part.items():
                     state[prefix + k] = v
         mine = state if (topo.dp_rank == 0 and topo.tp_rank == 0) else {}
-        parts = topo.world.gather(mine, root=0)
+        parts = guarded("trainer: gather of the model shards", lambda: topo.world.gather(mine, root=0))
         if topo.rank != 0:
             return {}
         out: dict[str, torch.Tensor] = {}
@@ -740,7 +743,7 @@ class Trainer:
 
         topo = self.topo
         mine = [dict(e, dp_rank=topo.dp_rank, tp_rank=topo.tp_rank) for e in self._train_timeline]
-        timelines = topo.world.gather(mine, root=0)
+        timelines = guarded("trainer: gather of the timelines", lambda: topo.world.gather(mine, root=0))
         if topo.rank != 0:
             return
         trace.write_chrome_trace(timelines, os.path.join(self.cfg.out, "trace.json"))

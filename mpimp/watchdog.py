@@ -27,10 +27,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import TypeVar
 
 from mpi4py import MPI
 
-__all__ = ["Watchdog", "WATCHDOG"]
+__all__ = ["Watchdog", "WATCHDOG", "guarded"]
 
 
 class Watchdog:
@@ -107,3 +108,18 @@ class Watchdog:
 
 
 WATCHDOG = Watchdog()  # one per process: it guards every blocking call of the transport
+
+
+_T = TypeVar("_T")
+
+
+def guarded(what: str, call: Callable[[], _T], timeout: float | None = None) -> _T:
+    """``call()`` (a blocking collective: mpi4py's lowercase pickle-based ones, a small
+    ``Allreduce``) under :data:`WATCHDOG`: past the deadline a stall report naming ``what``
+    and the job is aborted.  The form for the one-off and per-step collectives of setup,
+    coordination and metrics; the transport's own waits poll with their deadline."""
+    key = WATCHDOG.arm(lambda: what, timeout)
+    try:
+        return call()
+    finally:
+        WATCHDOG.disarm(key)

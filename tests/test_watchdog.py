@@ -43,16 +43,30 @@ def _mpirun() -> str:
     return which
 
 
-def test_a_rank_missing_from_an_all_reduce_aborts_the_job_instead_of_hanging() -> None:
-    script = (
-        "import time, torch, mpimp\n"
-        "from mpi4py import MPI\n"
-        "c = MPI.COMM_WORLD\n"
-        "if c.Get_rank() == 0:\n"
-        "    mpimp.all_reduce(torch.ones(1 << 18), c)  # rank 1 never joins\n"
-        "else:\n"
-        "    time.sleep(60)\n"
-    )
+_ALL_REDUCE = (
+    "import time, torch, mpimp\n"
+    "from mpi4py import MPI\n"
+    "c = MPI.COMM_WORLD\n"
+    "if c.Get_rank() == 0:\n"
+    "    mpimp.all_reduce(torch.ones(1 << 18), c)  # rank 1 never joins\n"
+    "else:\n"
+    "    time.sleep(60)\n"
+)
+_INIT = (
+    "import time, mpimp\n"
+    "from mpi4py import MPI\n"
+    "if MPI.COMM_WORLD.Get_rank() == 0:\n"
+    "    mpimp.init(pp=2)  # rank 1 never calls init: its setup allgather is guarded\n"
+    "else:\n"
+    "    time.sleep(60)\n"
+)
+
+
+@pytest.mark.parametrize("script, report", [
+    (_ALL_REDUCE, "mpimp watchdog: rank 0: all_reduce of 262144 x torch.float32 over 2 ranks"),
+    (_INIT, "mpimp watchdog: rank 0: mpimp.init: allgather of every rank's (dp, pp, tp)"),
+], ids=["all_reduce", "init"])
+def test_a_rank_missing_from_a_collective_aborts_the_job_instead_of_hanging(script: str, report: str) -> None:
     env = {k: v for k, v in os.environ.items()
            if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
     env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
@@ -62,5 +76,5 @@ def test_a_rank_missing_from_an_all_reduce_aborts_the_job_instead_of_hanging() -
                           env=env, capture_output=True, text=True, timeout=120)
     took = time.monotonic() - start
     assert done.returncode != 0
-    assert "mpimp watchdog: rank 0: all_reduce of 262144 x torch.float32 over 2 ranks" in done.stderr, done.stderr
+    assert report in done.stderr, done.stderr
     assert took < 45, f"the job took {took:.0f} s to end (rank 1 sleeps 60 s)"

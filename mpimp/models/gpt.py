@@ -49,6 +49,7 @@ from ..nn.random import parallel_dropout
 from ..nn.sharding import full_grads, full_state_dict, load_full_state_dict, normal_init
 from ..nn.transformer import ParallelMLP, ParallelSelfAttention, check_heads
 from ..topology import Topology
+from ..watchdog import guarded
 
 __all__ = ["GPTConfig", "GPT", "GPTEmbedding", "GPTBlock", "GPTHead", "PipelineParts", "gpt_pipeline_layers",
            "gather_logits"]
@@ -102,7 +103,7 @@ def _agree_seed(config: GPTConfig, topo: Topology) -> int:
     """One draw from the default generator; rank 0's value for all.  With dropout, every
     tp group must share its generator state (dropout masks are drawn on every rank)."""
     seed = int(torch.randint(0, 2**62, (1,)).item())
-    seeds = topo.world.allgather(seed)
+    seeds = guarded("GPT: allgather of the seeds", lambda: topo.world.allgather(seed))
     if config.dropout > 0 and topo.tp > 1:
         for d in range(topo.dp):
             for p in range(topo.pp):

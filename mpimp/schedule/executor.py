@@ -44,6 +44,7 @@ from ..comm import (
     progress_thread_wanted,
 )
 from ..errors import ConfigError, MpimpError
+from ..watchdog import guarded
 from .actions import Action
 
 __all__ = ["StageExecutor", "ERR_TAG", "TAG_BASE", "split_batch", "flat_tensors", "as_leaf", "detach_all"]
@@ -190,7 +191,8 @@ class StageExecutor:
         # rank's input is bad; only then are the messages gathered
         flag = all_reduce(torch.tensor([1 if err else 0], dtype=torch.int32), self.topo.world, op="max")
         if int(flag.item()):
-            errors = [e for e in self.topo.world.allgather(err) if e]
+            errors = [e for e in guarded("pipeline step: allgather of input errors",
+                                         lambda: self.topo.world.allgather(err)) if e]
             raise ConfigError(errors[0])
         self._state: dict[tuple[int, int], _MB] = {}
         self._local: dict[tuple[int, str, int], Any] = {}
