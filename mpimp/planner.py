@@ -6,6 +6,7 @@ replays every rank's table on a cost model in one process (a few seconds for
 ``--pp 64 --chunks 256``)::
 
     mpimp plan --pp 64 --chunks 256 --schedule zb-h1
+    mpimp plan --table my_schedule.txt --f 1e-3 --b 1e-3 --w 1e-3
     mpimp plan --pp 8 --chunks 32 --schedule interleaved-1f1b --virtual-stages 2 \\
                --f 1.2e-3 --b 1.3e-3 --w 1.1e-3 --latency 5e-6 --bandwidth 2.5e10 \\
                --message-bytes 4194304 --activation-bytes 2.1e8
@@ -20,20 +21,34 @@ schedule is compared.  Runs on one process (under mpirun only rank 0 prints).
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import replace
 
 from .errors import ConfigError
 from .schedule import BUILDERS, CostModel, build, simulate
+from .schedule.actions import Table, parse_table
 
 __all__ = ["COMMANDS", "plan", "format_plan"]
 
 
 def plan(schedule: str, pp: int, chunks: int, virtual_stages: int = 1,
-         cost: CostModel | None = None) -> dict[str, object]:
-    """Simulate one schedule; returns step time, bubble, ideal time and peak memory."""
+         cost: CostModel | None = None, table: Table | None = None) -> dict[str, object]:
+    """Simulate one schedule; returns step time, bubble, ideal time and peak memory.
+
+    ``table``: a user's action table (``schedule`` is then only its label; p, m and v are
+    read from the table)."""
     cost = cost or CostModel()
-    table = build(schedule, pp, chunks, virtual_stages)
+    if table is None:
+        table = build(schedule, pp, chunks, virtual_stages)
+    else:
+        table = parse_table(table)
+        pp = len(table)
+        stages = 1 + max((a.stage for row in table for a in row), default=0)
+        chunks = 1 + max((a.mb for row in table for a in row), default=0)
+        if stages % pp:
+            raise ConfigError(f"the table has {stages} stages on {pp} ranks; a rank holds the same number of stages")
+        virtual_stages = stages // pp
     v = virtual_stages
     # a virtual stage holds 1/v of the rank's layers: 1/v of its time and activation memory
     per_stage = replace(cost, f=cost.f / v, b=cost.b / v, w=cost.w / v, activation_bytes=cost.activation_bytes / v)
@@ -72,8 +87,11 @@ def format_plan(rows: list[dict[str, object]], cost: CostModel) -> str:
 
 
 def _add(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--pp", type=int, required=True, help="pipeline stages (ranks per pipeline)")
-    p.add_argument("--chunks", type=int, required=True, help="micro-batches per step")
+    p.add_argument("--pp", type=int, default=None, help="pipeline stages (ranks per pipeline)")
+    p.add_argument("--chunks", type=int, default=None, help="micro-batches per step")
+    p.add_argument("--table", default=None, metavar="FILE",
+                   help="simulate this action table (text form, one 'rank N: 0F0 0F1 ...' line per "
+                        "rank, compute actions only) instead of a built-in schedule")
     p.add_argument("--schedule", choices=sorted(BUILDERS), default=None,
                    help="schedule to simulate (default: compare all)")
     p.add_argument("--virtual-stages", type=int, default=None,
@@ -96,17 +114,30 @@ def _add(p: argparse.ArgumentParser) -> None:
 def _run(args: argparse.Namespace) -> int:
     from mpi4py import MPI
 
-    for name in ("pp", "chunks", "cores"):
+    if args.table is None and (args.pp is None or args.chunks is None):
+        raise ConfigError("mpimp plan needs --pp and --chunks (or --table FILE)")
+    for name in ("pp", "chunks", "cores", "virtual_stages"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise ConfigError(f"--{name} {getattr(args, name)} must be >= 1")
-    if args.quantum < 0:
-        raise ConfigError(f"--quantum {args.quantum} must be >= 0 seconds")
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
+    for name in ("f", "b", "w", "latency", "message_bytes", "activation_bytes", "quantum"):
+        if getattr(args, name) < 0:
+            raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    if args.bandwidth <= 0:
+        raise ConfigError(f"--bandwidth {args.bandwidth} must be > 0 bytes/s (default: infinite)")
     cost = CostModel(f=args.f, b=args.b, w=args.w, latency=args.latency, bandwidth=args.bandwidth,
                      message_bytes=args.message_bytes, activation_bytes=args.activation_bytes,
                      cores=args.cores, quantum=args.quantum)
     names = [args.schedule] if args.schedule else list(BUILDERS)
     rows, skipped = [], []
     t0 = time.perf_counter()
+    if args.table is not None:
+        try:
+            with open(args.table) as fh:
+                text = fh.read()
+        except OSError as exc:
+            raise ConfigError(f"--table {args.table}: cannot read it ({exc.strerror})") from None
+        rows.append(plan(os.path.basename(args.table), 0, 0, 1, cost, table=text))
+        names = []
     for name in names:
         v = args.virtual_stages or (2 if name == "interleaved-1f1b" else 1)
         try:
@@ -119,7 +150,8 @@ def _run(args: argparse.Namespace) -> int:
         print(format_plan(rows, cost))
         for s in skipped:
             print(f"skipped {s}")
-        print(f"(simulated {len(rows)} schedule(s) of {args.pp} ranks x {args.chunks} micro-batches "
+        print(f"(simulated {len(rows)} schedule(s) of {rows[0]['pp'] if rows else args.pp} ranks x "
+              f"{rows[0]['chunks'] if rows else args.chunks} micro-batches "
               f"in {time.perf_counter() - t0:.2f} s)")
     return 0
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
+from mpi4py import MPI
 
 from mpimp.cli import main
 from mpimp.planner import plan
@@ -39,8 +42,31 @@ def test_plan_command_prints_the_prediction(capsys: pytest.CaptureFixture[str]) 
 def test_plan_rejects_bad_numbers(capsys: pytest.CaptureFixture[str]) -> None:
     assert main(["plan", "--pp", "4", "--chunks", "0"]) == 2
     assert "--chunks 0 must be >= 1" in capsys.readouterr().err
-    assert main(["plan", "--pp", "4", "--chunks", "6", "--schedule", "interleaved-1f1b"]) == 2
-    assert "divisible" in capsys.readouterr().err
+    for flag, value, says in (("--virtual-stages", "0", "--virtual-stages 0 must be >= 1"),
+                              ("--f", "-1", "--f -1.0 must be >= 0"),
+                              ("--bandwidth", "0", "--bandwidth 0.0 must be > 0"),
+                              ("--latency", "-1e-6", "--latency -1e-06 must be >= 0")):
+        assert main(["plan", "--pp", "4", "--chunks", "6", f"{flag}={value}"]) == 2
+        assert says in capsys.readouterr().err
+    assert main(["plan", "--pp", "4"]) == 2
+    assert "needs --pp and --chunks (or --table FILE)" in capsys.readouterr().err
+
+
+def test_plan_simulates_a_users_table(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    from mpimp.schedule import build, format_table
+
+    path = tmp_path / "mine.txt"
+    path.write_text(format_table(build("1f1b", 4, 8)))
+    assert main(["plan", "--table", str(path)]) == 0
+    out = capsys.readouterr().out
+    if MPI.COMM_WORLD.Get_rank() == 0:  # the same figures as the built-in 1f1b: 3 x (8 + 3) units
+        row = next(line for line in out.splitlines() if line.startswith("mine.txt"))
+        assert row.split()[1:7] == ["4", "8", "1", "33", "24", "27.3%"]
+    path.write_text("rank 0: 0F0 0B0\nrank 2: 1F0 1B0\n")
+    assert main(["plan", "--table", str(path)]) == 2
+    assert "rows must be 'rank 0:', 'rank 1:', ... in order (this is row 1)" in capsys.readouterr().err
+    assert main(["plan", "--table", str(tmp_path / "missing.txt")]) == 2
+    assert "cannot read it" in capsys.readouterr().err
 
 
 @pytest.mark.mpi(min_size=1)

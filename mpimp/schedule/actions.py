@@ -66,11 +66,12 @@ class Action(NamedTuple):
 
 def parse_action(text: str | Action) -> Action:
     """``"1F0"`` -> ``Action(1, "F", 0)``; raises ConfigError on anything else."""
-    if isinstance(text, Action):
-        return text
-    if isinstance(text, tuple) and len(text) == 3:
-        return Action(int(text[0]), str(text[1]), int(text[2]))
-    m = _RE.match(str(text))
+    if isinstance(text, tuple) and len(text) == 3:  # an Action or a (stage, kind, mb) tuple
+        stage, kind, mb = text
+        if (isinstance(stage, int) and not isinstance(stage, bool) and stage >= 0 and kind in KINDS
+                and isinstance(mb, int) and not isinstance(mb, bool) and mb >= 0):
+            return text if isinstance(text, Action) else Action(stage, kind, mb)
+    m = _RE.match(str(text)) if isinstance(text, str) else None
     if m is None:
         raise ConfigError(
             f"malformed action {text!r}: expected <stage><kind><microbatch> with kind one of "
@@ -92,7 +93,12 @@ def parse_table(table: str | Sequence[Sequence[str | Action]]) -> Table:
             if not line:
                 continue
             if line.lower().startswith("rank"):
-                line = line.split(":", 1)[1] if ":" in line else ""
+                label, _, line = line.partition(":")
+                if label[4:].strip() != str(len(rows)):
+                    raise ConfigError(
+                        f"action table line {label!r}: rows must be 'rank 0:', 'rank 1:', ... in order "
+                        f"(this is row {len(rows)})"
+                    )
             rows.append(line.replace(",", " ").split())
         return [[parse_action(a) for a in row] for row in rows]
     if not isinstance(table, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in table):
