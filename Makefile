@@ -16,7 +16,7 @@ export OMP_NUM_THREADS := 1
 export MPIMP_TIMEOUT ?= 120
 # The PyPI Open MPI probes a UCX one-sided component that has no devices here and prints a
 # harmless "osc_ucx_component.c ... Error" whenever a shared-memory window is created
-# (DataParallel's shared-memory all-reduce); mpimp's windows use osc/sm anyway.
+# (DataParallel's opt-in shared-memory all-reduce); mpimp's windows use osc/sm anyway.
 export OMPI_MCA_osc ?= ^ucx
 MPIRUN_FLAGS ?= --oversubscribe
 PYTEST := $(PY) -m pytest -p no:cacheprovider

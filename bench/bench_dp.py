@@ -10,8 +10,8 @@ Three measurements, one torch thread per rank, peers alternating in one invocati
 * ``dp``: tokens/s of the GPT of the tensor benchmark (8 blocks, d_model 256, 4 heads,
   sequence 128, vocabulary 256, untied head; global batch 16 = 16 x 128 = 2,048 tokens
   per step, 16/dp sequences per rank) under ``mpimp.DataParallel`` (fp32 and bf16 on the
-  wire; fp32 both through the shared-memory window of mpimp.shm, the default on one
-  node, and through MPI collectives, ``mpimp-mpi``) and under
+  wire; fp32 both through MPI collectives, the default, and through the opt-in
+  shared-memory window of mpimp.shm, ``mpimp-shm``) and under
   ``torch.nn.parallel.DistributedDataParallel`` on gloo.  Both wrap the
   same module class with the same weights (checked: equal first losses); a step is
   forward, backward, SGD update.  Rounds alternate the order of the peers.
@@ -78,8 +78,8 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         return m
 
     peers = {
-        "mpimp": mpimp.DataParallel(fresh(), topo),  # shared-memory all-reduce when the ranks share a node
-        "mpimp-mpi": mpimp.DataParallel(fresh(), topo, shm=False),  # MPI collectives
+        "mpimp": mpimp.DataParallel(fresh(), topo),  # the default: MPI collectives
+        "mpimp-shm": mpimp.DataParallel(fresh(), topo, shm=True),  # the opt-in shared-memory all-reduce
         "mpimp-bf16": mpimp.DataParallel(fresh(), topo, reduce_dtype="bf16"),
         "ddp-gloo": torch.nn.parallel.DistributedDataParallel(fresh()),
         "no-comm": mpimp.DataParallel(fresh(), topo),  # run under no_sync(): compute only
@@ -130,7 +130,7 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         for k, v in rates.items():
             print(f"{k:11s} tokens/s median {med[k]:7.0f}   rounds: {' '.join(f'{x:.0f}' for x in v)}")
         print(f"mpimp transport: {'shared memory' if peers['mpimp'].shared_memory else 'MPI'}")
-        for k in ("mpimp", "mpimp-mpi", "mpimp-bf16", "no-comm"):
+        for k in ("mpimp", "mpimp-shm", "mpimp-bf16", "no-comm"):
             per_round = [a / b for a, b in zip(rates[k], rates["ddp-gloo"])]  # neighbours in time
             print(f"ratio {k} / ddp-gloo: medians {med[k] / med['ddp-gloo']:.2f}x, per-round median "
                   f"{statistics.median(per_round):.2f}x  ({' '.join(f'{x:.2f}' for x in per_round)})")

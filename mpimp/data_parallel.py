@@ -25,8 +25,8 @@ extra message.  Shared and tied parameters appear once in ``named_parameters()``
 their hook fires once per backward, after autograd has summed all their uses: they are
 reduced once.
 
-Shared memory (the default when every dp rank is on one node, gradients are CPU fp32
-and ``MPIMP_SHM`` is not 0; see :mod:`mpimp.shm`): the buckets live in a
+Shared memory (opt-in: ``shm=True``, or ``MPIMP_SHM=1``, when every dp rank is on one
+node and gradients are CPU fp32; see :mod:`mpimp.shm`): the buckets live in a
 ``MPI_Win_allocate_shared`` window instead of private memory.  The hook writes
 ``grad / dp`` into the bucket (the division rides on the one copy) and makes ``.grad``
 a view into it (DDP's ``gradient_as_bucket_view``); a gradient that already is that view
@@ -404,11 +404,13 @@ class DataParallel(nn.Module):
     dp rank 0's parameters and buffers at construction.  :meth:`no_sync` accumulates
     gradients locally (the next synchronised backward averages the accumulated sums).
 
-    ``shm`` picks the transport: None (default) uses the shared-memory all-reduce of
-    :mod:`mpimp.shm` when dp > 1, every dp rank is on one node, every parameter is a CPU
-    fp32 tensor, ``reduce_dtype`` is None or fp32 and ``MPIMP_SHM`` is not 0, and MPI
-    collectives otherwise (16-bit wire types always use MPI, with mpimp's fp32-accumulating
-    operators); True requires it (ConfigError if impossible), False never uses it.  On
+    ``shm`` picks the transport: None (default) uses MPI collectives unless ``MPIMP_SHM=1``,
+    in which case it uses the shared-memory all-reduce of :mod:`mpimp.shm` when dp > 1,
+    every dp rank is on one node, every parameter is a CPU fp32 tensor and
+    ``reduce_dtype`` is None or fp32 (16-bit wire types always use MPI, with mpimp's
+    fp32-accumulating operators); True requires it (ConfigError if impossible), False
+    never uses it.  MPI is the default because in side-by-side training runs it was at
+    least as fast and steadier (docs/benchmarks.md).  On
     the shared path the buckets live in the shared window and ``.grad`` of each
     parameter is a view into its bucket after a synchronised backward (like DDP's
     ``gradient_as_bucket_view=True``): the hook copies each gradient in once (divided by

@@ -44,8 +44,11 @@ so a waiting thread leaves the core to backward; every wait has the deadline of
 the bucket, the peers that did not arrive and the fix.
 
 Availability: all ranks of the communicator on one node (``Split_type(COMM_TYPE_SHARED)``
-has the communicator's size), ``MPI_Win_allocate_shared`` working, and ``MPIMP_SHM``
-not ``0``; :func:`shm_available` tells, :class:`SharedBuckets` builds the window.
+has the communicator's size) and ``MPI_Win_allocate_shared`` working; :func:`shm_available`
+tells, :class:`SharedBuckets` builds the window.  DataParallel uses it when asked
+(``shm=True``, or ``MPIMP_SHM=1`` with ``shm=None``): measured in training steps it was not
+faster than the MPI path and its step times spread more (bench/bench_dp.py), although
+the reduction alone is (6.6 vs 10 ms for 25 MiB on two ranks).
 """
 
 from __future__ import annotations
@@ -69,8 +72,10 @@ _CTRL = _PAGE  # the first page of each segment: arrive and done counters (int64
 
 
 def shm_wanted() -> bool:
-    """``MPIMP_SHM`` (default 1): 0 disables the shared-memory path."""
-    raw = os.environ.get("MPIMP_SHM", "1")
+    """``MPIMP_SHM`` (default 0): 1 makes ``DataParallel(shm=None)`` take the shared-memory
+    path where it can.  Off by default: in every quiet side-by-side run on the development
+    machine the MPI path trained at least as fast, with less spread (docs/benchmarks.md)."""
+    raw = os.environ.get("MPIMP_SHM", "0")
     if raw not in ("0", "1"):
         raise ConfigError(f"MPIMP_SHM={raw!r}: use 1 (shared-memory all-reduce when the ranks share a node) or 0")
     return raw == "1"

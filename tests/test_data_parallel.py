@@ -313,7 +313,11 @@ def test_a_backward_that_raised_does_not_poison_the_next_step(comm: MPI.Comm, sh
 @pytest.mark.mpi(min_size=1)
 def test_transport_choice(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
     with mpimp.init(comm=comm) as topo:
-        with DataParallel(Tied(), topo) as model:  # automatic: shared memory from dp = 2 on one node
+        monkeypatch.delenv("MPIMP_SHM", raising=False)
+        with DataParallel(Tied(), topo) as model:  # default: MPI collectives
+            assert not model.shared_memory
+        monkeypatch.setenv("MPIMP_SHM", "1")
+        with DataParallel(Tied(), topo) as model:  # asked for: shared memory from dp = 2 on one node
             assert model.shared_memory == (topo.dp > 1)
             assert model._worker._thread is None if topo.dp == 1 else model._worker._thread.is_alive()
             thread = model._worker._thread
@@ -325,7 +329,7 @@ def test_transport_choice(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> No
             assert not model.shared_memory
         with pytest.raises(mpimp.ConfigError, match=r"shm=True\) reduces CPU fp32 gradients only"):
             DataParallel(Tied(), topo, reduce_dtype="bf16", shm=True)
-        with DataParallel(Tied(), topo, shm=True) as model:  # an explicit request ignores MPIMP_SHM
+        with DataParallel(Tied(), topo, shm=True) as model:  # an explicit request ignores MPIMP_SHM=0
             assert model.shared_memory
             x, y = batch(2 * topo.dp)
             loss_fn(model, *model.split_batch(x, y)).backward()

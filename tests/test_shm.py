@@ -79,5 +79,7 @@ def test_mpimp_shm_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPIMP_SHM", "yes")
     with pytest.raises(mpimp.ConfigError, match="MPIMP_SHM='yes'"):
         shm_wanted()
-    monkeypatch.delenv("MPIMP_SHM")
+    monkeypatch.setenv("MPIMP_SHM", "1")
     assert shm_wanted()
+    monkeypatch.delenv("MPIMP_SHM")
+    assert not shm_wanted()  # opt-in
