@@ -136,7 +136,12 @@ def throughput(world: MPI.Comm, rounds: int, steps: int) -> dict:
                      ("mpimp gpipe", dict(schedule="gpipe", balance=balance)),
                      ("mpimp zb-h1", dict(schedule="zb-h1", balance=balance)),
                      ("mpimp interleaved-1f1b v=2", dict(schedule="interleaved-1f1b", virtual_stages=2,
-                                                         balance=[3, 2, 2, 3]))):
+                                                         balance=[3, 2, 2, 3])),
+                     # rank 0: embedding + 4 blocks, rank 1: 4 blocks + head, as for v = 2
+                     ("mpimp interleaved-1f1b v=4", dict(schedule="interleaved-1f1b", virtual_stages=4,
+                                                         balance=[2, 1, 1, 1, 1, 1, 1, 2])),
+                     ("mpimp interleaved-1f1b v=5", dict(schedule="interleaved-1f1b", virtual_stages=5,
+                                                         balance=[1] * 10))):
         pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, **kw)
         pipes[name] = pipe
         contenders[name] = (lambda pipe=pipe: pipe.train_step(x, y))
