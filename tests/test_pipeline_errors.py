@@ -133,3 +133,51 @@ def test_non_scalar_loss_fails_every_rank_without_hanging(pp2: mpimp.Topology | 
     loss = pipe.train_step(x, y)
     assert abs(loss - nn.MSELoss()(ref(x), y).item()) < 1e-5
     pipe.close()
+
+
+class _Stall(nn.Module):
+    """Identity that sleeps ``delay`` seconds in forward while ``on`` (a stage that stops answering)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.on, self.delay = False, 3.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            time.sleep(self.delay)
+        return x
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_stalled_stage_gives_a_stall_report_naming_the_schedule_position(
+        pp2: mpimp.Topology | None, monkeypatch: pytest.MonkeyPatch) -> None:
+    if pp2 is None:
+        return
+    torch.manual_seed(0)
+    stall = _Stall()
+    layers = [nn.Linear(4, 6), nn.Tanh(), stall, nn.Linear(6, 2)]
+    pipe = mpimp.Pipeline(layers, pp2, chunks=2, loss_fn=nn.MSELoss(), schedule="1f1b", balance=[2, 2])
+    x, y = pp2.world.bcast((torch.randn(4, 4), torch.randn(4, 2)))
+    pipe.train_step(x, y)  # a healthy step first
+    monkeypatch.setenv("MPIMP_TIMEOUT", "1")
+    stall.on = pp2.pp_rank == 1  # the last stage now takes 3 s per forward
+    start = time.monotonic()
+    if pp2.pp_rank == 0:  # 1F1B at p = 2, m = 2: 0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 ...
+        with pytest.raises(mpimp.DeadlineError) as info:
+            pipe.train_step(x, y)
+    else:  # told by stage 0 after its first forward, instead of waiting out a deadline of its own
+        with pytest.raises(ConfigError) as info:
+            pipe.train_step(x, y)
+    took = time.monotonic() - start
+    report = str(info.value)
+    assert "pipeline position of rank 0 (pp rank 0): action 5 of" in report, report
+    assert "0RECV_B0: waits for rank 1's 1SEND_B0" in report, report
+    assert "done before it: 0SEND_F0 0F1 0SEND_F1; next: 0B0" in report, report
+    assert "did not complete within 1 s" in report, report
+    assert took < 15, f"rank {pp2.rank} took {took:.1f} s to fail"
+    texts = pp2.world.allgather(report)
+    assert texts[0] == texts[1]  # one report, the same on both stages
+    monkeypatch.setenv("MPIMP_TIMEOUT", "120")
+    with pytest.raises(mpimp.MpimpError, match="failed earlier"):
+        pipe.train_step(x, y)
+    pipe.close()

@@ -43,7 +43,7 @@ from ..comm import (
     isend,
     progress_thread_wanted,
 )
-from ..errors import ConfigError, MpimpError
+from ..errors import ConfigError, DeadlineError, MpimpError
 from ..watchdog import guarded
 from .actions import Action
 
@@ -232,8 +232,14 @@ class StageExecutor:
 
     def _run(self, row: list[Action], train: bool) -> None:
         progress = ProgressThread(self.comm) if self._progress_thread else None
+        self._position = 0
         try:
             self._run_row(row, train)
+        except DeadlineError as exc:
+            if self._broken is None:  # this rank's stall report: where in its table it waited
+                self._broken = f"{exc}\n{self._where(row)}"
+                self._announce(self._broken)
+            raise DeadlineError(self._broken) from exc
         except MpimpError as exc:
             if self._broken is None:  # a local failure: tell every other stage, then raise
                 self._broken = str(exc)
@@ -246,6 +252,27 @@ class StageExecutor:
         finally:
             if progress is not None:
                 progress.stop()
+
+    def _where(self, row: list[Action]) -> str:
+        """This rank's position in its action table, for a stall report.
+
+        Every rank whose wait passes the deadline prints its own, so together they show
+        where the ranks' tables disagree (or which rank stopped).
+        """
+        i, n = self._position, len(row)
+        if i >= n:
+            here = f"all {n} actions done, waiting for its sends to complete"
+        else:
+            a = row[i]
+            here = f"action {i + 1} of {n}, {a}"
+            if a.kind == "RECV_F":
+                here += f": waits for rank {self.owner[a.stage - 1]}'s {a.stage - 1}SEND_F{a.mb}"
+            elif a.kind == "RECV_B":
+                here += f": waits for rank {self.owner[a.stage + 1]}'s {a.stage + 1}SEND_B{a.mb}"
+        done = " ".join(str(b) for b in row[max(0, i - 3):i]) or "nothing"
+        after = " ".join(str(b) for b in row[i + 1:i + 4]) or "nothing"
+        return (f"  pipeline position of rank {self.topo.rank} (pp rank {self.topo.pp_rank}): {here}; "
+                f"done before it: {done}; next: {after}")
 
     def _announce(self, text: str) -> None:
         payload = torch.frombuffer(bytearray(text.encode()), dtype=torch.uint8)
@@ -265,7 +292,8 @@ class StageExecutor:
         sends: list[Request] = []
         clock, cpu = time.perf_counter, time.thread_time
         debug = os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
-        for a in row:
+        for i, a in enumerate(row):
+            self._position = i
             if debug:  # e.g. "r1 | pipeline 1RECV_F3 (mb 3, stage 1, tag 23)"
                 _trace(self.comm, f"pipeline {a} (mb {a.mb}, stage {a.stage}, tag {self._action_tag(a)})")
             t0, c0 = clock(), cpu()
@@ -291,6 +319,7 @@ class StageExecutor:
             sends = [q for q in sends if not q.test()]
             if self._err_req is not None and a.kind in ("F", "B", "W"):
                 self._check_remote_error()
+        self._position = len(row)
         while sends:
             self._wait(sends[0])
             sends = [q for q in sends if not q.test()]
