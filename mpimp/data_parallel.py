@@ -10,12 +10,18 @@ all-reduce; one all-reduce per parameter pays the latency hundreds of times.
 So, like torch DDP, gradients are packed into buckets of ``bucket_mb`` MiB (the first
 one 1 MiB, so communication starts early), in reverse parameter order (roughly the
 order backward produces them).  A post-accumulate-grad hook copies each gradient into
-its bucket; when a bucket is complete it is handed to a communication thread that
-all-reduces the buckets in order with the blocking collective (buckets start strictly in
-index order on every rank, so the collectives match) while backward goes on in the
-main thread (see :class:`_ReduceWorker` for why not ``MPI_Iallreduce``).  A callback
-queued on the autograd engine waits for all of them (with the deadline) before
-``backward()`` returns and writes the means back into ``.grad``.
+its bucket, divided by dp on the way, and makes ``.grad`` a view into the bucket (DDP's
+``gradient_as_bucket_view``); when a bucket is complete it is handed to a communication
+thread that all-reduces the buckets in order with the blocking collective (buckets start
+strictly in index order on every rank, so the collectives match) while backward goes on
+in the main thread (see :class:`_ReduceWorker` for why not ``MPI_Iallreduce``).  A
+callback queued on the autograd engine waits for all of them (with the deadline) before
+``backward()`` returns; the summed buckets then hold the means, so nothing is copied
+back.  A gradient that already is its view (``zero_grad(set_to_none=False)``,
+accumulation under :meth:`DataParallel.no_sync` after a synchronised step) was
+accumulated in place by backward and is divided in place.  When the wire dtype differs
+from the gradients' (``reduce_dtype`` bf16/fp16 for fp32 gradients) the hook copies and
+the callback widens the sum back into ``.grad`` and divides it by dp.
 
 Each bucket carries, after the gradients, one counter per parameter: 1 if this rank
 has a gradient for it.  After the sum the counter says whether any rank had one, so
@@ -27,17 +33,11 @@ reduced once.
 
 Shared memory (opt-in: ``shm=True``, or ``MPIMP_SHM=1``, when every dp rank is on one
 node and gradients are CPU fp32; see :mod:`mpimp.shm`): the buckets live in a
-``MPI_Win_allocate_shared`` window instead of private memory.  The hook writes
-``grad / dp`` into the bucket (the division rides on the one copy) and makes ``.grad``
-a view into it (DDP's ``gradient_as_bucket_view``); a gradient that already is that view
-(``zero_grad(set_to_none=False)``, accumulation under :meth:`DataParallel.no_sync`
-after a synchronised step) was accumulated in place by backward and is divided in
-place.  The communication thread then reduces each complete bucket where it lies: rank
-i sums chunk i over the dp segments and writes the sum into every segment, so when
-the callback has waited, every ``.grad`` already holds the mean and nothing is copied
-back.  Per step and rank that is one pass over the gradients in the hooks and one read
-plus one write of each element in the reduction, against the MPI path's copy in, the
-library's transfers and sum, the copy back and the division.  bf16/fp16 wire types,
+``MPI_Win_allocate_shared`` window instead of private memory (``.grad`` views, one
+copy in, as above).  The communication thread reduces each complete bucket where it
+lies: rank i sums chunk i over the dp segments and writes the sum into every segment:
+one read plus one write of each element per rank, against the library's transfers and
+sum on the MPI path.  bf16/fp16 wire types,
 fp16/bf16 or GPU parameters use the MPI path (simpler: the 16-bit sums run in mpimp's
 native operators there).
 
@@ -104,9 +104,11 @@ def _bucket_bytes(bucket_mb: float) -> int:
 class _Bucket:
     """Flat wire buffer for a group of parameters: ``[grad 0 | grad 1 | ... | has-grad counters]``.
 
-    On the shared-memory path (:meth:`share`) the buffer is this rank's bucket in a
-    :class:`SharedBuckets` window, the gradients are written into it already divided by
-    dp (``scale``), and ``.grad`` of each parameter becomes a view into it.
+    When the wire dtype is the gradients' own (:meth:`as_views`), the gradients are
+    written into it already divided by dp (``scale``) and ``.grad`` of each parameter
+    becomes a view into it, so the summed bucket is the mean and nothing is copied back
+    (DDP's ``gradient_as_bucket_view``).  On the shared-memory path (:meth:`share`) the
+    buffer is moreover this rank's bucket in a :class:`SharedBuckets` window.
     """
 
     def __init__(self, params: list[nn.Parameter], wire: torch.dtype) -> None:
@@ -122,14 +124,24 @@ class _Bucket:
         self.pending = len(params)
         self.request: Request | None = None
         self.shared: tuple[SharedBuckets, int] | None = None
+        self.views = False
         self.scale = 1.0
+
+    def viewable(self) -> bool:
+        """True when ``.grad`` can live in the buffer: the wire dtype is the gradients' own."""
+        return all(p.dtype == self.buffer.dtype and p.device == self.buffer.device for p in self.params)
+
+    def as_views(self, size: int) -> None:
+        """Gradients as views into the buffer, written in divided by ``size`` (dp)."""
+        self.views = True
+        self.scale = 1.0 / size
 
     def share(self, shared: SharedBuckets, k: int, size: int) -> None:
         """Move the buffer into bucket ``k`` of ``shared`` (gradients as bucket views)."""
         self.buffer = shared.bucket(k)
         self.buffer.zero_()
         self.shared = (shared, k)
-        self.scale = 1.0 / size
+        self.as_views(size)
 
     def view(self, j: int) -> torch.Tensor:
         p, off = self.params[j], self.offsets[j]
@@ -143,7 +155,7 @@ class _Bucket:
     def put(self, j: int) -> None:
         """Copy parameter j's current gradient (or zeros) into the buffer; mark it ready.
 
-        Shared path: the copy is ``grad / dp`` and ``.grad`` becomes the bucket view; a
+        With views: the copy is ``grad / dp`` and ``.grad`` becomes the bucket view; a
         gradient that already is the view (``zero_grad(set_to_none=False)``, or
         accumulation after a synchronised step) is divided in place.
         """
@@ -151,7 +163,7 @@ class _Bucket:
         if p.grad is None:
             self.buffer[off:off + n].zero_()
             self.buffer[self.numel + j] = 0
-        elif self.shared is not None:
+        elif self.views:
             view = self.view(j)
             grad = p.grad
             if grad.data_ptr() == view.data_ptr():
@@ -182,7 +194,7 @@ class _Bucket:
         for j, p in enumerate(self.params):
             if counts[j] == 0:
                 continue
-            if self.shared is not None:  # the bucket already holds the mean: point .grad at it
+            if self.views:  # the bucket already holds the mean: point .grad at it
                 view = self.view(j)
                 if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                     p.grad = view
@@ -410,11 +422,14 @@ class DataParallel(nn.Module):
     ``reduce_dtype`` is None or fp32 (16-bit wire types always use MPI, with mpimp's
     fp32-accumulating operators); True requires it (ConfigError if impossible), False
     never uses it.  MPI is the default because in side-by-side training runs it was at
-    least as fast and steadier (docs/benchmarks.md).  On
-    the shared path the buckets live in the shared window and ``.grad`` of each
-    parameter is a view into its bucket after a synchronised backward (like DDP's
+    least as fast and steadier (docs/benchmarks.md).
+
+    When the wire dtype is the gradients' own (the default), ``.grad`` of each parameter
+    is a view into its bucket after a synchronised backward (like DDP's
     ``gradient_as_bucket_view=True``): the hook copies each gradient in once (divided by
-    dp on the way), the reduction writes the mean in place, nothing is copied back.
+    dp on the way), the reduction writes the mean in place, nothing is copied back, and
+    no second copy of the gradients is kept.  The next synchronised backward overwrites
+    the bucket: keep a ``.clone()`` of a gradient you need across steps.
 
     :meth:`close` (collective over dp; also on leaving a ``with`` block) stops the
     communication thread and frees the window, after giving ``.grad`` private copies;
@@ -442,6 +457,9 @@ class DataParallel(nn.Module):
         self._sync = True
         self._closed = False
         self._shared = self._share_buckets(params, shm)
+        for b in self.buckets:
+            if b.shared is None and b.viewable():  # fp32 (or any same-dtype) wire: .grad in the bucket
+                b.as_views(self.comm.Get_size())
         self._worker = _ReduceWorker(self.comm)
         self._handles = []
         for bi, b in enumerate(self.buckets):

@@ -180,6 +180,31 @@ def test_no_sync_accumulates_then_averages(comm: MPI.Comm, shm: bool) -> None:
 
 @pytest.mark.mpi(min_size=1)
 @both_paths
+def test_grads_are_bucket_views_and_synchronised_backwards_accumulate(comm: MPI.Comm, shm: bool) -> None:
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(5)
+        ref = Tied()
+        model = DataParallel(copy.deepcopy(ref), topo, shm=shm)
+        for micro in range(3):  # three synchronised backward passes, never zeroed: sums of means
+            x, y = batch(2 * topo.dp, seed=20 + micro)
+            loss_fn(ref, x, y).backward()
+            loss_fn(model, *model.split_batch(x, y)).backward()
+            for p, q in zip(model.module.parameters(), ref.parameters()):
+                if q.grad is not None:
+                    torch.testing.assert_close(p.grad, q.grad, rtol=1e-5, atol=1e-6)
+        for b in model.buckets:  # fp32 wire: every gradient lives in its bucket, none copied back
+            for j, p in enumerate(b.params):
+                if p.grad is not None:
+                    assert p.grad.data_ptr() == b.view(j).data_ptr()
+        model.close()
+        with DataParallel(copy.deepcopy(ref), topo, reduce_dtype="bf16") as model:
+            loss_fn(model, *model.split_batch(*batch(2 * topo.dp))).backward()
+            b = model.buckets[0]  # a bf16 wire for fp32 gradients: .grad stays the gradients' own
+            assert b.params[0].grad.dtype == torch.float32 and b.params[0].grad.data_ptr() != b.buffer.data_ptr()
+
+
+@pytest.mark.mpi(min_size=1)
+@both_paths
 def test_parameters_unused_on_some_ranks(comm: MPI.Comm, shm: bool) -> None:
     """A branch only some replicas take: missing gradients count as zeros in the mean."""
 
