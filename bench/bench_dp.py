@@ -10,8 +10,9 @@ Three measurements, one torch thread per rank, peers alternating in one invocati
 * ``dp``: tokens/s of the GPT of the tensor benchmark (8 blocks, d_model 256, 4 heads,
   sequence 128, vocabulary 256, untied head; global batch 16 = 16 x 128 = 2,048 tokens
   per step, 16/dp sequences per rank) under ``mpimp.DataParallel`` (fp32 and bf16 on the
-  wire; fp32 both through MPI collectives, the default, and through the opt-in
-  shared-memory window of mpimp.shm, ``mpimp-shm``) and under
+  wire; fp32 through MPI collectives, the default, with ``.grad`` as views into the
+  buckets, ``mpimp-views``, and through the opt-in shared-memory window of mpimp.shm,
+  ``mpimp-shm``) and under
   ``torch.nn.parallel.DistributedDataParallel`` on gloo.  Both wrap the
   same module class with the same weights (checked: equal first losses); a step is
   forward, backward, SGD update.  Rounds alternate the order of the peers.
@@ -79,6 +80,7 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
 
     peers = {
         "mpimp": mpimp.DataParallel(fresh(), topo),  # the default: MPI collectives
+        "mpimp-views": mpimp.DataParallel(fresh(), topo, gradient_as_bucket_view=True),
         "mpimp-shm": mpimp.DataParallel(fresh(), topo, shm=True),  # the opt-in shared-memory all-reduce
         "mpimp-bf16": mpimp.DataParallel(fresh(), topo, reduce_dtype="bf16"),
         "ddp-gloo": torch.nn.parallel.DistributedDataParallel(fresh()),
@@ -130,7 +132,7 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         for k, v in rates.items():
             print(f"{k:11s} tokens/s median {med[k]:7.0f}   rounds: {' '.join(f'{x:.0f}' for x in v)}")
         print(f"mpimp transport: {'shared memory' if peers['mpimp'].shared_memory else 'MPI'}")
-        for k in ("mpimp", "mpimp-shm", "mpimp-bf16", "no-comm"):
+        for k in ("mpimp", "mpimp-views", "mpimp-shm", "mpimp-bf16", "no-comm"):
             per_round = [a / b for a, b in zip(rates[k], rates["ddp-gloo"])]  # neighbours in time
             print(f"ratio {k} / ddp-gloo: medians {med[k] / med['ddp-gloo']:.2f}x, per-round median "
                   f"{statistics.median(per_round):.2f}x  ({' '.join(f'{x:.2f}' for x in per_round)})")

@@ -10,18 +10,24 @@ all-reduce; one all-reduce per parameter pays the latency hundreds of times.
 So, like torch DDP, gradients are packed into buckets of ``bucket_mb`` MiB (the first
 one 1 MiB, so communication starts early), in reverse parameter order (roughly the
 order backward produces them).  A post-accumulate-grad hook copies each gradient into
-its bucket, divided by dp on the way, and makes ``.grad`` a view into the bucket (DDP's
-``gradient_as_bucket_view``); when a bucket is complete it is handed to a communication
-thread that all-reduces the buckets in order with the blocking collective (buckets start
-strictly in index order on every rank, so the collectives match) while backward goes on
-in the main thread (see :class:`_ReduceWorker` for why not ``MPI_Iallreduce``).  A
-callback queued on the autograd engine waits for all of them (with the deadline) before
-``backward()`` returns; the summed buckets then hold the means, so nothing is copied
-back.  A gradient that already is its view (``zero_grad(set_to_none=False)``,
+its bucket, divided by dp on the way when the wire dtype is the gradients' own; when a
+bucket is complete it is handed to a communication thread that all-reduces the buckets
+in order with the blocking collective (buckets start strictly in index order on every
+rank, so the collectives match) while backward goes on in the main thread (see
+:class:`_ReduceWorker` for why not ``MPI_Iallreduce``).  A callback queued on the
+autograd engine waits for all of them (with the deadline) before ``backward()``
+returns and copies the means back into ``.grad`` (a 16-bit wire for fp32 gradients is
+summed as it is, widened back and divided then).
+
+``.grad`` stays the tensor autograd made, as in DDP's default: making it a view into
+the bucket instead (``gradient_as_bucket_view=True``, which saves that copy back and a
+second copy of the gradients in memory) made the step *slower* on the development
+machine, on both transports (0.96-1.00x against 1.01-1.04x of DDP's speed, forward and
+backward both 4-8 ms longer per step; bench/bench_dp.py): the hook drops each freshly
+allocated gradient at once, and the allocator's churn costs more than the copy saves.
+With views, a gradient that already is its view (``zero_grad(set_to_none=False)``,
 accumulation under :meth:`DataParallel.no_sync` after a synchronised step) was
-accumulated in place by backward and is divided in place.  When the wire dtype differs
-from the gradients' (``reduce_dtype`` bf16/fp16 for fp32 gradients) the hook copies and
-the callback widens the sum back into ``.grad`` and divides it by dp.
+accumulated in place by backward and is divided in place.
 
 Each bucket carries, after the gradients, one counter per parameter: 1 if this rank
 has a gradient for it.  After the sum the counter says whether any rank had one, so
@@ -33,11 +39,11 @@ reduced once.
 
 Shared memory (opt-in: ``shm=True``, or ``MPIMP_SHM=1``, when every dp rank is on one
 node and gradients are CPU fp32; see :mod:`mpimp.shm`): the buckets live in a
-``MPI_Win_allocate_shared`` window instead of private memory (``.grad`` views, one
-copy in, as above).  The communication thread reduces each complete bucket where it
-lies: rank i sums chunk i over the dp segments and writes the sum into every segment:
-one read plus one write of each element per rank, against the library's transfers and
-sum on the MPI path.  bf16/fp16 wire types,
+``MPI_Win_allocate_shared`` window instead of private memory (the same copy in and
+out, or views).  The communication thread reduces each complete bucket where it lies:
+rank i sums chunk i over the dp segments and writes the sum into every segment: one
+read plus one write of each element per rank, against the library's transfers and sum
+on the MPI path.  bf16/fp16 wire types,
 fp16/bf16 or GPU parameters use the MPI path (simpler: the 16-bit sums run in mpimp's
 native operators there).
 
@@ -104,11 +110,13 @@ def _bucket_bytes(bucket_mb: float) -> int:
 class _Bucket:
     """Flat wire buffer for a group of parameters: ``[grad 0 | grad 1 | ... | has-grad counters]``.
 
-    When the wire dtype is the gradients' own (:meth:`as_views`), the gradients are
-    written into it already divided by dp (``scale``) and ``.grad`` of each parameter
-    becomes a view into it, so the summed bucket is the mean and nothing is copied back
-    (DDP's ``gradient_as_bucket_view``).  On the shared-memory path (:meth:`share`) the
-    buffer is moreover this rank's bucket in a :class:`SharedBuckets` window.
+    When the wire dtype is the gradients' own (:meth:`configure`), the gradients are
+    written into it already divided by dp (``scale``), so the summed bucket is the mean
+    and one plain copy takes it back into ``.grad``; with ``views`` (DDP's
+    ``gradient_as_bucket_view``) ``.grad`` becomes a view into the bucket instead and
+    nothing is copied back.  A 16-bit wire for wider gradients is summed as it is and
+    divided after widening.  On the shared-memory path (:meth:`share`) the buffer is this
+    rank's bucket in a :class:`SharedBuckets` window.
     """
 
     def __init__(self, params: list[nn.Parameter], wire: torch.dtype) -> None:
@@ -127,21 +135,18 @@ class _Bucket:
         self.views = False
         self.scale = 1.0
 
-    def viewable(self) -> bool:
-        """True when ``.grad`` can live in the buffer: the wire dtype is the gradients' own."""
-        return all(p.dtype == self.buffer.dtype and p.device == self.buffer.device for p in self.params)
+    def configure(self, size: int, views: bool) -> None:
+        """Divide by ``size`` (dp) on the way in when the wire dtype is the gradients' own,
+        and with ``views`` make ``.grad`` a view into the buffer (only then possible)."""
+        same = all(p.dtype == self.buffer.dtype and p.device == self.buffer.device for p in self.params)
+        self.scale = 1.0 / size if same else 1.0
+        self.views = views and same
 
-    def as_views(self, size: int) -> None:
-        """Gradients as views into the buffer, written in divided by ``size`` (dp)."""
-        self.views = True
-        self.scale = 1.0 / size
-
-    def share(self, shared: SharedBuckets, k: int, size: int) -> None:
-        """Move the buffer into bucket ``k`` of ``shared`` (gradients as bucket views)."""
+    def share(self, shared: SharedBuckets, k: int) -> None:
+        """Move the buffer into bucket ``k`` of ``shared``."""
         self.buffer = shared.bucket(k)
         self.buffer.zero_()
         self.shared = (shared, k)
-        self.as_views(size)
 
     def view(self, j: int) -> torch.Tensor:
         p, off = self.params[j], self.offsets[j]
@@ -153,11 +158,12 @@ class _Bucket:
         self.request = None
 
     def put(self, j: int) -> None:
-        """Copy parameter j's current gradient (or zeros) into the buffer; mark it ready.
+        """Copy parameter j's current gradient (times ``scale``) or zeros into the buffer;
+        mark it ready.
 
-        With views: the copy is ``grad / dp`` and ``.grad`` becomes the bucket view; a
-        gradient that already is the view (``zero_grad(set_to_none=False)``, or
-        accumulation after a synchronised step) is divided in place.
+        With views ``.grad`` becomes the bucket view; a gradient that already is the view
+        (``zero_grad(set_to_none=False)``, or accumulation after a synchronised step) is
+        divided in place.
         """
         p, off, n = self.params[j], self.offsets[j], self.params[j].numel()
         if p.grad is None:
@@ -172,6 +178,9 @@ class _Bucket:
             else:
                 torch.mul(grad.detach(), self.scale, out=view)
                 p.grad = view
+            self.buffer[self.numel + j] = 1
+        elif self.scale != 1.0:
+            torch.mul(p.grad.detach().reshape(-1), self.scale, out=self.buffer[off:off + n])
             self.buffer[self.numel + j] = 1
         else:
             self.buffer[off:off + n].copy_(p.grad.detach().reshape(-1))
@@ -199,12 +208,13 @@ class _Bucket:
                 if p.grad is None or p.grad.data_ptr() != view.data_ptr():
                     p.grad = view
                 continue
-            off, n = self.offsets[j], p.numel()
-            mean = self.buffer[off:off + n].view(p.shape)
+            total = self.view(j)  # the mean when divided on the way in (scale), else the sum
             if p.grad is None:
-                p.grad = mean.to(p.dtype, copy=True).div_(size)
+                p.grad = total.to(p.dtype, copy=True)
             else:
-                p.grad.copy_(mean).div_(size)
+                p.grad.copy_(total)
+            if self.scale == 1.0 and size != 1:
+                p.grad.div_(size)
 
 
 class _ThreadRequest(Request):
@@ -341,6 +351,7 @@ def reduce_gradients(params: Iterable[torch.Tensor], comm: MPI.Comm, *, bucket_m
         return
     buckets = _make_buckets(unique, wire, limit)  # type: ignore[arg-type]
     for b in buckets:  # at the end of a step nothing is left to overlap: blocking collectives
+        b.configure(comm.Get_size(), views=False)
         b.fill_missing()
         all_reduce(b.buffer, comm, op="sum")
         b.write_back(comm.Get_size())
@@ -424,12 +435,12 @@ class DataParallel(nn.Module):
     never uses it.  MPI is the default because in side-by-side training runs it was at
     least as fast and steadier (docs/benchmarks.md).
 
-    When the wire dtype is the gradients' own (the default), ``.grad`` of each parameter
-    is a view into its bucket after a synchronised backward (like DDP's
-    ``gradient_as_bucket_view=True``): the hook copies each gradient in once (divided by
-    dp on the way), the reduction writes the mean in place, nothing is copied back, and
-    no second copy of the gradients is kept.  The next synchronised backward overwrites
-    the bucket: keep a ``.clone()`` of a gradient you need across steps.
+    ``gradient_as_bucket_view=True`` (as in DDP; only where the wire dtype is the
+    gradients' own) makes ``.grad`` of each parameter a view into its bucket after a
+    synchronised backward: nothing is copied back and no second copy of the gradients is
+    kept, which saves memory but measured slower here (module docstring).  The next
+    synchronised backward then overwrites the bucket: keep a ``.clone()`` of a gradient
+    you need across steps.
 
     :meth:`close` (collective over dp; also on leaving a ``with`` block) stops the
     communication thread and frees the window, after giving ``.grad`` private copies;
@@ -438,7 +449,7 @@ class DataParallel(nn.Module):
 
     def __init__(self, module: nn.Module, topo: Topology, bucket_mb: float = 25,
                  reduce_dtype: torch.dtype | str | None = None, broadcast: bool = True,
-                 shm: bool | None = None) -> None:
+                 shm: bool | None = None, gradient_as_bucket_view: bool = False) -> None:
         super().__init__()
         if not isinstance(module, nn.Module):
             raise ConfigError(f"rank {topo.rank}: DataParallel wraps an nn.Module, got {type(module).__name__}")
@@ -456,10 +467,12 @@ class DataParallel(nn.Module):
         self._state = _BackwardState()
         self._sync = True
         self._closed = False
-        self._shared = self._share_buckets(params, shm)
+        if not isinstance(gradient_as_bucket_view, bool):
+            raise ConfigError(f"rank {topo.rank}: gradient_as_bucket_view={gradient_as_bucket_view!r}: use "
+                              f"False (the default) or True")
         for b in self.buckets:
-            if b.shared is None and b.viewable():  # fp32 (or any same-dtype) wire: .grad in the bucket
-                b.as_views(self.comm.Get_size())
+            b.configure(self.comm.Get_size(), gradient_as_bucket_view)
+        self._shared = self._share_buckets(params, shm)
         self._worker = _ReduceWorker(self.comm)
         self._handles = []
         for bi, b in enumerate(self.buckets):
@@ -489,7 +502,7 @@ class DataParallel(nn.Module):
                 return None
         shared = SharedBuckets(self.comm, [b.buffer.numel() for b in self.buckets])
         for k, b in enumerate(self.buckets):
-            b.share(shared, k, size)
+            b.share(shared, k)
         return shared
 
     @torch.no_grad()

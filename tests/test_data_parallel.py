@@ -162,13 +162,14 @@ def test_buckets_start_during_backward(comm: MPI.Comm, shm: bool) -> None:
 
 @pytest.mark.mpi(min_size=1)
 @both_paths
-def test_no_sync_accumulates_then_averages(comm: MPI.Comm, shm: bool) -> None:
+@pytest.mark.parametrize("views", [False, True], ids=["copy", "views"])
+def test_no_sync_accumulates_then_averages(comm: MPI.Comm, shm: bool, views: bool) -> None:
     with mpimp.init(comm=comm) as topo:
         torch.manual_seed(4)
         ref = Tied()
-        model = DataParallel(copy.deepcopy(ref), topo, shm=shm)
+        model = DataParallel(copy.deepcopy(ref), topo, shm=shm, gradient_as_bucket_view=views)
         # micro-batches 0, 1 local then 2 and 3 synchronised; then 4 local and 5 synchronised,
-        # never zeroed: after a synchronised step .grad is a view into its bucket (fp32 wire)
+        # never zeroed: with views .grad is after a synchronised step a view into its bucket
         # that backward accumulates into
         for micro in range(6):
             x, y = batch(4 * topo.dp, seed=10 + micro)
@@ -180,9 +181,9 @@ def test_no_sync_accumulates_then_averages(comm: MPI.Comm, shm: bool) -> None:
             else:
                 loss_fn(model, lx, ly).backward()
                 assert_grads_match(model, ref)
-        for b in model.buckets:  # every gradient lives in its bucket: none was copied back
+        for b in model.buckets:  # views: every gradient lives in its bucket; else in its own tensor
             for j, p in enumerate(b.params):
-                assert p.grad is None or p.grad.data_ptr() == b.view(j).data_ptr()
+                assert p.grad is None or (p.grad.data_ptr() == b.view(j).data_ptr()) == views
         model.close()
 
 
@@ -333,6 +334,8 @@ def test_transport_choice(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> No
         monkeypatch.setenv("MPIMP_SHM", "0")
         with DataParallel(Tied(), topo) as model:
             assert not model.shared_memory
+        with pytest.raises(mpimp.ConfigError, match=r"gradient_as_bucket_view='yes': use False"):
+            DataParallel(Tied(), topo, gradient_as_bucket_view="yes")  # type: ignore[arg-type]
         with pytest.raises(mpimp.ConfigError, match=r"shm=True\) reduces CPU fp32 gradients only"):
             DataParallel(Tied(), topo, reduce_dtype="bf16", shm=True)
         with DataParallel(Tied(), topo, shm=True) as model:  # an explicit request ignores MPIMP_SHM=0
@@ -340,4 +343,4 @@ def test_transport_choice(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> No
             x, y = batch(2 * topo.dp)
             loss_fn(model, *model.split_batch(x, y)).backward()
             b = model.buckets[0]
-            assert b.params[0].grad.data_ptr() == b.view(0).data_ptr()  # .grad is a view into the bucket
+            assert b.params[0].grad.data_ptr() != b.view(0).data_ptr()  # .grad stays autograd's own tensor
