@@ -432,8 +432,9 @@ class DataParallel(nn.Module):
     every dp rank is on one node, every parameter is a CPU fp32 tensor and
     ``reduce_dtype`` is None or fp32 (16-bit wire types always use MPI, with mpimp's
     fp32-accumulating operators); True requires it (ConfigError if impossible), False
-    never uses it.  MPI is the default because in side-by-side training runs it was at
-    least as fast and steadier (docs/benchmarks.md).
+    never uses it.  MPI is the default because it works everywhere; the two train equally
+    fast on one node here (docs/benchmarks.md), and the shared window needs room in
+    ``/dev/shm``.
 
     ``gradient_as_bucket_view=True`` (as in DDP; only where the wire dtype is the
     gradients' own) makes ``.grad`` of each parameter a view into its bucket after a

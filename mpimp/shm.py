@@ -46,9 +46,8 @@ the bucket, the peers that did not arrive and the fix.
 Availability: all ranks of the communicator on one node (``Split_type(COMM_TYPE_SHARED)``
 has the communicator's size) and ``MPI_Win_allocate_shared`` working; :func:`shm_available`
 tells, :class:`SharedBuckets` builds the window.  DataParallel uses it when asked
-(``shm=True``, or ``MPIMP_SHM=1`` with ``shm=None``): measured in training steps it was not
-faster than the MPI path and its step times spread more (bench/bench_dp.py), although
-the reduction alone is (6.6 vs 10 ms for 25 MiB on two ranks).
+(``shm=True``, or ``MPIMP_SHM=1`` with ``shm=None``; see :func:`shm_wanted` for why it is
+not the default).
 """
 
 from __future__ import annotations
@@ -73,8 +72,9 @@ _CTRL = _PAGE  # the first page of each segment: arrive and done counters (int64
 
 def shm_wanted() -> bool:
     """``MPIMP_SHM`` (default 0): 1 makes ``DataParallel(shm=None)`` take the shared-memory
-    path where it can.  Off by default: in every quiet side-by-side run on the development
-    machine the MPI path trained at least as fast, with less spread (docs/benchmarks.md)."""
+    path where it can.  Off by default: MPI collectives work everywhere, while the window
+    lives in ``/dev/shm``, which containers often keep small (64 MiB in Docker's default);
+    on the development machine the two paths train equally fast (docs/benchmarks.md)."""
     raw = os.environ.get("MPIMP_SHM", "0")
     if raw not in ("0", "1"):
         raise ConfigError(f"MPIMP_SHM={raw!r}: use 1 (shared-memory all-reduce when the ranks share a node) or 0")
