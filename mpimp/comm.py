@@ -279,9 +279,28 @@ def _frame1(dtype: torch.dtype, shape: tuple[int, ...]) -> tuple[bytes, tuple[in
     return fr
 
 
+def _header_length(first: bytes | bytearray | np.ndarray, size: int) -> int:
+    """The header length that a message of ``size`` bytes declares in its ``first`` bytes;
+    a TransportError when they are no mpimp header (too short, another magic, a length
+    outside the message)."""
+    if size < _HEAD.size:
+        raise TransportError(
+            f"rank {MPI.COMM_WORLD.Get_rank()}: received a {size}-byte message, too short for an mpimp "
+            f"tensor; is another library using the same communicator and tag?"
+        )
+    magic, layout, _, hlen = _HEAD.unpack_from(first, 0)
+    if magic != _MAGIC or not _HEAD.size <= hlen <= size:
+        raise TransportError(
+            f"rank {MPI.COMM_WORLD.Get_rank()}: received a message that is not an mpimp tensor "
+            f"(magic {magic!r}, layout {layout}, header length {hlen} of {size} bytes); is another "
+            f"library using the same communicator and tag?"
+        )
+    return hlen
+
+
 def _head_of(raw: bytes | bytearray) -> bytes:
     """The header bytes at the start of a received message (its length is in the header)."""
-    return bytes(memoryview(raw)[: _HEAD.unpack_from(raw, 0)[3]])
+    return bytes(memoryview(raw)[: _header_length(raw, len(raw))])
 
 
 def _parse_header(buf: bytes) -> tuple[list[tuple[torch.dtype, tuple[int, ...], int]], bool, int]:
@@ -618,7 +637,7 @@ def _out_meta(scratch: bytes | bytearray, out: torch.Tensor, src: int,
               tag: int) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
     """The header of a message received straight into ``out`` (``scratch`` holds out's own
     header length); a longer header (a tuple, more dimensions) raises a TransportError."""
-    hlen = _HEAD.unpack_from(scratch, 0)[3]
+    hlen = _header_length(scratch, 1 << 62)  # the message itself is at least as long as out's frame
     if hlen > len(scratch):
         raise TransportError(
             f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {src} tag {tag}: out is "
@@ -649,20 +668,25 @@ def _check_out(meta: list[tuple[torch.dtype, tuple[int, ...], int]], out: torch.
 class _Unmatched:
     """Receives posted with ``irecv`` that have not matched their message yet, per communicator.
 
-    MPI matches receives in the order they were posted; an mpimp receive without a
-    fitting ``out`` can only post its MPI receive after a matched probe tells the size,
-    which happens when it is first tested or waited on.  So that a later receive on the
-    same (source, tag) never takes the message meant for an earlier one, a receive may
-    probe only after every earlier unmatched receive that could match the same message
-    (same source and tag, or a wildcard) has matched; waiting on a later one first
-    matches the earlier ones (their bytes then move while they wait), and a large
-    ``out=`` receive is posted up front only when no such earlier receive is pending.
+    MPI gives a message to the earliest posted receive that matches its (source, tag); an
+    mpimp receive without a fitting ``out`` can only post its MPI receive after a matched
+    probe tells the size, which happens when it is first tested or waited on.  So a
+    receive that probes first lets every earlier unmatched receive that could take a
+    message of its pattern match its own first message (:meth:`match_earlier`; their
+    bytes then move while they wait), then probes its own pattern, and hands a message
+    it finds to an earlier receive that matches its actual envelope after all (it arrived
+    in between; :meth:`owner_of`).  An earlier receive whose message has not arrived does
+    not hold up a later, broader one (``ANY_TAG`` / ``ANY_SOURCE``) whose message has.  A
+    large ``out=`` receive is posted up front only when no earlier overlapping receive is
+    pending.  One re-entrant lock serialises the matching, for receives on one
+    communicator from several threads.
     """
 
     def __init__(self) -> None:
         # communicator handle -> the unmatched receives, in posting order (weakly: a request
         # its owner dropped matches nothing, unlike a freed MPI request)
         self.pending: dict[int, list[weakref.ref[_RecvRequest]]] = {}
+        self.lock = threading.RLock()
 
     @staticmethod
     def overlap(src: int, tag: int, other: _RecvRequest) -> bool:
@@ -682,31 +706,47 @@ class _Unmatched:
 
     def blocked(self, comm: MPI.Comm, src: int, tag: int) -> bool:
         """Whether an unmatched earlier receive could take the next message of (src, tag)."""
-        return any(self.overlap(src, tag, r) for r in self._live(comm.handle))
+        with self.lock:
+            return any(self.overlap(src, tag, r) for r in self._live(comm.handle))
 
     def add(self, r: _RecvRequest) -> None:
-        self.pending.setdefault(r.comm.handle, []).append(weakref.ref(r))
+        with self.lock:
+            self.pending.setdefault(r.comm.handle, []).append(weakref.ref(r))
 
     def forget(self, r: _RecvRequest) -> None:
         """``r`` matched its message (or was abandoned by a blocking recv that raised)."""
-        refs = self.pending.get(r.comm.handle)
-        if refs is not None:
-            refs[:] = [ref for ref in refs if ref() is not r]
-            if not refs:
-                del self.pending[r.comm.handle]
+        with self.lock:
+            refs = self.pending.get(r.comm.handle)
+            if refs is not None:
+                refs[:] = [ref for ref in refs if ref() is not r]
+                if not refs:
+                    del self.pending[r.comm.handle]
 
-    def earlier_matched(self, r: _RecvRequest) -> bool:
-        """Match the earlier overlapping receives of ``r`` (in order); False if one cannot yet."""
-        handle = r.comm.handle
+    def _earlier(self, r: _RecvRequest) -> list[_RecvRequest]:
+        """The unmatched receives posted before ``r`` on its communicator, in order."""
+        handle, out = r.comm.handle, []
         for ref in list(self.pending.get(handle, ())):  # a copy: matching removes entries
             other = ref()
             if other is r:
                 break
-            if other is None or other.comm.handle != handle:
-                continue  # dropped, or of a freed communicator: _live() cleans up
-            if self.overlap(r.src, r.tag, other) and other._req is None and not other._probe():
-                return False
-        return True
+            if other is not None and other.comm.handle == handle and other._req is None:
+                out.append(other)  # (dropped ones, and those of a freed communicator: _live() cleans up)
+        return out
+
+    def match_earlier(self, r: _RecvRequest) -> None:
+        """Each earlier receive that could take a message of ``r``'s pattern matches its own
+        first message now, if it has arrived (call with the lock held)."""
+        for other in self._earlier(r):
+            if other._req is None and self.overlap(r.src, r.tag, other):
+                other._probe()
+
+    def owner_of(self, r: _RecvRequest, src: int, tag: int) -> _RecvRequest | None:
+        """The earliest receive posted before ``r`` that matches a message from ``src`` with
+        ``tag`` (call with the lock held), or None."""
+        for other in self._earlier(r):
+            if other.src in (src, MPI.ANY_SOURCE) and other.tag in (tag, MPI.ANY_TAG):
+                return other
+        return None
 
 
 _UNMATCHED = _Unmatched()  # mirrors MPI's own per-process queue of posted receives
@@ -760,16 +800,29 @@ class _RecvRequest(Request):
         return Request.wait(self, timeout)
 
     def _probe(self) -> bool:
-        """Match the message and post its receive; False while it has not arrived (or an
-        earlier receive that could take the same message has not matched yet)."""
-        if _UNMATCHED.pending and not _UNMATCHED.earlier_matched(self):
-            return False
-        msg = self.comm.Improbe(self.src, self.tag, self._status)
-        if msg is None:
-            return False
-        _UNMATCHED.forget(self)
-        self._post(msg)
-        return True
+        """Match the message and post its receive; False while it has not arrived.  A
+        message goes to the earliest posted receive it matches, as in MPI (:class:`_Unmatched`)."""
+        if not _UNMATCHED.pending:  # nothing posted earlier is waiting: MPI's own order holds
+            msg = self.comm.Improbe(self.src, self.tag, self._status)
+            if msg is None:
+                return False
+            self._post(msg)
+            return True
+        with _UNMATCHED.lock:
+            while self._req is None:
+                _UNMATCHED.match_earlier(self)
+                msg = self.comm.Improbe(self.src, self.tag, self._status)
+                if msg is None:
+                    return False
+                other = _UNMATCHED.owner_of(self, self._status.Get_source(), self._status.Get_tag())
+                if other is None:
+                    _UNMATCHED.forget(self)
+                    self._post(msg)
+                else:  # it arrived after ``other``, posted earlier, last looked: it is other's
+                    other._status, self._status = self._status, MPI.Status()
+                    _UNMATCHED.forget(other)
+                    other._post(msg)
+            return True
 
     def test(self) -> bool:
         if self._done:
@@ -841,7 +894,7 @@ class _RecvRequest(Request):
             return _head_of(raw)
         if isinstance(raw, torch.Tensor):
             src = self._staged if self._staged is not None else raw
-            hlen = _HEAD.unpack(bytes(src[:8].cpu().numpy()))[3]
+            hlen = _header_length(bytes(src[:_HEAD.size].cpu().numpy()), src.numel())
             return bytes(src[:hlen].cpu().numpy())
         assert raw is not None
         return _head_of(raw)  # type: ignore[arg-type]

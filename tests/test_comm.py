@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 
+import numpy as np
 import pytest
 import torch
 from mpi4py import MPI
@@ -635,3 +636,67 @@ def test_large_message_with_a_long_header_round_trips(comm: MPI.Comm) -> None:
     assert isinstance(got, tuple) and len(got) == 4
     for g, w in zip(got, mine(src)):
         assert same(g, w)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_broader_later_receive_is_not_held_up_by_an_earlier_one_still_waiting(comm: MPI.Comm) -> None:
+    """MPI gives a message to the earliest posted receive that matches it: an earlier irecv of
+    another tag that has no message yet must not hold up a later ANY_TAG / ANY_SOURCE receive
+    (that deadlocked when the earlier message is sent only after the later one completes),
+    and an earlier wildcard irecv still takes its own first message before a later receive."""
+    dst, src = ring(comm)
+    early = mpimp.irecv(src, comm, tag=81)  # its message comes last
+    sent = [mpimp.isend(torch.tensor([82.0]), dst, comm, tag=82)]
+    got = mpimp.recv(src, comm, tag=MPI.ANY_TAG, timeout=10)  # the tag-82 message, at once
+    assert got.tolist() == [82.0]
+    wild = mpimp.irecv(MPI.ANY_SOURCE, comm, tag=MPI.ANY_TAG)
+    sent.append(mpimp.isend(torch.tensor([83.0]), dst, comm, tag=83))
+    assert wild.wait(timeout=10).tolist() == [83.0]
+    # an earlier ANY_TAG irecv takes the first of two messages, though a later receive names their tag
+    first = mpimp.irecv(src, comm, tag=MPI.ANY_TAG)
+    sent += [mpimp.isend(torch.tensor([float(k)]), dst, comm, tag=84) for k in (1, 2)]
+    assert mpimp.recv(src, comm, tag=84, timeout=10).tolist() == [2.0]
+    assert first.wait(timeout=10).tolist() == [1.0]
+    sent.append(mpimp.isend(torch.tensor([81.0]), dst, comm, tag=81))
+    assert early.wait(timeout=10).tolist() == [81.0]
+    mpimp.wait_all(sent)
+    left = [r for refs in transport._UNMATCHED.pending.values() for r in (ref() for ref in refs)]
+    assert not [r for r in left if r is not None and r.comm.handle == comm.handle]
+
+
+@pytest.mark.mpi(min_size=1)
+def test_foreign_or_corrupt_messages_raise_transport_error(comm: MPI.Comm) -> None:
+    """Bytes another library sent on the same communicator and tag: a TransportError that says
+    so (no struct.error, no hang), through every receive path; the next message is intact."""
+    import struct as _struct
+
+    dst, src = ring(comm)
+
+    def header(magic: bytes, hlen: int, size: int) -> np.ndarray:
+        buf = np.zeros(size, dtype=np.uint8)
+        buf[:8] = np.frombuffer(_struct.pack("<4sBBH", magic, 1, 1, hlen), dtype=np.uint8)
+        return buf
+
+    cases = {"3 bytes": np.arange(3, dtype=np.uint8), "header length 0": header(b"MPMP", 0, 64),
+             "header longer than the message": header(b"MPMP", 200, 64),
+             "another magic": header(b"ABCD", 24, 64), "large, another magic": header(b"ABCD", 24, 1 << 20)}
+    for k, raw in enumerate(cases.values()):  # (the keys say what each one is)
+        for how in ("recv", "irecv"):
+            tag = 90 + 2 * k + (how == "irecv")
+            req = comm.Isend([raw, MPI.BYTE], dst, tag)
+            with pytest.raises(mpimp.TransportError, match=r"too short for an mpimp tensor|not an mpimp tensor"):
+                if how == "recv":
+                    mpimp.recv(src, comm, tag=tag, timeout=10)
+                else:
+                    mpimp.irecv(src, comm, tag=tag).wait(timeout=10)
+            req.Wait()
+    # straight into a large out=: a foreign message of exactly its frame's size
+    out = torch.empty(300, 100)
+    frame = transport._frame1(out.dtype, tuple(out.shape))[2]
+    req = comm.Isend([header(b"ABCD", 24, frame), MPI.BYTE], dst, 120)
+    with pytest.raises(mpimp.TransportError, match="not an mpimp tensor"):
+        mpimp.recv(src, comm, tag=120, out=out, timeout=10)
+    req.Wait()
+    sent = mpimp.isend(torch.arange(5.0), dst, comm, tag=121)
+    assert mpimp.recv(src, comm, tag=121, timeout=10).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # intact
+    sent.wait()
