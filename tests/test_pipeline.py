@@ -55,7 +55,7 @@ def _check_step(topo: mpimp.Topology, pipe: mpimp.Pipeline, ref: nn.Module, x: t
     assert abs(loss - ref_loss.item()) <= TOL, (loss, ref_loss.item())
     # the same value on every rank
     assert topo.world.allgather(loss) == [loss] * topo.size
-    params = dict(ref.named_parameters())
+    params = dict(ref.named_parameters(remove_duplicate=False))  # a tied weight under each layer's name
     checked = 0
     for name, q in pipe.named_parameters():
         assert q.grad is not None, name
@@ -147,33 +147,52 @@ def test_uneven_balance(pp_world: mpimp.Topology | None, p: int, k: int, schedul
 
 
 class _ReadsWeightOf(nn.Module):
-    """Applies another layer's weight (weight tying inside a stage); owns no parameter."""
+    """Applies another layer's weight (weight tying inside a stage), plus a bias of its own
+    when ``bias`` (then it owns a parameter, and its output is captured for W)."""
 
-    def __init__(self, other: nn.Linear) -> None:
+    def __init__(self, other: nn.Linear, bias: int = 0) -> None:
         super().__init__()
         self.other = [other]  # not registered: the weight stays the other layer's
+        self.b = nn.Parameter(torch.randn(bias) * 0.1) if bias else None
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.nn.functional.linear(x, self.other[0].weight.t())
+        return torch.nn.functional.linear(x, self.other[0].weight.t(), self.b)
 
 
-@pytest.mark.mpi(min_size=2)
-@pytest.mark.parametrize("p", [2])
-@pytest.mark.parametrize("schedule", ["zb-h1", "1f1b"])
-def test_weight_used_outside_its_layer_gets_its_full_gradient(pp_world: mpimp.Topology | None, p: int,
-                                                              schedule: str) -> None:
-    """zb-h1 splits W per layer; a weight also read by another layer of the stage must fall
-    back to full backwards instead of losing that layer's share of its gradient."""
-    if pp_world is None:
-        return
+def _shared_weight_model(case: str) -> tuple[nn.Sequential, list[int]]:
+    """Stage 0 (the first balance entry) shares a weight between its layers; stage 1 does not."""
     torch.manual_seed(11)
     lin = nn.Linear(8, 6)
-    ref = nn.Sequential(lin, nn.Tanh(), _ReadsWeightOf(lin), nn.Tanh(), nn.Linear(8, 3))
+    if case == "reader last":
+        return nn.Sequential(lin, nn.Tanh(), _ReadsWeightOf(lin), nn.Tanh(), nn.Linear(8, 3)), [3, 2]
+    if case == "reader then a linear":  # the reader's share sits below another captured output
+        return nn.Sequential(lin, nn.Tanh(), _ReadsWeightOf(lin), nn.Tanh(), nn.Linear(8, 8),
+                             nn.Tanh(), nn.Linear(8, 3)), [5, 2]
+    if case == "reader owns a bias":  # its own output is captured
+        return nn.Sequential(lin, nn.Tanh(), _ReadsWeightOf(lin, bias=8), nn.Tanh(), nn.Linear(8, 3)), [4, 1]
+    a, b = nn.Linear(8, 8), nn.Linear(8, 8)  # one Parameter registered in two layers
+    b.weight = a.weight
+    return nn.Sequential(a, nn.Tanh(), b, nn.Tanh(), nn.Linear(8, 3)), [3, 2]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("case", ["reader last", "reader then a linear", "reader owns a bias",
+                                  "one parameter in two layers"])
+@pytest.mark.parametrize("schedule", ["zb-h1", "1f1b"])
+def test_weight_used_outside_its_layer_gets_its_full_gradient(pp_world: mpimp.Topology | None, p: int,
+                                                              case: str, schedule: str) -> None:
+    """zb-h1 splits W per layer; a stage where a weight is also read by another layer, or
+    registered in two, must fall back to full backwards instead of losing (or doubling)
+    a share of its gradient; a stage without sharing still splits."""
+    if pp_world is None:
+        return
+    ref, balance = _shared_weight_model(case)
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=3, loss_fn=nn.MSELoss(), schedule=schedule,
-                          balance=[3, 2])
+                          balance=balance if p == 2 else None)
     x, y = _data(6, seed=12)
     _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
-    if schedule == "zb-h1":  # rank 0 fell back to full backwards, rank 1 still splits
+    if schedule == "zb-h1":  # the sharing stage fell back to full backwards, the other one splits
         assert pipe.split_weight_passes == (0 if pp_world.pp_rank == 0 else 3)
     pipe.close()
 

@@ -109,30 +109,46 @@ class _MB:
         self.target: Any = None
 
 
-def _leaf_outside(out: Any, captured: list[tuple[nn.Module, list[torch.Tensor]]],
-                  inputs: list[torch.Tensor]) -> bool:
-    """True when the graph of ``out`` reaches a leaf other than the stage inputs without
-    passing through a captured module output.
+def _split_is_exact(out: Any, captured: list[tuple[nn.Module, list[torch.Tensor]]],
+                    inputs: list[torch.Tensor]) -> bool:
+    """Whether splitting this stage's backward into B and W gives every parameter its whole gradient.
 
-    The B/W split computes input gradients and the gradients of the captured module
-    outputs in B, and each module's own parameter gradients from those in W; a parameter
-    that enters the graph elsewhere (read by another module: weight tying within a
-    stage, or a functional use) would get no gradient.  Then the stage runs full backwards.
+    B computes the gradients of the stage inputs and of each captured module output; W
+    then computes, for each module M, ``grad(M's outputs, M's own parameters)``, which
+    follows every path below M's outputs.  That is exact when each parameter enters the
+    graph only in its owner's *region* (the ops between M's outputs and the next captured
+    outputs or stage inputs below them): a parameter read in another region (a tied
+    weight read by another layer of the stage, a functional use) would lose that share,
+    one owned by two captured modules would be counted twice, and one read above every
+    captured output would get none.  Otherwise the stage runs full backwards.
     """
-    stop = {t.grad_fn for _, ts in captured for t in ts if t.grad_fn is not None}
+    owner: dict[int, nn.Module] = {}
+    for mod, _ in captured:
+        for q in mod.parameters(recurse=False):
+            if owner.setdefault(id(q), mod) is not mod:
+                return False  # one Parameter registered in two modules
+    cut: dict[Any, nn.Module] = {}  # captured output nodes: the region boundaries
+    for mod, ts in captured:
+        for t in ts:
+            if t.grad_fn is not None and cut.setdefault(t.grad_fn, mod) is not mod:
+                return False  # one node is the output of two modules
     allowed = {id(t) for t in inputs}
-    stack = [t.grad_fn for t in flat_tensors(out) if t.grad_fn is not None]
-    seen: set[Any] = set()
-    while stack:
-        node = stack.pop()
-        if node in seen or node in stop:
-            continue
-        seen.add(node)
-        leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that wants a gradient
-        if leaf is not None and id(leaf) not in allowed:
-            return True
-        stack.extend(n for n, _ in node.next_functions if n is not None)
-    return False
+    regions: list[tuple[nn.Module | None, list[Any]]] = [
+        (None, [t.grad_fn for t in flat_tensors(out) if t.grad_fn is not None])]
+    regions += [(mod, [n for t in ts if t.grad_fn is not None for n, _ in t.grad_fn.next_functions if n is not None])
+                for mod, ts in captured]
+    for mod, stack in regions:
+        seen: set[Any] = set()
+        while stack:
+            node = stack.pop()
+            if node in seen or node in cut:
+                continue
+            seen.add(node)
+            leaf = getattr(node, "variable", None)  # AccumulateGrad: a leaf that wants a gradient
+            if leaf is not None and id(leaf) not in allowed and owner.get(id(leaf)) is not mod:
+                return False
+            stack.extend(n for n, _ in node.next_functions if n is not None)
+    return True
 
 
 class StageExecutor:
@@ -395,7 +411,7 @@ class StageExecutor:
             # the B/W split is exact when every parameter-owning module ran exactly once and
             # no parameter is used outside its module (a tied weight read by another layer)
             if len(set(map(id, mods))) != len(mods) or len(mods) != len(self._owners_of_params[s]) \
-                    or _leaf_outside(out, captured or [], flat_tensors(st.x)):
+                    or not _split_is_exact(out, captured or [], flat_tensors(st.x)):
                 st.split = False
             else:
                 st.captures = captured
