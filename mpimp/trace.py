@@ -155,8 +155,9 @@ def plot_gantt(timelines: Sequence[Timeline], path: str | Path, title: str = "")
 def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None = None) -> CostModel:
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
 
-    A receive's own cost is estimated as its shortest measured duration (no waiting); the
-    executor's time between actions (the mean gap) becomes the per-action ``overhead``.
+    A receive's own cost is the mean duration of the receives that did not wait: those
+    whose matching send had ended before they started (their shortest duration if none
+    did); the executor's time between actions (the mean gap) becomes the ``overhead``.
     ``cores``: the CPU cores the ranks shared while measured.  When fewer than the ranks,
     every cost (F, B, W, send, receive and the gaps between actions) is the CPU time the
     executor recorded (wall-clock durations then include the time other ranks held the
@@ -166,7 +167,10 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     per: dict[tuple[str, int], list[float]] = defaultdict(list)
     sends: list[float] = []
     recvs: list[float] = []
+    pure: list[float] = []  # receives whose message was there when they started
     gaps: list[float] = []
+    sent = {(e["kind"], e["stage"], e["mb"]): e["end"] for tl in timelines for e in tl
+            if e["kind"] in ("SEND_F", "SEND_B")}
     for tl in timelines:
         if shared and all("cpu_start" in e for e in tl):  # the executor's own CPU between actions
             gaps += [max(0.0, b["cpu_start"] - a["cpu_end"]) for a, b in zip(tl, tl[1:])]
@@ -180,6 +184,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
                 sends.append(d)
             else:
                 recvs.append(d)
+                src = ("SEND_F", e["stage"] - 1, e["mb"]) if e["kind"] == "RECV_F" else ("SEND_B", e["stage"] + 1, e["mb"])
+                if sent.get(src, float("inf")) <= e["start"]:
+                    pure.append(d)
 
     def mean(kind: str, s: int) -> float:
         xs = per.get((kind, s), [])
@@ -189,8 +196,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     f = tuple(mean("F", s) for s in range(num_stages))
     b = tuple(mean("B", s) for s in range(num_stages))
     w = tuple(mean("W", s) for s in range(num_stages)) if has_w else (0.0,) * num_stages
+    recv = sum(pure) / len(pure) if pure else (min(recvs) if recvs else 0.0)
     return CostModel(f=f, b=b, w=w, send=sum(sends) / len(sends) if sends else 0.0,
-                     recv=min(recvs) if recvs else 0.0, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
+                     recv=recv, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
                      cores=cores if shared else None)
 
 

@@ -105,3 +105,31 @@ def test_fit_quantum_recovers_the_time_slice_of_a_simulated_machine() -> None:
             timelines.append(tl)
         assert trace.bubble_fraction(timelines)[0] == pytest.approx(rep.bubble)
         assert trace.fit_quantum(timelines, table, 4, 8, cores=2) == pytest.approx(quantum)
+
+
+def test_calibration_round_trips_message_and_executor_costs() -> None:
+    """A timeline simulated with known send, receive and between-action costs: calibrating on
+    it recovers them, and the prediction reproduces its bubble (the executor's time between
+    actions is idle, as in a measured timeline, not compute)."""
+    table = build("1f1b", 2, 4)  # simulate() lowers it: the events include sends and receives
+    truth = CostModel(f=1.0, b=2.0, w=0.0, send=0.05, recv=0.1, overhead=0.2)
+    rep = simulate(table, truth, 4)
+    tl = [[{"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind, "mb": a.mb,
+            "start": t0, "end": t1} for a, t0, t1 in events] for r, events in enumerate(rep.events)]
+    cost = trace.calibrate(tl, 2)
+    assert cost.send == pytest.approx(0.05) and cost.recv == pytest.approx(0.1)
+    assert cost.overhead == pytest.approx(0.2)
+    assert trace.bubble_fraction(tl)[0] == pytest.approx(rep.bubble)
+    assert trace.predict(table, cost, 4) == pytest.approx(rep.bubble)
+
+
+def test_a_receive_costs_the_mean_of_the_receives_that_did_not_wait() -> None:
+    def ev(rank: int, kind: str, stage: int, mb: int, start: float, end: float) -> dict[str, object]:
+        return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}{mb}", "stage": stage, "kind": kind,
+                "mb": mb, "start": start, "end": end}
+
+    tl = [[ev(0, "SEND_F", 0, 0, 0.0, 0.1), ev(0, "SEND_F", 0, 1, 0.1, 0.2), ev(0, "SEND_F", 0, 2, 0.8, 0.9)],
+          [ev(1, "RECV_F", 1, 2, 0.0, 1.0),    # waited for a send that ended at 0.9: not its own cost
+           ev(1, "RECV_F", 1, 0, 1.0, 1.1),    # the message was there: 0.1
+           ev(1, "RECV_F", 1, 1, 1.1, 1.4)]]   # the message was there: 0.3
+    assert trace.calibrate(tl, 2).recv == pytest.approx(0.2)  # not the fastest one (0.1), not the wait

@@ -46,7 +46,8 @@ class CostModel:
     without a matching W costs ``b + w`` (a full backward).  A message costs
     ``latency + message_bytes / bandwidth`` between the send and the earliest matching
     receive; ``send`` and ``recv`` are the sender's and receiver's own time per message
-    (packing, posting); ``overhead`` is added to every action (the executor's own time).  ``activation_bytes`` (per micro-batch per stage) turns peak
+    (packing, posting); ``overhead`` is the executor's own time after every action (idle
+    time in the bubble, as in a measured timeline; on shared cores it takes CPU).  ``activation_bytes`` (per micro-batch per stage) turns peak
     in-flight micro-batches into bytes.
 
     ``cores``: CPU cores the ranks share (None: one each).  With fewer cores than ranks
@@ -207,10 +208,11 @@ def simulate(table: str | Sequence[Sequence[object]], cost: CostModel,
 
 
 def _duration(cost: CostModel, a: Action, has_w: set[tuple[int, int]]) -> float:
-    """Seconds of one action on ``cost``: a B without its own W is a full backward."""
+    """Seconds of one action on ``cost``, without the executor's ``overhead`` between
+    actions (idle time, as in a measured timeline): a B without its own W is a full backward."""
     if a.kind == "B" and (a.stage, a.mb) not in has_w:
-        return cost.time("B", a.stage) + cost.time("W", a.stage) + cost.overhead
-    return cost.time(a.kind, a.stage) + cost.overhead
+        return cost.time("B", a.stage) + cost.time("W", a.stage)
+    return cost.time(a.kind, a.stage)
 
 
 def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel,
@@ -260,7 +262,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             if left[r] < 0:
                 if not can_run(r):
                     return
-                left[r], began[r] = _duration(cost, a, has_w), now - dt / share
+                left[r], began[r] = _duration(cost, a, has_w) + cost.overhead, now - dt / share
             used = min(dt, left[r])
             left[r] -= used
             dt -= used
@@ -269,8 +271,9 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             end = now - dt / share
             start = reached[r] if a.kind in ("RECV_F", "RECV_B") else began[r]
             events[r].append((a, start, end))
-            if a.kind in COMPUTE:
-                busy[r] += end - began[r]
+            if a.kind in COMPUTE:  # the executor's overhead, run on the same core, is not compute
+                d = _duration(cost, a, has_w)
+                busy[r] += (end - began[r]) * (d / (d + cost.overhead) if d + cost.overhead > 0 else 1.0)
             elif a.kind in ("SEND_F", "SEND_B"):
                 arrival[(a.stage, a.kind, a.mb)] = end + msg
             pos[r] += 1
@@ -295,7 +298,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             ends = []
             for r in on_core:
                 a = table[r][pos[r]]
-                need = left[r] if left[r] >= 0 else _duration(cost, a, has_w)
+                need = left[r] if left[r] >= 0 else _duration(cost, a, has_w) + cost.overhead
                 ends.append(now + need / share)
             nxt = min([*ends, *on_core.values(), *[t for t in wakes if t > now]])
             dt, now = nxt - now, nxt
@@ -329,6 +332,7 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
     peak = [0] * p
     events: list[list[tuple[Action, float, float]]] = [[] for _ in range(p)]
     msg = cost.message_time() if cost else 0.0
+    gap = cost.overhead if cost else 0.0
 
     def error(r: int, why: str) -> ScheduleError:
         return _fail(table, {r: pos[r]}, f"rank {r} step {pos[r]}: {table[r][pos[r]]}: {why}")
@@ -395,7 +399,7 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
                 if start is None:
                     break
                 clock_before, end = clock[r], start + duration(a)
-                clock[r] = end
+                clock[r] = end + gap  # the executor's own time before the next action: idle, not busy
                 if a.kind in COMPUTE:
                     busy[r] += end - start
                 events[r].append((a, clock_before, end))  # a receive includes its wait, as measured
@@ -424,6 +428,6 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
         r = owner[s]
         col = table[r].index(Action(s, kind, i))
         raise _fail(table, {r: col}, f"{s}{kind}{i} is never received")
-    step = max(clock) if cost else 0.0
+    step = max((ev[-1][2] for ev in events if ev), default=0.0) if cost else 0.0  # the last action's end
     return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
                   step_time=step, busy=busy if cost else [], events=events if cost else [])
