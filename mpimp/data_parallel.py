@@ -169,21 +169,19 @@ class _Bucket:
         if p.grad is None:
             self.buffer[off:off + n].zero_()
             self.buffer[self.numel + j] = 0
-        elif self.views:
-            view = self.view(j)
-            grad = p.grad
-            if grad.data_ptr() == view.data_ptr():
-                if self.scale != 1.0:
-                    view.mul_(self.scale)
-            else:
-                torch.mul(grad.detach(), self.scale, out=view)
-                p.grad = view
-            self.buffer[self.numel + j] = 1
-        elif self.scale != 1.0:
-            torch.mul(p.grad.detach().reshape(-1), self.scale, out=self.buffer[off:off + n])
-            self.buffer[self.numel + j] = 1
         else:
-            self.buffer[off:off + n].copy_(p.grad.detach().reshape(-1))
+            if self.views:
+                view = self.view(j)
+                if p.grad.data_ptr() == view.data_ptr():
+                    if self.scale != 1.0:
+                        view.mul_(self.scale)
+                else:
+                    torch.mul(p.grad.detach(), self.scale, out=view)
+                    p.grad = view
+            elif self.scale != 1.0:
+                torch.mul(p.grad.detach().reshape(-1), self.scale, out=self.buffer[off:off + n])
+            else:
+                self.buffer[off:off + n].copy_(p.grad.detach().reshape(-1))
             self.buffer[self.numel + j] = 1
         if not self.ready[j]:
             self.ready[j] = True
