@@ -1,4 +1,5 @@
-# timeout 300 mpirun -n 2 python examples/pipeline_own_model.py
+# timeout 300 mpirun -n 2 python -m mpi4py examples/pipeline_own_model.py
+# (-m mpi4py: an uncaught exception on one rank aborts the job instead of leaving the other waiting)
 """Pipeline your own PyTorch model over 2 MPI ranks with mpimp.
 
 The model is an ordinary nn.Sequential: mpimp cuts it into 2 stages (layers 0-2 on rank

@@ -11,8 +11,11 @@
 from __future__ import annotations
 
 import os
+import shutil
+import subprocess
 import sys
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 
@@ -76,3 +79,23 @@ def sub_topology(comm: MPI.Comm, ranks: int, **layout: int) -> Iterator[object]:
     yield topo
     topo.free()
     sub.Free()
+
+
+def child_env(**extra: str) -> dict[str, str]:
+    """The environment for a child MPI job: without this process's own MPI launch variables."""
+    env = {k: v for k, v in os.environ.items()
+           if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
+    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
+    env.update(extra)
+    return env
+
+
+def mpirun(n: int, *args: str, timeout: float = 240, **env: str) -> subprocess.CompletedProcess[str]:
+    """``mpirun --oversubscribe -n n args...`` as a child job (the interpreter's own mpirun, else
+    the one on PATH; the test is skipped without one), bounded by ``timeout`` seconds."""
+    found = Path(sys.executable).parent / "mpirun"
+    launcher = str(found) if found.exists() else shutil.which("mpirun")
+    if launcher is None:
+        pytest.skip("no mpirun found next to the interpreter or on PATH")
+    return subprocess.run([launcher, "--oversubscribe", "-n", str(n), *args], env=child_env(**env),
+                          capture_output=True, text=True, timeout=timeout)

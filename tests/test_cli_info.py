@@ -2,13 +2,12 @@
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+from conftest import mpirun
 from mpi4py import MPI
 
 import mpimp
@@ -17,30 +16,13 @@ from mpimp.info import environment, format_info
 BIN = Path(sys.executable).parent
 
 
-def _mpirun() -> str:
-    path = BIN / "mpirun"
-    found = str(path) if path.exists() else shutil.which("mpirun")
-    if found is None:
-        pytest.skip("no mpirun found next to the interpreter or on PATH")
-    return found
-
-
 def _mpimp() -> list[str]:
     script = BIN / "mpimp"
     return [str(script)] if script.exists() else [sys.executable, "-m", "mpimp.cli"]
 
 
-def _clean_env() -> dict[str, str]:
-    """The environment for a child MPI job: without this process's own MPI launch variables."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    return env
-
-
 def _run(n: int, *args: str) -> subprocess.CompletedProcess[str]:
-    cmd = [_mpirun(), "--oversubscribe", "-n", str(n), *_mpimp(), *args]
-    return subprocess.run(cmd, env=_clean_env(), capture_output=True, text=True, timeout=240)
+    return mpirun(n, *_mpimp(), *args)
 
 
 def test_info_under_mpirun_reports_the_environment_and_every_rank() -> None:

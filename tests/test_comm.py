@@ -8,7 +8,6 @@ expected result of a message or a reduction.  Point-to-point tests use the ring
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import time
@@ -16,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from conftest import child_env
 from mpi4py import MPI
 
 import mpimp
@@ -513,15 +513,6 @@ def test_struct_datatypes_are_cached_by_address_and_evicted() -> None:
     assert built[-1] == a.data_ptr() and len(built) == 4
 
 
-def _clean_env(**extra: str) -> dict[str, str]:
-    """The environment for a child MPI job: without this process's own MPI launch variables."""
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1")
-    env.update(extra)
-    return env
-
-
 def test_mpimp_debug_traces_every_call_on_stderr() -> None:
     script = (
         "import torch, mpimp\n"
@@ -532,11 +523,11 @@ def test_mpimp_debug_traces_every_call_on_stderr() -> None:
         "q.wait()\n"
         "mpimp.all_reduce(torch.ones(2), c)\n"
     )
-    quiet = subprocess.run([sys.executable, "-c", script], env=_clean_env(MPIMP_DEBUG="0"),
+    quiet = subprocess.run([sys.executable, "-c", script], env=child_env(MPIMP_DEBUG="0"),
                            capture_output=True, text=True, timeout=120)
     assert quiet.returncode == 0, quiet.stderr
     assert "Isend" not in quiet.stderr
-    loud = subprocess.run([sys.executable, "-c", script], env=_clean_env(MPIMP_DEBUG="1"),
+    loud = subprocess.run([sys.executable, "-c", script], env=child_env(MPIMP_DEBUG="1"),
                           capture_output=True, text=True, timeout=120)
     assert loud.returncode == 0, loud.stderr
     lines = loud.stderr.splitlines()

@@ -8,36 +8,24 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
 import sys
 
 import numpy as np
-import pytest
+from conftest import child_env, mpirun
 
-BIN = os.path.dirname(sys.executable)
-MPIRUN = os.path.join(BIN, "mpirun") if os.path.exists(os.path.join(BIN, "mpirun")) else shutil.which("mpirun")
-MPIMP = os.path.join(BIN, "mpimp")
+MPIMP = os.path.join(os.path.dirname(sys.executable), "mpimp")
 TINY = ["--layers", "2", "--d-model", "32", "--heads", "4", "--seq-len", "8", "--batch-size", "8",
         "--chunks", "2", "--warmup", "3", "--eval-every", "0", "--eval-samples", "16", "--progress", "lines"]
 
 
-def _env() -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("OMPI_", "PMIX_", "PRTE_"))}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-               MPIMP_TIMEOUT="60", OMPI_MCA_rmaps_base_oversubscribe="true")
-    return env
-
-
 def _mpirun(n: int, *args: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    if MPIRUN is None:
-        pytest.skip("no mpirun on PATH or next to the interpreter")
-    cmd = [MPIRUN, "--oversubscribe", "-n", str(n), MPIMP, *args]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=_env())
+    return mpirun(n, MPIMP, *args, timeout=timeout, MPIMP_TIMEOUT="60")
 
 
 def _run(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([MPIMP, *args], capture_output=True, text=True, timeout=timeout, env=_env())
+    return subprocess.run([MPIMP, *args], capture_output=True, text=True, timeout=timeout,
+                          env=child_env(MPIMP_TIMEOUT="60"))
 
 
 def test_help_lists_every_option() -> None:

@@ -2,14 +2,11 @@
 
 from __future__ import annotations
 
-import os
-import shutil
-import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
+from conftest import mpirun
 
 from mpimp.watchdog import Watchdog
 
@@ -31,16 +28,6 @@ def test_guard_fires_only_for_calls_past_their_deadline() -> None:
         pass
     time.sleep(0.2)
     assert len(reports) == 1  # finished calls are forgotten
-
-
-def _mpirun() -> str:
-    found = Path(sys.executable).parent / "mpirun"
-    if found.exists():
-        return str(found)
-    which = shutil.which("mpirun")
-    if which is None:
-        pytest.skip("no mpirun found next to the interpreter or on PATH")
-    return which
 
 
 _ALL_REDUCE = (
@@ -67,13 +54,8 @@ _INIT = (
     (_INIT, "mpimp watchdog: rank 0: mpimp.init: allgather of every rank's (dp, pp, tp)"),
 ], ids=["all_reduce", "init"])
 def test_a_rank_missing_from_a_collective_aborts_the_job_instead_of_hanging(script: str, report: str) -> None:
-    env = {k: v for k, v in os.environ.items()
-           if not k.startswith(("PMIX_", "PRTE_", "OMPI_COMM_", "OMPI_MCA_orte", "OMPI_MCA_ess"))}
-    env.update(OMPI_ALLOW_RUN_AS_ROOT="1", OMPI_ALLOW_RUN_AS_ROOT_CONFIRM="1", OMP_NUM_THREADS="1",
-               MPIMP_TIMEOUT="2")
     start = time.monotonic()
-    done = subprocess.run([_mpirun(), "--oversubscribe", "-n", "2", sys.executable, "-c", script],
-                          env=env, capture_output=True, text=True, timeout=120)
+    done = mpirun(2, sys.executable, "-c", script, timeout=120, MPIMP_TIMEOUT="2")
     took = time.monotonic() - start
     assert done.returncode != 0
     assert report in done.stderr, done.stderr
