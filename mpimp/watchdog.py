@@ -12,7 +12,7 @@ in a table that one daemon thread per process scans every ``period`` seconds.  A
 returns removes its entry (a dict store and a delete, under the GIL: well under a
 microsecond).  A call still running past its deadline cannot be interrupted from Python,
 so the watchdog prints a stall report (the rank, the call, how long it has been running,
-the fix) to stderr and aborts the job (``MPI_Abort`` on ``COMM_WORLD``: the launcher
+the fix, then the Python stack of every thread of the process) to stderr and aborts the job (``MPI_Abort`` on ``COMM_WORLD``: the launcher
 then stops every rank) instead of leaving the others hanging.
 
 The deadline is the transport's (``MPIMP_TIMEOUT`` seconds, 0 disables it).  The thread
@@ -21,6 +21,7 @@ is started on first use; it holds no communicator and makes no MPI call except t
 
 from __future__ import annotations
 
+import faulthandler
 import itertools
 import sys
 import threading
@@ -104,6 +105,9 @@ class Watchdog:
     @staticmethod
     def _abort_job(report: str) -> None:
         print(report, file=sys.stderr, flush=True)
+        print(f"mpimp watchdog: rank {MPI.COMM_WORLD.Get_rank()}: where every thread is:", file=sys.stderr, flush=True)
+        faulthandler.dump_traceback(file=sys.stderr, all_threads=True)
+        sys.stderr.flush()
         MPI.COMM_WORLD.Abort(70)
 
 

@@ -49,14 +49,18 @@ _INIT = (
 )
 
 
-@pytest.mark.parametrize("script, report", [
-    (_ALL_REDUCE, "mpimp watchdog: rank 0: all_reduce of 262144 x torch.float32 over 2 ranks"),
-    (_INIT, "mpimp watchdog: rank 0: mpimp.init: allgather of every rank's (dp, pp, tp)"),
+@pytest.mark.parametrize("script, report, line", [
+    (_ALL_REDUCE, "mpimp watchdog: rank 0: all_reduce of 262144 x torch.float32 over 2 ranks", 5),
+    (_INIT, "mpimp watchdog: rank 0: mpimp.init: allgather of every rank's (dp, pp, tp)", 4),
 ], ids=["all_reduce", "init"])
-def test_a_rank_missing_from_a_collective_aborts_the_job_instead_of_hanging(script: str, report: str) -> None:
+def test_a_rank_missing_from_a_collective_aborts_the_job_instead_of_hanging(script: str, report: str,
+                                                                            line: int) -> None:
     start = time.monotonic()
     done = mpirun(2, sys.executable, "-c", script, timeout=120, MPIMP_TIMEOUT="2")
     took = time.monotonic() - start
     assert done.returncode != 0
     assert report in done.stderr, done.stderr
+    # then the stack of every thread of the blocked rank: the main thread in the script's call
+    assert "mpimp watchdog: rank 0: where every thread is:" in done.stderr, done.stderr
+    assert f'File "<string>", line {line} in <module>' in done.stderr, done.stderr
     assert took < 45, f"the job took {took:.0f} s to end (rank 1 sleeps 60 s)"
