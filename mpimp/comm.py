@@ -733,18 +733,21 @@ class _Unmatched:
                 out.append(other)  # (dropped ones, and those of a freed communicator: _live() cleans up)
         return out
 
-    def match_earlier(self, r: _RecvRequest) -> None:
+    def match_earlier(self, r: _RecvRequest) -> list[_RecvRequest]:
         """Each earlier receive that could take a message of ``r``'s pattern matches its own
-        first message now, if it has arrived (call with the lock held)."""
-        for other in self._earlier(r):
-            if other._req is None and self.overlap(r.src, r.tag, other):
+        first message now, if it has arrived; returns the earlier overlapping receives
+        (call with the lock held)."""
+        earlier = [o for o in self._earlier(r) if self.overlap(r.src, r.tag, o)]
+        for other in earlier:
+            if other._req is None:
                 other._probe()
+        return earlier
 
-    def owner_of(self, r: _RecvRequest, src: int, tag: int) -> _RecvRequest | None:
-        """The earliest receive posted before ``r`` that matches a message from ``src`` with
-        ``tag`` (call with the lock held), or None."""
-        for other in self._earlier(r):
-            if other.src in (src, MPI.ANY_SOURCE) and other.tag in (tag, MPI.ANY_TAG):
+    @staticmethod
+    def owner_of(earlier: list[_RecvRequest], src: int, tag: int) -> _RecvRequest | None:
+        """The first of ``earlier`` still unmatched that matches a message from ``src`` with ``tag``."""
+        for other in earlier:
+            if other._req is None and other.src in (src, MPI.ANY_SOURCE) and other.tag in (tag, MPI.ANY_TAG):
                 return other
         return None
 
@@ -810,11 +813,11 @@ class _RecvRequest(Request):
             return True
         with _UNMATCHED.lock:
             while self._req is None:
-                _UNMATCHED.match_earlier(self)
+                earlier = _UNMATCHED.match_earlier(self)
                 msg = self.comm.Improbe(self.src, self.tag, self._status)
                 if msg is None:
                     return False
-                other = _UNMATCHED.owner_of(self, self._status.Get_source(), self._status.Get_tag())
+                other = _UNMATCHED.owner_of(earlier, self._status.Get_source(), self._status.Get_tag())
                 if other is None:
                     _UNMATCHED.forget(self)
                     self._post(msg)

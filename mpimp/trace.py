@@ -25,7 +25,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from .schedule import CostModel, simulate
+from .schedule import Action, CostModel, simulate
 
 __all__ = ["gather", "bubble_fraction", "chrome_trace", "write_chrome_trace", "plot_gantt",
            "calibrate", "predict", "fit_quantum"]
@@ -169,7 +169,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     recvs: list[float] = []
     pure: list[float] = []  # receives whose message was there when they started
     gaps: list[float] = []
-    sent = {(e["kind"], e["stage"], e["mb"]): e["end"] for tl in timelines for e in tl
+    sent = {Action(e["stage"], e["kind"], e["mb"]): e["end"] for tl in timelines for e in tl
             if e["kind"] in ("SEND_F", "SEND_B")}
     for tl in timelines:
         if shared and all("cpu_start" in e for e in tl):  # the executor's own CPU between actions
@@ -184,7 +184,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
                 sends.append(d)
             else:
                 recvs.append(d)
-                src = ("SEND_F", e["stage"] - 1, e["mb"]) if e["kind"] == "RECV_F" else ("SEND_B", e["stage"] + 1, e["mb"])
+                src = Action(e["stage"], e["kind"], e["mb"]).matching_send()
                 if sent.get(src, float("inf")) <= e["start"]:
                     pure.append(d)
 

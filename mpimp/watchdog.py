@@ -122,8 +122,5 @@ def guarded(what: str, call: Callable[[], _T], timeout: float | None = None) -> 
     ``Allreduce``) under :data:`WATCHDOG`: past the deadline a stall report naming ``what``
     and the job is aborted.  The form for the one-off and per-step collectives of setup,
     coordination and metrics; the transport's own waits poll with their deadline."""
-    key = WATCHDOG.arm(lambda: what, timeout)
-    try:
+    with WATCHDOG.guard(lambda: what, timeout):
         return call()
-    finally:
-        WATCHDOG.disarm(key)

@@ -63,6 +63,14 @@ class Action(NamedTuple):
     def is_compute(self) -> bool:
         return self.kind in COMPUTE
 
+    def matching_send(self) -> Action:
+        """The send a receive matches: ``sRECV_Fi`` <- ``(s-1)SEND_Fi``, ``sRECV_Bi`` <- ``(s+1)SEND_Bi``."""
+        if self.kind == "RECV_F":
+            return Action(self.stage - 1, "SEND_F", self.mb)
+        if self.kind == "RECV_B":
+            return Action(self.stage + 1, "SEND_B", self.mb)
+        raise ValueError(f"{self} is not a receive")
+
 
 def parse_action(text: str | Action) -> Action:
     """``"1F0"`` -> ``Action(1, "F", 0)``; raises ConfigError on anything else."""

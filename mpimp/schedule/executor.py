@@ -281,10 +281,9 @@ class StageExecutor:
         else:
             a = row[i]
             here = f"action {i + 1} of {n}, {a}"
-            if a.kind == "RECV_F":
-                here += f": waits for rank {self.owner[a.stage - 1]}'s {a.stage - 1}SEND_F{a.mb}"
-            elif a.kind == "RECV_B":
-                here += f": waits for rank {self.owner[a.stage + 1]}'s {a.stage + 1}SEND_B{a.mb}"
+            if a.kind in ("RECV_F", "RECV_B"):
+                send = a.matching_send()
+                here += f": waits for rank {self.owner[send.stage]}'s {send}"
         done = " ".join(str(b) for b in row[max(0, i - 3):i]) or "nothing"
         after = " ".join(str(b) for b in row[i + 1:i + 4]) or "nothing"
         return (f"  pipeline position of rank {self.topo.rank} (pp rank {self.topo.pp_rank}): {here}; "

@@ -241,15 +241,12 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
     blocked: set[int] = set()
     now = 0.0
 
-    def source(a: Action) -> tuple[int, str, int]:
-        return (a.stage - 1, "SEND_F", a.mb) if a.kind == "RECV_F" else (a.stage + 1, "SEND_B", a.mb)
-
     def can_run(r: int) -> bool:
         """Whether rank r has work it can do now (blocks it on a missing message otherwise)."""
         if pos[r] >= len(table[r]):
             return False
         a = table[r][pos[r]]
-        if left[r] < 0 and a.kind in ("RECV_F", "RECV_B") and arrival.get(source(a), float("inf")) > now:
+        if left[r] < 0 and a.kind in ("RECV_F", "RECV_B") and arrival.get(a.matching_send(), float("inf")) > now:
             blocked.add(r)
             return False
         return True
@@ -288,7 +285,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
         while queue and (quantum <= 0 or len(on_core) < cores):
             r = queue.pop(0)
             on_core[r] = now + quantum if quantum > 0 else float("inf")
-        wakes = [arrival[source(table[r][pos[r]])] for r in blocked if source(table[r][pos[r]]) in arrival]
+        wakes = [arrival[table[r][pos[r]].matching_send()] for r in blocked if table[r][pos[r]].matching_send() in arrival]
         share = min(1.0, cores / len(on_core)) if quantum <= 0 and on_core else 1.0
         if not on_core:
             if not wakes:  # pragma: no cover - verified tables finish
@@ -312,7 +309,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
                 elif on_core[r] <= now + 1e-12:
                     on_core[r] = now + quantum
         for r in sorted(blocked):  # messages that have arrived wake their ranks
-            if arrival.get(source(table[r][pos[r]]), float("inf")) <= now + 1e-12:
+            if arrival.get(table[r][pos[r]].matching_send(), float("inf")) <= now + 1e-12:
                 blocked.discard(r)
                 queue.append(r)
     return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
@@ -379,8 +376,8 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
                 raise error(r, f"sends the input gradient of {s}B{i} before computing it")
             return clock[r]
         # receives: RECV_F(s, i) matches SEND_F(s-1, i); RECV_B(s, i) matches SEND_B(s+1, i)
-        src = (s - 1, "SEND_F", i) if k == "RECV_F" else (s + 1, "SEND_B", i)
-        if not 0 <= src[0] < num_stages or owner[src[0]] == r:
+        src = a.matching_send()
+        if not 0 <= src.stage < num_stages or owner[src.stage] == r:
             raise error(r, "no remote stage to receive from")
         if src in sent:
             return max(clock[r], sent[src])
