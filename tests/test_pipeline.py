@@ -8,6 +8,7 @@ sub-communicator of p ranks (skipped with the reason when the world is smaller).
 from __future__ import annotations
 
 import copy
+import warnings
 from collections.abc import Iterator
 
 import pytest
@@ -358,3 +359,78 @@ def test_zero_bubble_b_leaves_weight_gradients_to_w() -> None:
         for (_, q), (_, r) in zip(pipe.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(q.grad, r.grad, atol=TOL, rtol=0)
         pipe.close()
+
+
+class _HalvedLinear(nn.Linear):
+    """A Linear subclass with its own forward: W must not assume ``out = x W^T + b``."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return super().forward(x) * 0.5
+
+
+def _linear_variants() -> tuple[nn.Sequential, list[int]]:
+    """Linears W differentiates directly (no bias, frozen weight, 3-D input) next to ones it
+    must leave to autograd (a subclass, old-style weight_norm, a LayerNorm); [5, 4] layers."""
+    torch.manual_seed(31)
+    frozen = nn.Linear(8, 8)
+    frozen.weight.requires_grad_(False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)  # weight_norm's deprecation notice
+        normed = torch.nn.utils.weight_norm(nn.Linear(8, 8))
+    return nn.Sequential(nn.Linear(8, 8, bias=False), nn.Tanh(), frozen, nn.LayerNorm(8), _HalvedLinear(8, 8),
+                         nn.Tanh(), normed, nn.Tanh(), nn.Linear(8, 3)), [5, 4]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("p", [1, 2])
+def test_weight_pass_direct_linear_and_autograd_fallbacks(pp_world: mpimp.Topology | None, p: int,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """zb-h1's W computes plain Linear gradients directly (g^T x over the flattened leading
+    dims of a 3-D input) and the others with autograd; both equal plain torch, in two steps."""
+    if pp_world is None:
+        return
+    from mpimp.schedule import executor
+
+    direct: list[nn.Module] = []
+    real = executor._linear_weight_grad
+    monkeypatch.setattr(executor, "_linear_weight_grad", lambda mod, *a: (direct.append(mod), real(mod, *a)))
+    ref, balance = _linear_variants()
+    model, _ = _linear_variants()  # the same seed; weight_norm's computed weight defeats deepcopy
+    pipe = mpimp.Pipeline(model, pp_world, chunks=3, loss_fn=nn.MSELoss(), schedule="zb-h1",
+                          balance=balance if p == 2 else None)
+    g = torch.Generator().manual_seed(32)
+    x, y = torch.randn(6, 4, 8, generator=g), torch.randn(6, 4, 3, generator=g)
+    first, last = pipe.owner[0] == pp_world.pp_rank, pipe.owner[pipe.num_stages - 1] == pp_world.pp_rank
+    for scale in (1.0, 0.5):  # the second step accumulates into the first step's gradients
+        loss = pipe.train_step(x * scale if first else None, y if last else None)
+        ref_loss = nn.MSELoss()(ref(x * scale), y)
+        ref_loss.backward()
+        assert abs(loss - ref_loss.item()) <= TOL
+        params = dict(ref.named_parameters())
+        for name, q in pipe.named_parameters():
+            if not q.requires_grad:
+                assert q.grad is None, name
+                continue
+            torch.testing.assert_close(q.grad, params[name].grad, atol=TOL, rtol=0, msg=name)
+    assert pipe.split_weight_passes == 3
+    # the plain Linears (no bias, frozen weight, the last one) went the direct way, 3 micro-batches x 2 steps
+    mine = dict(zip(pipe.layer_indices, [layer for s in pipe.local_stages for layer in pipe.stages[s]]))
+    plain = [mine[i] for i in (0, 2, 8) if i in mine]
+    assert len(direct) == 6 * len(plain) and {id(m) for m in direct} == {id(m) for m in plain}
+    pipe.close()
+
+
+def test_direct_linear_input_only_for_plain_linears() -> None:
+    from mpimp.schedule.executor import _direct_linear_input
+
+    x = torch.randn(2, 8)
+    plain, sub = nn.Linear(8, 4), _HalvedLinear(8, 4)
+    assert _direct_linear_input(plain, (x,), plain(x)) is x
+    assert _direct_linear_input(sub, (x,), sub(x)) is None
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", FutureWarning)
+        normed = torch.nn.utils.weight_norm(nn.Linear(8, 4))
+    assert _direct_linear_input(normed, (x,), normed(x)) is None  # its weight is computed, not a Parameter
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = plain(x)
+    assert _direct_linear_input(plain, (x,), out) is None  # the matmul ran in bf16
