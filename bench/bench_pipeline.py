@@ -166,7 +166,14 @@ def throughput(world: MPI.Comm, rounds: int, steps: int) -> dict:
             times[name].append(timed(world, fn, steps))
     peaks = {name: world.gather(pipe.peak_inflight) for name, pipe in pipes.items()}
     out = {"p": p, "m": m, "tokens_per_step": tokens, "rounds": rounds, "steps": steps,
-           "seconds_per_step": {k: statistics.median(v) for k, v in times.items()}, "peak_inflight": peaks}
+           "seconds_per_step": {k: statistics.median(v) for k, v in times.items()}, "peak_inflight": peaks,
+           "seconds_per_round": times}
+    # paired: each round's ratio against the peers timed next to it (the machine's speed
+    # drifts by 10-20% within a minute; pairing removes the drift a ratio of medians keeps)
+    sol, peer = times["single process (x2 = speed of light)"], times["torch Schedule1F1B (gloo)"]
+    out["paired_median"] = {k: {"vs_torch": statistics.median(b / a for a, b in zip(v, peer)),
+                                "vs_speed_of_light": statistics.median(s / 2 / a for a, s in zip(v, sol))}
+                            for k, v in times.items()}
     sps = out["seconds_per_step"]
     tps = {k: tokens / v for k, v in sps.items()}
     tps["speed of light"] = 2 * tps.pop("single process (x2 = speed of light)")
@@ -291,9 +298,13 @@ def main() -> None:
             peer = t["torch Schedule1F1B (gloo)"]
             print(f"p=2, m=8, {tp['tokens_per_step']} tokens/step, median of {args.rounds} alternating rounds "
                   f"x {args.steps} steps")
+            paired = tp["paired_median"]
             for name, value in t.items():
+                pair = paired.get(name)
+                extra = "" if pair is None else (f"   paired: {pair['vs_torch']:5.2f}x torch, "
+                                                 f"{pair['vs_speed_of_light']:5.2f}x light")
                 print(f"  {name:<32} {value:9.0f} tokens/s   {value / peer:5.2f}x torch 1F1B   "
-                      f"{value / t['speed of light']:5.2f}x speed of light", flush=True)
+                      f"{value / t['speed of light']:5.2f}x speed of light{extra}", flush=True)
             print(f"  peak in-flight micro-batches per rank: {tp['peak_inflight']}")
     if args.throughput_only:
         if rank == 0:
