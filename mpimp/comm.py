@@ -171,6 +171,28 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
             )
 
 
+def _sleep_until(done: Callable[[], bool], what: Callable[[], str], timeout: float | None,
+                 nap: float = 5e-5) -> None:
+    """Poll ``done`` with a short sleep between tests, from the first test on.
+
+    For helper threads that share their core with the rank's compute thread (the
+    data-parallel reduce thread): spinning, even with ``sched_yield``, takes that core
+    away from backward.  ``nap`` seconds between tests (50 us: the wake-up latency it
+    adds is small against the milliseconds a gradient bucket takes); the deadline as in
+    :func:`_wait_until`.
+    """
+    start = time.monotonic()
+    while not done():
+        if timeout is not None and time.monotonic() - start > timeout:
+            if done():
+                return
+            raise DeadlineError(
+                f"{what()} did not complete within {timeout:g} s. A peer may have failed or skipped "
+                f"a collective; raise MPIMP_TIMEOUT (0 disables the deadline) or set MPIMP_DEBUG=1."
+            )
+        time.sleep(nap)
+
+
 def _spin(req: MPI.Request, polls: int) -> bool:
     """Test ``req`` up to ``polls`` times in a tight loop; True once complete.
 

@@ -70,8 +70,8 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .comm import Request, all_reduce, broadcast, default_timeout
-from .errors import ConfigError, DeadlineError
+from .comm import Request, _sleep_until, all_reduce, broadcast, default_timeout
+from .errors import ConfigError, DeadlineError, MpimpError
 from .shm import SharedBuckets, shm_available, shm_wanted
 from .topology import Topology
 from .watchdog import guarded
@@ -81,6 +81,7 @@ __all__ = ["DataParallel", "reduce_gradients", "split_batch", "check_replicas"]
 _REDUCE_DTYPES = {None: None, "fp32": torch.float32, "float32": torch.float32, "bf16": torch.bfloat16,
                   "bfloat16": torch.bfloat16, "fp16": torch.float16, "float16": torch.float16}
 _FIRST_BUCKET_BYTES = 1 << 20
+_GRACE = 5.0  # seconds a waiting thread adds to the worker's deadline before giving up itself
 
 
 def _world_rank() -> int:
@@ -221,6 +222,7 @@ class _ThreadRequest(Request):
     def __init__(self, worker: _ReduceWorker, nbytes: int) -> None:
         self.event = threading.Event()
         self.error: BaseException | None = None
+        self._worker = worker
         self._what = f"data-parallel all-reduce of {nbytes} B over {worker.comm.Get_size()} ranks"
 
     def test(self) -> bool:
@@ -235,8 +237,12 @@ class _ThreadRequest(Request):
 
     def wait(self, timeout: float | None = None) -> None:
         limit = default_timeout() if timeout is None else timeout
-        if not self.event.wait(limit):  # sleeps: no polling core burnt while backward computes
-            raise DeadlineError(f"rank {_world_rank()}: {self._what} did not complete within {limit:g} s")
+        # sleeps: no polling core burnt while backward computes.  The worker's own deadline
+        # (same length, started later) normally reports first, naming the step it stuck in.
+        if not self.event.wait(None if limit is None else limit + _GRACE):
+            exc = DeadlineError(f"rank {_world_rank()}: {self._what} did not complete within {limit:g} s")
+            self._worker.fail(exc)
+            raise exc
         self.test()
 
 
@@ -253,8 +259,10 @@ class _ReduceWorker:
     same thread, in the same order.
     """
 
-    def __init__(self, comm: MPI.Comm) -> None:
+    def __init__(self, comm: MPI.Comm, gate: bool = True) -> None:
         self.comm = comm
+        self.gate = gate
+        self.failed: BaseException | None = None
         self._queue: queue.SimpleQueue[tuple[torch.Tensor, tuple[SharedBuckets, int] | None,
                                              _ThreadRequest] | None] = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
@@ -270,17 +278,46 @@ class _ReduceWorker:
             self._queue.put((buffer, shared, req))
         return req
 
+    def fail(self, exc: BaseException) -> None:
+        """Latch a failure: every later bucket fails at once instead of entering a
+        collective the other ranks are no longer in step with."""
+        if self.failed is None:
+            self.failed = exc
+
+    def _check(self) -> None:
+        if self.failed is not None:
+            raise MpimpError(f"rank {_world_rank()}: an earlier data-parallel all-reduce failed ({self.failed}); "
+                             f"the ranks are out of step, build a new DataParallel") from self.failed
+
     def _reduce(self, buffer: torch.Tensor, shared: tuple[SharedBuckets, int] | None,
                 req: _ThreadRequest) -> None:
         try:
+            self._check()
             if shared is not None:
                 shared[0].reduce(shared[1])
             else:
+                if self.gate and self._thread is not None:
+                    self._arrive()
+                    self._check()  # the waiting thread may have given up meanwhile
                 all_reduce(buffer, self.comm, op="sum")
         except BaseException as exc:  # noqa: BLE001 - handed to the waiting thread
+            self.fail(exc)
             req.error = exc
         finally:
             req.event.set()
+
+    def _arrive(self) -> None:
+        """Wait, asleep, until every rank has submitted this bucket (a polled ``Ibarrier``).
+
+        A blocking ``MPI_Allreduce`` entered before a slower peer has its bucket spins
+        until the peer arrives, on the core this rank's backward runs on: with one core
+        per rank it took the step 67 ms of exposed communication against gloo's 17 ms
+        (docs/benchmarks.md).  Sleeping between tests of a non-blocking barrier costs at
+        most one nap of latency; the all-reduce then starts with every rank present.
+        """
+        req = self.comm.Ibarrier()
+        _sleep_until(lambda: self.failed is not None or req.Test(), lambda: f"rank {_world_rank()}: data-parallel bucket rendezvous over "
+                                       f"{self.comm.Get_size()} ranks", default_timeout())
 
     def _run(self) -> None:
         while True:

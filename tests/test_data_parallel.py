@@ -344,3 +344,34 @@ def test_transport_choice(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> No
             loss_fn(model, *model.split_batch(x, y)).backward()
             b = model.buckets[0]
             assert b.params[0].grad.data_ptr() != b.view(0).data_ptr()  # .grad stays autograd's own tensor
+
+
+@pytest.mark.mpi(min_size=2)
+def test_a_rank_that_skips_backward_is_a_deadline_not_a_hang(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Rank 1 of a dp = 2 pair never runs backward: rank 0's bucket rendezvous (a polled
+    Ibarrier, asleep) raises DeadlineError naming it after MPIMP_TIMEOUT instead of
+    entering an all-reduce that would block forever."""
+    import time
+
+    from mpimp.errors import DeadlineError
+
+    sub = comm.Split(0 if comm.Get_rank() < 2 else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        return
+    monkeypatch.setenv("MPIMP_TIMEOUT", "1.5")
+    with mpimp.init(comm=sub) as topo:
+        torch.manual_seed(3)
+        dp = DataParallel(nn.Linear(4, 2), topo)
+        if topo.rank == 0:
+            start = time.monotonic()
+            with pytest.raises(DeadlineError, match="rank 0: data-parallel bucket rendezvous over 2 ranks"):
+                dp(torch.randn(3, 4)).sum().backward()
+            assert time.monotonic() - start < 30
+            # the failure is latched: the next backward fails at once, entering no collective
+            with pytest.raises(mpimp.MpimpError, match="out of step"):
+                dp(torch.randn(3, 4)).sum().backward()
+        sub.Barrier()
+        if topo.rank == 1:  # the barrier rank 0 left behind completes: nothing stays pending
+            dp.comm.Ibarrier().Wait()
+        dp.close()
+    sub.Free()
