@@ -1,6 +1,7 @@
 # Throughput:  timeout 1800 mpirun --oversubscribe -n 2 .venv/bin/python bench/bench_pipeline.py
 # Bubble p=4:  timeout 1800 mpirun --oversubscribe -n 4 .venv/bin/python bench/bench_pipeline.py --bubble-only
 # Plot:        .venv/bin/python bench/bench_pipeline.py --plot   (reads bench/results/pipeline_p*.json)
+# B/W split:   .venv/bin/python bench/bench_pipeline.py --split-only   (one process)
 """Pipeline benchmark: mpimp schedules vs torch.distributed.pipelining.Schedule1F1B (gloo).
 
 Model: a plain-torch GPT, 8 transformer blocks, d_model 256, 4 heads, sequence 128,
@@ -18,6 +19,7 @@ the actions' CPU times, the simulator sharing the cores between the ranks).
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import json
 import math
@@ -275,6 +277,32 @@ def plot() -> None:
     print(f"wrote {out / 'pipeline_bubble.png'}")
 
 
+def split_cost(rounds: int) -> dict:
+    """What splitting the backward costs: the second stage (4 blocks + head + loss) on one
+    rank, m = 8, as ``1f1b`` (one full backward per micro-batch) and as ``zb-h1`` (B, then
+    W), alternating; seconds of backward work per step from the executor's timeline."""
+    topo = mpimp.init(pp=1, comm=MPI.COMM_SELF)
+    x, y = batch(16)
+    stage = gpt_layers()[5:]
+    first = nn.Linear(D, D)  # stands in for the first stage's output: any float input of width D
+    torch.manual_seed(1)
+    h = first(torch.nn.functional.one_hot(x, VOCAB).float()[..., :D]).detach()
+    pipes = {name: mpimp.Pipeline([copy.deepcopy(layer) for layer in stage], topo, chunks=8, loss_fn=loss_fn,
+                                  schedule=name) for name in ("1f1b", "zb-h1")}
+    backward: dict[str, list[float]] = {name: [] for name in pipes}
+    for r in range(rounds + 1):
+        for name in (list(pipes) if r % 2 == 0 else list(reversed(list(pipes)))):
+            pipes[name].train_step(h, y)
+            if r:  # the first round warms up
+                backward[name].append(sum(e["end"] - e["start"] for e in pipes[name].timeline()
+                                          if e["kind"] in ("B", "W")))
+    out = {name: statistics.median(v) for name, v in backward.items()}
+    print(f"backward work per step (median of {rounds}): full {out['1f1b'] * 1e3:.0f} ms, "
+          f"B + W {out['zb-h1'] * 1e3:.0f} ms ({out['zb-h1'] / out['1f1b']:.3f}x); per round "
+          + " ".join(f"{b / a:.3f}" for a, b in zip(backward["1f1b"], backward["zb-h1"])))
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--rounds", type=int, default=3)
@@ -282,9 +310,13 @@ def main() -> None:
     ap.add_argument("--bubble-only", action="store_true")
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--throughput-only", action="store_true")
+    ap.add_argument("--split-only", action="store_true", help="B + W against one full backward, one process")
     args = ap.parse_args()
     if args.plot:
         plot()
+        return
+    if args.split_only:
+        split_cost(max(args.rounds, 5))
         return
     world = MPI.COMM_WORLD
     p, rank = world.Get_size(), world.Get_rank()
