@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from mpi4py import MPI
 
 from .errors import ConfigError
-from .watchdog import guarded
+from .watchdog import abort_on_uncaught_exception, guarded
 
 __all__ = ["Topology", "init", "suggest_layouts"]
 
@@ -166,14 +166,18 @@ class Topology:
         self.free()
 
 
-def init(dp: int | None = None, pp: int = 1, tp: int = 1, comm: MPI.Comm | None = None) -> Topology:
+def init(dp: int | None = None, pp: int = 1, tp: int = 1, comm: MPI.Comm | None = None, *,
+         abort_on_error: bool | None = None) -> Topology:
     """Build the dp x pp x tp grid over a private duplicate of ``comm`` (default COMM_WORLD).
 
     Collective over ``comm``.  Every rank must call it; a layout that does not fit the
     world raises :class:`ConfigError` on every rank (the check is a pure function of
     the arguments and the world size, and the arguments are compared across ranks
-    first), so nothing hangs.
+    first), so nothing hangs.  ``abort_on_error`` (None: ``MPIMP_ABORT_ON_ERROR``, on by
+    default): an uncaught exception on any rank aborts the job after its traceback
+    instead of leaving the others waiting (:func:`mpimp.watchdog.abort_on_uncaught_exception`).
     """
+    abort_on_uncaught_exception(abort_on_error)
     base = MPI.COMM_WORLD if comm is None else comm
     size, rank = base.Get_size(), base.Get_rank()
     requested = guarded("mpimp.init: allgather of every rank's (dp, pp, tp)", lambda: base.allgather((dp, pp, tp)))

@@ -17,12 +17,18 @@ then stops every rank) instead of leaving the others hanging.
 
 The deadline is the transport's (``MPIMP_TIMEOUT`` seconds, 0 disables it).  The thread
 is started on first use; it holds no communicator and makes no MPI call except the abort.
+
+The other way a rank leaves its peers waiting is to die of an uncaught exception:
+:func:`abort_on_uncaught_exception` (installed by :func:`mpimp.init` on a world of more
+than one rank) makes that print its traceback and abort the job at once, as
+``python -m mpi4py`` does, instead of the others waiting out their deadlines.
 """
 
 from __future__ import annotations
 
 import faulthandler
 import itertools
+import os
 import sys
 import threading
 import time
@@ -32,7 +38,9 @@ from typing import TypeVar
 
 from mpi4py import MPI
 
-__all__ = ["Watchdog", "WATCHDOG", "guarded"]
+from .errors import ConfigError
+
+__all__ = ["Watchdog", "WATCHDOG", "guarded", "abort_on_uncaught_exception"]
 
 
 class Watchdog:
@@ -124,3 +132,39 @@ def guarded(what: str, call: Callable[[], _T], timeout: float | None = None) -> 
     coordination and metrics; the transport's own waits poll with their deadline."""
     with WATCHDOG.guard(lambda: what, timeout):
         return call()
+
+
+def abort_on_uncaught_exception(enabled: bool | None = None) -> bool:
+    """Make an uncaught exception on this rank abort the whole job after its traceback.
+
+    Without it, a rank that dies of an exception leaves the other ranks blocked in their
+    next message or collective until its deadline (``MPIMP_TIMEOUT``, 600 s by default).
+    The hook prints the usual traceback, then one line naming the rank, then calls
+    ``MPI_Abort`` on ``COMM_WORLD`` (the launcher stops every rank).  ``enabled=None``
+    reads ``MPIMP_ABORT_ON_ERROR`` (1, the default, or 0).  Never installed in an
+    interactive interpreter (an error at the prompt must not end the job) or on a
+    one-rank world; idempotent.  Returns whether the hook is in place.
+    """
+    if enabled is None:
+        raw = os.environ.get("MPIMP_ABORT_ON_ERROR", "1")
+        if raw not in ("0", "1"):
+            raise ConfigError(f"MPIMP_ABORT_ON_ERROR={raw!r}: use 1 (an uncaught exception on one rank "
+                              f"aborts the job) or 0 (the other ranks wait for their deadlines)")
+        enabled = raw == "1"
+    previous = sys.excepthook
+    if getattr(previous, "mpimp_abort", False):
+        return True
+    world = MPI.COMM_WORLD
+    if not enabled or world.Get_size() == 1 or hasattr(sys, "ps1") or sys.flags.interactive:
+        return False
+
+    def hook(kind: type[BaseException], value: BaseException, tb: object) -> None:
+        previous(kind, value, tb)  # type: ignore[arg-type]
+        print(f"mpimp: rank {world.Get_rank()} of {world.Get_size()} stopped on an uncaught "
+              f"{kind.__name__}; aborting the job so the other ranks do not wait for it "
+              f"(MPIMP_ABORT_ON_ERROR=0 turns this off)", file=sys.stderr, flush=True)
+        world.Abort(1)
+
+    hook.mpimp_abort = True  # type: ignore[attr-defined]
+    sys.excepthook = hook
+    return True

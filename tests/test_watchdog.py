@@ -64,3 +64,43 @@ def test_a_rank_missing_from_a_collective_aborts_the_job_instead_of_hanging(scri
     assert "mpimp watchdog: rank 0: where every thread is:" in done.stderr, done.stderr
     assert f'File "<string>", line {line} in <module>' in done.stderr, done.stderr
     assert took < 45, f"the job took {took:.0f} s to end (rank 1 sleeps 60 s)"
+
+
+_RAISES = (
+    "import mpimp\n"
+    "topo = mpimp.init()\n"
+    "if topo.rank == 1:\n"
+    "    raise ValueError('boom on rank 1')\n"
+    "mpimp.recv(1, topo.world)  # rank 1 never sends\n"
+)
+
+
+def test_an_uncaught_exception_on_one_rank_aborts_the_job() -> None:
+    """mpimp.init makes a rank's uncaught exception abort the job at once (traceback first),
+    instead of rank 0 waiting for its deadline; MPIMP_ABORT_ON_ERROR=0 restores the wait."""
+    start = time.monotonic()
+    done = mpirun(2, sys.executable, "-c", _RAISES, timeout=120, MPIMP_TIMEOUT="60")
+    took = time.monotonic() - start
+    assert done.returncode != 0
+    assert "ValueError: boom on rank 1" in done.stderr, done.stderr
+    assert "mpimp: rank 1 of 2 stopped on an uncaught ValueError; aborting the job" in done.stderr, done.stderr
+    assert took < 40, f"the job took {took:.0f} s to end (rank 0's deadline is 60 s)"
+    done = mpirun(2, sys.executable, "-c", _RAISES, timeout=120, MPIMP_TIMEOUT="3", MPIMP_ABORT_ON_ERROR="0")
+    assert done.returncode != 0
+    assert "ValueError: boom on rank 1" in done.stderr and "stopped on an uncaught" not in done.stderr
+    assert "DeadlineError: rank 0: recv" in done.stderr, done.stderr  # rank 0 waited out its deadline
+
+
+def test_abort_hook_only_where_it_can_help(monkeypatch: pytest.MonkeyPatch) -> None:
+    from mpi4py import MPI
+
+    from mpimp.errors import ConfigError
+    from mpimp.watchdog import abort_on_uncaught_exception
+
+    monkeypatch.setenv("MPIMP_ABORT_ON_ERROR", "yes")
+    with pytest.raises(ConfigError, match="MPIMP_ABORT_ON_ERROR='yes'"):
+        abort_on_uncaught_exception()
+    before = sys.excepthook
+    assert abort_on_uncaught_exception(False) is False and sys.excepthook is before
+    if MPI.COMM_WORLD.Get_size() == 1:  # a one-rank world has nobody to release
+        assert abort_on_uncaught_exception(True) is False and sys.excepthook is before
