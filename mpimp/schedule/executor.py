@@ -115,34 +115,61 @@ class _MB:
 
 class Capture(NamedTuple):
     """One call of a parameter-owning module in a split forward: its outputs that need a
-    gradient, and its input when W may compute the gradient directly (a plain ``nn.Linear``)."""
+    gradient; for a plain ``nn.Linear`` that W may differentiate directly, its input and
+    the version counters of input and output when the call returned."""
 
     module: nn.Module
     outputs: list[torch.Tensor]
     linear_input: torch.Tensor | None
+    versions: tuple[int, int] = (0, 0)
+
+
+# the autograd nodes F.linear leaves as its output (addmm / mm, reshaped for inputs of other
+# than 2 dims, plus the bias for a strided input): any other node means a hook or an
+# in-place op replaced the output, and W goes through autograd
+_LINEAR_NODES = frozenset({"AddmmBackward0", "MmBackward0", "ViewBackward0", "UnsafeViewBackward0",
+                           "SqueezeBackward4", "AddBackward0"})
 
 
 def _direct_linear_input(module: nn.Module, args: Any, output: Any) -> torch.Tensor | None:
-    """The input of a call that W may differentiate directly, else None.
+    """The input of a call that W may differentiate directly, else None (autograd then).
 
-    Only an exact ``nn.Linear`` whose own parameters are its ``weight`` (and ``bias``)
-    Parameters, called on one tensor, with input, output and weight of one dtype (not
-    under autocast, where the matmul runs in another dtype): then ``out = x W^T + b`` and
-    the weight gradient is ``g^T x`` over the flattened leading dimensions.  A weight
-    computed by a pre-hook (``weight_norm``) or a subclass's own forward goes through
-    autograd instead.
+    Only an exact ``nn.Linear`` with a trainable real floating-point weight, whose own
+    parameters are its ``weight`` and ``bias`` Parameters (not computed by a pre-hook, as
+    old-style ``weight_norm`` does), called on one plain tensor, with input, output and
+    weight of one dtype (not under autocast, where the matmul runs in another dtype), the
+    output straight from ``F.linear`` (no global forward hook; mpimp's hook runs before the
+    module's own): then ``out = x W^T + b`` and the weight gradient is ``g^T x`` over the
+    flattened leading dimensions.  A frozen weight keeps nothing alive for W (autograd
+    handles its bias).  :func:`_still_direct` re-checks at W what may have changed since.
     """
-    if type(module) is not nn.Linear or len(args) != 1 or not isinstance(output, torch.Tensor):
+    if type(module) is not nn.Linear or len(args) != 1 or type(output) is not torch.Tensor:
         return None
     x, weight, bias = args[0], module.weight, module.bias
-    if not isinstance(x, torch.Tensor) or not isinstance(weight, nn.Parameter):
+    if type(x) is not torch.Tensor or type(weight) is not nn.Parameter or not weight.requires_grad:
+        return None
+    if not weight.dtype.is_floating_point or weight.layout != torch.strided or not (x.dtype == output.dtype == weight.dtype):
         return None
     own = {id(q) for q in module.parameters(recurse=False)}
     if own != {id(weight)} | ({id(bias)} if bias is not None else set()):
         return None
-    if not (x.dtype == output.dtype == weight.dtype) or weight.layout != torch.strided:
+    if output.grad_fn is None or type(output.grad_fn).__name__ not in _LINEAR_NODES:
+        return None
+    if getattr(nn.modules.module, "_global_forward_hooks", None):
         return None
     return x
+
+
+def _still_direct(cap: Capture) -> bool:
+    """Whether the direct W of ``cap`` still equals autograd's: input and output not changed
+    in place since the forward (an in-place ReLU on the output moves the captured gradient
+    past its mask; autograd would raise for a changed input) and no gradient hooks on the
+    weight or bias (autograd runs them, the direct formula would not)."""
+    x, out = cap.linear_input, cap.outputs[0] if cap.outputs else None
+    if x is None or out is None or (x._version, out._version) != cap.versions:
+        return False
+    weight, bias = cap.module.weight, cap.module.bias
+    return not weight._backward_hooks and (bias is None or not bias._backward_hooks)
 
 
 def _linear_weight_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> None:
@@ -176,12 +203,12 @@ def _split_is_exact(out: Any, captured: list[Capture], inputs: list[torch.Tensor
     captured output would get none.  Otherwise the stage runs full backwards.
     """
     owner: dict[int, nn.Module] = {}
-    for mod, _, _ in captured:
+    for mod, *_ in captured:
         for q in mod.parameters(recurse=False):
             if owner.setdefault(id(q), mod) is not mod:
                 return False  # one Parameter registered in two modules
     cut: dict[Any, nn.Module] = {}  # captured output nodes: the region boundaries
-    for mod, ts, _ in captured:
+    for mod, ts, *_ in captured:
         for t in ts:
             if t.grad_fn is not None and cut.setdefault(t.grad_fn, mod) is not mod:
                 return False  # one node is the output of two modules
@@ -189,7 +216,7 @@ def _split_is_exact(out: Any, captured: list[Capture], inputs: list[torch.Tensor
     regions: list[tuple[nn.Module | None, list[Any]]] = [
         (None, [t.grad_fn for t in flat_tensors(out) if t.grad_fn is not None])]
     regions += [(mod, [n for t in ts if t.grad_fn is not None for n, _ in t.grad_fn.next_functions if n is not None])
-                for mod, ts, _ in captured]
+                for mod, ts, *_ in captured]
     for mod, stack in regions:
         seen: set[Any] = set()
         while stack:
@@ -230,7 +257,7 @@ class StageExecutor:
             owners = [mod for mod in mods.modules() if any(True for _ in mod.parameters(recurse=False))]
             self._owners_of_params[s] = owners
             for mod in owners:
-                mod.register_forward_hook(self._hook)
+                mod.register_forward_hook(self._hook, prepend=True)  # the output before users' hooks
         p = self.topo.pp
         self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, ERR_TAG) if p > 1 else None
         self._broken: str | None = None
@@ -244,8 +271,9 @@ class StageExecutor:
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._capture is not None:
-            self._capture.append(Capture(module, [t for t in flat_tensors(output) if t.requires_grad],
-                                         _direct_linear_input(module, args, output)))
+            x = _direct_linear_input(module, args, output)
+            versions = (x._version, output._version) if x is not None else (0, 0)
+            self._capture.append(Capture(module, [t for t in flat_tensors(output) if t.requires_grad], x, versions))
 
     def _start_step(self, inputs: Any, targets: Any, first: bool, last: bool, train: bool) -> None:
         if self._broken is not None:
@@ -516,10 +544,11 @@ class StageExecutor:
             return
         k = 0
         self.split_weight_passes += 1
-        for module, outs, x in st.captures or []:
+        for cap in st.captures or []:
+            module, outs, x = cap.module, cap.outputs, cap.linear_input
             pairs = [(o, g) for o, g in zip(outs, st.cap_grads[k : k + len(outs)]) if g is not None]
             k += len(outs)
-            if x is not None:
+            if x is not None and _still_direct(cap):
                 if pairs:
                     _linear_weight_grad(module, x, pairs[0][1])
                 continue
