@@ -260,7 +260,12 @@ class _ReduceWorker:
     """
 
     def __init__(self, comm: MPI.Comm, gate: bool = True) -> None:
-        self.comm = comm
+        # a private duplicate (collective, like the DataParallel constructor that calls this):
+        # after a failure the abandoned barrier of a bucket stays posted on it forever (MPI
+        # cannot cancel a non-blocking collective), so it must not be a communicator that a
+        # new DataParallel, a ShardedOptimizer or the user goes on using
+        self.comm = comm.Dup() if comm.Get_size() > 1 else comm
+        self._own_comm = comm.Get_size() > 1
         self.gate = gate
         self.failed: BaseException | None = None
         self._queue: queue.SimpleQueue[tuple[torch.Tensor, tuple[SharedBuckets, int] | None,
@@ -327,12 +332,16 @@ class _ReduceWorker:
             self._reduce(*item)
 
     def close(self, join: bool = True) -> None:
-        """Stop the thread after the buckets already submitted (idempotent)."""
+        """Stop the thread after the buckets already submitted, free the private
+        communicator unless a failure left an operation posted on it (idempotent)."""
         thread, self._thread = self._thread, None
         if thread is not None:
             self._queue.put(None)
             if join:
                 thread.join()
+        if join and self._own_comm and self.failed is None and (thread is None or not thread.is_alive()):
+            self._own_comm = False
+            self.comm.Free()
 
 
 def _make_buckets(params: Sequence[nn.Parameter], wire: torch.dtype | None, limit: int,

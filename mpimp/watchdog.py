@@ -143,7 +143,10 @@ def abort_on_uncaught_exception(enabled: bool | None = None) -> bool:
     ``MPI_Abort`` on ``COMM_WORLD`` (the launcher stops every rank).  ``enabled=None``
     reads ``MPIMP_ABORT_ON_ERROR`` (1, the default, or 0).  Never installed in an
     interactive interpreter (an error at the prompt must not end the job) or on a
-    one-rank world; idempotent.  Returns whether the hook is in place.
+    one-rank world; idempotent, and a later call with ``enabled`` false removes it again.
+    Returns whether the hook is in place.  Not covered: ``sys.exit(n)`` on one rank (no
+    exception reaches the hook; the others wait for their deadlines) and exceptions in
+    other threads.
     """
     if enabled is None:
         raw = os.environ.get("MPIMP_ABORT_ON_ERROR", "1")
@@ -152,11 +155,14 @@ def abort_on_uncaught_exception(enabled: bool | None = None) -> bool:
                               f"aborts the job) or 0 (the other ranks wait for their deadlines)")
         enabled = raw == "1"
     previous = sys.excepthook
-    if getattr(previous, "mpimp_abort", False):
-        return True
+    installed = getattr(previous, "mpimp_abort", False)
     world = MPI.COMM_WORLD
     if not enabled or world.Get_size() == 1 or hasattr(sys, "ps1") or sys.flags.interactive:
+        if installed:  # an earlier init installed it: opting out now takes it away again
+            sys.excepthook = previous.mpimp_previous  # type: ignore[attr-defined]
         return False
+    if installed:
+        return True
 
     def hook(kind: type[BaseException], value: BaseException, tb: object) -> None:
         previous(kind, value, tb)  # type: ignore[arg-type]
@@ -166,5 +172,6 @@ def abort_on_uncaught_exception(enabled: bool | None = None) -> bool:
         world.Abort(1)
 
     hook.mpimp_abort = True  # type: ignore[attr-defined]
+    hook.mpimp_previous = previous  # type: ignore[attr-defined]
     sys.excepthook = hook
     return True

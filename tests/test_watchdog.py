@@ -104,3 +104,21 @@ def test_abort_hook_only_where_it_can_help(monkeypatch: pytest.MonkeyPatch) -> N
     assert abort_on_uncaught_exception(False) is False and sys.excepthook is before
     if MPI.COMM_WORLD.Get_size() == 1:  # a one-rank world has nobody to release
         assert abort_on_uncaught_exception(True) is False and sys.excepthook is before
+
+
+@pytest.mark.mpi(min_size=2)
+def test_abort_hook_is_idempotent_and_can_be_taken_back() -> None:
+    """On a multi-rank world the hook goes in once; a later opt-out (init(abort_on_error=False)
+    after an init that installed it) restores the previous excepthook."""
+    from mpimp.watchdog import abort_on_uncaught_exception
+
+    original = sys.excepthook
+    try:
+        assert abort_on_uncaught_exception(True) is True
+        hook = sys.excepthook
+        assert getattr(hook, "mpimp_abort", False)
+        assert abort_on_uncaught_exception(True) is True and sys.excepthook is hook
+        assert abort_on_uncaught_exception(False) is False
+        assert not getattr(sys.excepthook, "mpimp_abort", False)
+    finally:
+        sys.excepthook = original
