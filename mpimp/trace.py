@@ -152,8 +152,13 @@ def plot_gantt(timelines: Sequence[Timeline], path: str | Path, title: str = "")
     return path
 
 
-def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None = None) -> CostModel:
+def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None = None,
+              jitter: bool = True) -> CostModel:
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
+
+    With ``jitter`` the model also carries the step's relative action times (each F, B, W
+    over the mean of its kind and stage), which the simulator draws from: the waits that
+    variable times cause at every cross-rank dependency are part of the measured bubble.
 
     A receive's own cost is the mean duration of the receives that did not wait: those
     whose matching send had ended before they started (their shortest duration if none
@@ -192,6 +197,12 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
         xs = per.get((kind, s), [])
         return sum(xs) / len(xs) if xs else 0.0
 
+    factors: list[float] = []
+    if jitter:
+        for xs in per.values():
+            mu = sum(xs) / len(xs)
+            if mu > 0 and len(xs) > 1:
+                factors += [x / mu for x in xs]
     has_w = any(k == "W" for k, _ in per)
     f = tuple(mean("F", s) for s in range(num_stages))
     b = tuple(mean("B", s) for s in range(num_stages))
@@ -199,7 +210,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     recv = sum(pure) / len(pure) if pure else (min(recvs) if recvs else 0.0)
     return CostModel(f=f, b=b, w=w, send=sum(sends) / len(sends) if sends else 0.0,
                      recv=recv, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
-                     cores=cores if shared else None)
+                     cores=cores if shared else None, jitter=tuple(factors))
 
 
 def predict(table: Sequence[Sequence[Any]], cost: CostModel, num_microbatches: int) -> float:

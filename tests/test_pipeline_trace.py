@@ -133,3 +133,39 @@ def test_a_receive_costs_the_mean_of_the_receives_that_did_not_wait() -> None:
            ev(1, "RECV_F", 1, 0, 1.0, 1.1),    # the message was there: 0.1
            ev(1, "RECV_F", 1, 1, 1.1, 1.4)]]   # the message was there: 0.3
     assert trace.calibrate(tl, 2).recv == pytest.approx(0.2)  # not the fastest one (0.1), not the wait
+
+
+def test_jitter_predicts_the_waits_that_variable_times_add() -> None:
+    """With variable action times the expected step exceeds the step of the mean times (a
+    late neighbour is waited for, an early one is not); factors of 1 change nothing, and
+    the prediction is reproducible (seeded)."""
+    from mpimp.errors import ConfigError
+
+    table = build("1f1b", 2, 8)
+    mean = simulate(table, CostModel(f=1, b=2), 8)
+    flat = simulate(table, CostModel(f=1, b=2, jitter=(1.0,)), 8)
+    assert flat.step_time == pytest.approx(mean.step_time) and flat.bubble == pytest.approx(mean.bubble)
+    noisy = CostModel(f=1, b=2, jitter=(0.6, 1.4))
+    a, b = simulate(table, noisy, 8), simulate(table, noisy, 8)
+    assert a.step_time == b.step_time and a.busy == b.busy
+    assert a.step_time > mean.step_time and a.bubble > mean.bubble
+    assert a.peak_inflight == mean.peak_inflight
+    assert sum(a.busy) == pytest.approx(sum(mean.busy), rel=0.1)  # the factors average 1
+    # one core for both ranks: the step is about all the work in a row, whatever the spread
+    shared = simulate(table, CostModel(f=1, b=2, jitter=(0.6, 1.4), cores=1, quantum=0.5), 8)
+    alone = simulate(table, CostModel(f=1, b=2, cores=1, quantum=0.5), 8)
+    assert shared.step_time == pytest.approx(alone.step_time, rel=0.1) and alone.step_time >= 48 - 1e-9
+    with pytest.raises(ConfigError, match="samples=0"):
+        simulate(table, CostModel(jitter=(1.0,), samples=0), 8)
+
+
+def test_calibration_carries_the_steps_relative_action_times() -> None:
+    def ev(rank: int, kind: str, stage: int, mb: int, start: float, end: float) -> dict[str, object]:
+        return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}{mb}", "stage": stage, "kind": kind,
+                "mb": mb, "start": start, "end": end}
+
+    tl = [[ev(0, "F", 0, 0, 0.0, 1.0), ev(0, "F", 0, 1, 1.0, 4.0), ev(0, "B", 0, 0, 4.0, 6.0)]]
+    cost = trace.calibrate(tl, 1)
+    assert cost.time("F", 0) == pytest.approx(2.0)
+    assert sorted(cost.jitter) == pytest.approx([0.5, 1.5])  # F times over their mean; one B: no spread
+    assert trace.calibrate(tl, 1, jitter=False).jitter == ()

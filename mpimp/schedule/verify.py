@@ -21,6 +21,7 @@ end of their backward, W included) per rank.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -50,6 +51,15 @@ class CostModel:
     time in the bubble, as in a measured timeline; on shared cores it takes CPU).  ``activation_bytes`` (per micro-batch per stage) turns peak
     in-flight micro-batches into bytes.
 
+    ``jitter``: relative durations (each a measured action's time over the mean of its
+    kind and stage, so their mean is about 1; empty: every action takes its mean).  Then
+    the simulator runs the table ``samples`` times, each compute action's time multiplied
+    by a factor drawn from ``jitter`` (seeded by ``seed``: the same prediction every
+    time), and reports the mean step time and busy time: with variable action times a
+    rank waits on whichever neighbour is late, so the expected bubble is larger than the
+    bubble of the mean times (a mean-time model under-predicted every p = 2 point on a
+    noisy machine, docs/benchmarks.md).
+
     ``cores``: CPU cores the ranks share (None: one each).  With fewer cores than ranks
     the simulator schedules them like the operating system does: ranks ready to run
     queue for a core and hold it for up to ``quantum`` seconds (the scheduler's time
@@ -70,6 +80,9 @@ class CostModel:
     overhead: float = 0.0
     cores: int | None = None
     quantum: float = 0.003
+    jitter: tuple[float, ...] = ()
+    samples: int = 64
+    seed: int = 0
 
     def message_time(self) -> float:
         return self.latency + (self.message_bytes / self.bandwidth if self.bandwidth else 0.0)
@@ -193,12 +206,30 @@ def verify(table: str | Sequence[Sequence[object]], num_microbatches: int | None
                             f"numbered 0..{num_stages - 1})\n{format_grid(lowered, {})}")
     m = num_microbatches if num_microbatches is not None else 1 + max(a.mb for row in lowered for a in row)
     _check_counts(lowered, owner, num_stages, m)
-    if cost is None or cost.cores is None or cost.cores >= len(lowered):
-        return _run(lowered, owner, num_stages, m, cost)
-    if cost.cores < 1:
+    shared = cost is not None and cost.cores is not None and cost.cores < len(lowered)
+    if cost is not None and cost.cores is not None and cost.cores < 1:
         raise ConfigError(f"CostModel.cores={cost.cores} must be >= 1 (or None: one core per rank)")
+    if cost is None or not (shared or cost.jitter):
+        return _run(lowered, owner, num_stages, m, cost)
     checked = _run(lowered, owner, num_stages, m, None)  # validity and peak memory
-    return _run_shared(lowered, owner, num_stages, m, cost, checked.peak_inflight)
+
+    def once(scale: dict[Action, float] | None) -> Report:
+        assert cost is not None
+        if shared:
+            return _run_shared(lowered, owner, num_stages, m, cost, checked.peak_inflight, scale)
+        return _run(lowered, owner, num_stages, m, cost, scale)
+
+    if not cost.jitter:
+        return once(None)
+    if cost.samples < 1 or min(cost.jitter) < 0:
+        raise ConfigError(f"CostModel: samples={cost.samples} must be >= 1 and the jitter factors >= 0")
+    rng = random.Random(cost.seed)
+    compute_actions = [a for row in lowered for a in row if a.kind in COMPUTE]
+    runs = [once({a: rng.choice(cost.jitter) for a in compute_actions}) for _ in range(cost.samples)]
+    n = len(runs)
+    return Report(num_ranks=len(lowered), num_stages=num_stages, num_microbatches=m,
+                  peak_inflight=checked.peak_inflight, step_time=sum(r.step_time for r in runs) / n,
+                  busy=[sum(r.busy[k] for r in runs) / n for k in range(len(lowered))], events=runs[0].events)
 
 
 def simulate(table: str | Sequence[Sequence[object]], cost: CostModel,
@@ -207,16 +238,20 @@ def simulate(table: str | Sequence[Sequence[object]], cost: CostModel,
     return verify(table, num_microbatches, cost)
 
 
-def _duration(cost: CostModel, a: Action, has_w: set[tuple[int, int]]) -> float:
+def _duration(cost: CostModel, a: Action, has_w: set[tuple[int, int]],
+              scale: dict[Action, float] | None = None) -> float:
     """Seconds of one action on ``cost``, without the executor's ``overhead`` between
-    actions (idle time, as in a measured timeline): a B without its own W is a full backward."""
+    actions (idle time, as in a measured timeline): a B without its own W is a full
+    backward; ``scale``: this sample's factor per compute action (jitter)."""
     if a.kind == "B" and (a.stage, a.mb) not in has_w:
-        return cost.time("B", a.stage) + cost.time("W", a.stage)
-    return cost.time(a.kind, a.stage)
+        t = cost.time("B", a.stage) + cost.time("W", a.stage)
+    else:
+        t = cost.time(a.kind, a.stage)
+    return t * scale.get(a, 1.0) if scale is not None else t
 
 
 def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel,
-                peak: list[int]) -> Report:
+                peak: list[int], scale: dict[Action, float] | None = None) -> Report:
     """Times of a verified table when ``cost.cores`` cores are shared by more ranks.
 
     Event-driven, like an operating system's round-robin scheduler: every rank runs its
@@ -259,7 +294,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             if left[r] < 0:
                 if not can_run(r):
                     return
-                left[r], began[r] = _duration(cost, a, has_w) + cost.overhead, now - dt / share
+                left[r], began[r] = _duration(cost, a, has_w, scale) + cost.overhead, now - dt / share
             used = min(dt, left[r])
             left[r] -= used
             dt -= used
@@ -269,7 +304,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             start = reached[r] if a.kind in ("RECV_F", "RECV_B") else began[r]
             events[r].append((a, start, end))
             if a.kind in COMPUTE:  # the executor's overhead, run on the same core, is not compute
-                d = _duration(cost, a, has_w)
+                d = _duration(cost, a, has_w, scale)
                 busy[r] += (end - began[r]) * (d / (d + cost.overhead) if d + cost.overhead > 0 else 1.0)
             elif a.kind in ("SEND_F", "SEND_B"):
                 arrival[(a.stage, a.kind, a.mb)] = end + msg
@@ -295,7 +330,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             ends = []
             for r in on_core:
                 a = table[r][pos[r]]
-                need = left[r] if left[r] >= 0 else _duration(cost, a, has_w) + cost.overhead
+                need = left[r] if left[r] >= 0 else _duration(cost, a, has_w, scale) + cost.overhead
                 ends.append(now + need / share)
             nxt = min([*ends, *on_core.values(), *[t for t in wakes if t > now]])
             dt, now = nxt - now, nxt
@@ -316,7 +351,8 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
                   step_time=now, busy=busy, events=events)
 
 
-def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel | None) -> Report:
+def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: CostModel | None,
+         scale: dict[Action, float] | None = None) -> Report:
     p = len(table)
     has_w = {(a.stage, a.mb) for row in table for a in row if a.kind == "W"}
     done: set[tuple[int, str, int]] = set()
@@ -384,7 +420,7 @@ def _run(table: Table, owner: dict[int, int], num_stages: int, m: int, cost: Cos
         return None
 
     def duration(a: Action) -> float:
-        return 0.0 if cost is None else _duration(cost, a, has_w)
+        return 0.0 if cost is None else _duration(cost, a, has_w, scale)
 
     remaining = sum(len(row) for row in table)
     while remaining:
