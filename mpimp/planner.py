@@ -10,11 +10,15 @@ replays every rank's table on a cost model in one process (a few seconds for
     mpimp plan --pp 8 --chunks 32 --schedule interleaved-1f1b --virtual-stages 2 \\
                --f 1.2e-3 --b 1.3e-3 --w 1.1e-3 --latency 5e-6 --bandwidth 2.5e10 \\
                --message-bytes 4194304 --activation-bytes 2.1e8
+    mpimp plan --pp 64 --chunks 256 --schedule 1f1b --cv 0.1   # action times varying by 10%
 
 Times are per micro-batch for one rank's share of the layers (a virtual stage gets 1/v
 of them, and 1/v of ``--activation-bytes``); ``--b`` is the
 input-gradient half of the backward and ``--w`` the weight-gradient half (a schedule
-without W charges ``b + w`` for each backward).  Without ``--schedule`` every built-in
+without W charges ``b + w`` for each backward).  ``--cv`` makes every action's time vary
+around its mean (a normal spread with that coefficient of variation, :func:`~mpimp.schedule.spread`)
+and averages ``--samples`` runs: on thousands of ranks a step waits for the slowest of
+many neighbours, so the expected bubble grows with the spread.  Without ``--schedule`` every built-in
 schedule is compared.  Runs on one process (under mpirun only rank 0 prints).
 """
 
@@ -22,11 +26,12 @@ from __future__ import annotations
 
 import argparse
 import os
+import statistics
 import time
 from dataclasses import replace
 
 from .errors import ConfigError
-from .schedule import BUILDERS, CostModel, build, simulate
+from .schedule import BUILDERS, CostModel, build, simulate, spread
 from .schedule.actions import Table, parse_table
 
 __all__ = ["COMMANDS", "plan", "format_plan"]
@@ -72,8 +77,11 @@ def _bytes(n: float) -> str:
 
 
 def format_plan(rows: list[dict[str, object]], cost: CostModel) -> str:
+    varied = "" if not cost.jitter else (f"; action times varying by {statistics.pstdev(cost.jitter):.0%} "
+                                          f"(mean of {cost.samples} runs)")
     lines = [f"cost model: F {cost.f:g} s, B {cost.b:g} s, W {cost.w:g} s per micro-batch per rank; "
-             f"message {cost.message_time():g} s; activations {_bytes(cost.activation_bytes)} per micro-batch",
+             f"message {cost.message_time():g} s; activations {_bytes(cost.activation_bytes)} per micro-batch"
+             f"{varied}",
              f"{'schedule':<18}{'pp':>5}{'chunks':>7}{'v':>3}{'step time':>12}{'ideal':>12}{'bubble':>9}"
              f"{'peak mb (r0)':>14}{'peak mb (max)':>15}{'peak act mem':>14}"]
     for r in rows:
@@ -109,6 +117,10 @@ def _add(p: argparse.ArgumentParser) -> None:
                         "ranks are scheduled round-robin, times then being CPU seconds")
     p.add_argument("--quantum", type=float, default=0.003,
                    help="with --cores: the scheduler's time slice (s); 0 = processor sharing")
+    p.add_argument("--cv", type=float, default=0.0,
+                   help="spread of the action times (standard deviation over mean, e.g. 0.1): the "
+                        "prediction is then the mean over --samples runs with times drawn around F, B, W")
+    p.add_argument("--samples", type=int, default=16, help="with --cv: simulated runs to average (default 16)")
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -116,17 +128,18 @@ def _run(args: argparse.Namespace) -> int:
 
     if args.table is None and (args.pp is None or args.chunks is None):
         raise ConfigError("mpimp plan needs --pp and --chunks (or --table FILE)")
-    for name in ("pp", "chunks", "cores", "virtual_stages"):
+    for name in ("pp", "chunks", "cores", "virtual_stages", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("f", "b", "w", "latency", "message_bytes", "activation_bytes", "quantum"):
+    for name in ("f", "b", "w", "latency", "message_bytes", "activation_bytes", "quantum", "cv"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     if args.bandwidth <= 0:
         raise ConfigError(f"--bandwidth {args.bandwidth} must be > 0 bytes/s (default: infinite)")
     cost = CostModel(f=args.f, b=args.b, w=args.w, latency=args.latency, bandwidth=args.bandwidth,
                      message_bytes=args.message_bytes, activation_bytes=args.activation_bytes,
-                     cores=args.cores, quantum=args.quantum)
+                     cores=args.cores, quantum=args.quantum,
+                     jitter=spread(args.cv) if args.cv > 0 else (), samples=args.samples)
     names = [args.schedule] if args.schedule else list(BUILDERS)
     rows, skipped = [], []
     t0 = time.perf_counter()

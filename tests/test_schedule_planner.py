@@ -84,3 +84,28 @@ def test_plan_with_ranks_sharing_cores(capsys: pytest.CaptureFixture[str]) -> No
     assert main(["plan", "--pp", "4", "--chunks", "8", "--cores", "0"]) == 2
     err = capsys.readouterr().err
     assert ("--cores 0 must be >= 1" in err) == (MPI.COMM_WORLD.Get_rank() == 0)  # rank 0 reports
+
+
+def test_spread_and_plan_with_varying_action_times(capsys: pytest.CaptureFixture[str]) -> None:
+    """--cv: action times drawn around F, B, W; the expected bubble grows with the spread
+    (a step waits for the slowest neighbour), deterministically."""
+    import statistics
+
+    from mpimp.schedule import spread
+
+    factors = spread(0.1)
+    assert statistics.fmean(factors) == pytest.approx(1.0) and statistics.pstdev(factors) == pytest.approx(0.1, rel=0.1)
+    assert spread(0.0) == (1.0,) * 32
+    with pytest.raises(Exception, match="cv must be >= 0"):
+        spread(-0.1)
+    bubbles = [plan("1f1b", 8, 32, 1, CostModel(jitter=spread(cv) if cv else (), samples=8))["bubble"]
+               for cv in (0.0, 0.1, 0.3)]
+    assert bubbles[0] < bubbles[1] < bubbles[2]
+    assert main(["plan", "--pp", "8", "--chunks", "32", "--schedule", "1f1b", "--cv", "0.1", "--samples", "8"]) == 0
+    out = capsys.readouterr().out
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        assert "action times varying by 10% (mean of 8 runs)" in out
+        row = next(line for line in out.splitlines() if line.startswith("1f1b"))
+        assert float(row.split()[6].rstrip("%")) / 100 == pytest.approx(bubbles[1], abs=0.01)
+    assert main(["plan", "--pp", "8", "--chunks", "32", "--cv=-1"]) == 2
+    assert "--cv -1.0 must be >= 0" in capsys.readouterr().err

@@ -21,7 +21,7 @@ from .actions import (
     stage_owners,
 )
 from .builders import BUILDERS, build, gpipe, interleaved_1f1b, one_f_one_b, zb_h1
-from .verify import CostModel, Report, ScheduleError, format_grid, simulate, verify
+from .verify import CostModel, Report, ScheduleError, format_grid, simulate, spread, verify
 
 __all__ = [
     "Action",
@@ -46,4 +46,5 @@ __all__ = [
     "format_grid",
     "verify",
     "simulate",
+    "spread",
 ]

@@ -22,6 +22,7 @@ end of their backward, W included) per rank.
 from __future__ import annotations
 
 import random
+import statistics
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Union
@@ -29,7 +30,7 @@ from typing import Union
 from ..errors import ConfigError
 from .actions import COMPUTE, Action, Table, lower, parse_table, stage_owners
 
-__all__ = ["ScheduleError", "CostModel", "Report", "verify", "simulate", "format_grid"]
+__all__ = ["ScheduleError", "CostModel", "Report", "verify", "simulate", "format_grid", "spread"]
 
 
 class ScheduleError(ConfigError):
@@ -236,6 +237,19 @@ def simulate(table: str | Sequence[Sequence[object]], cost: CostModel,
              num_microbatches: int | None = None) -> Report:
     """Predicted step time, bubble and peak activations of a table on a cost model."""
     return verify(table, num_microbatches, cost)
+
+
+def spread(cv: float, points: int = 32) -> tuple[float, ...]:
+    """Jitter factors for a :class:`CostModel` when no measured step is at hand: ``points``
+    quantiles of a normal distribution with mean 1 and standard deviation ``cv`` (the
+    coefficient of variation of the action times), clipped at 0.05 and rescaled to mean 1.
+    Deterministic: the same factors every time."""
+    if cv < 0 or points < 1:
+        raise ConfigError(f"spread(cv={cv}, points={points}): cv must be >= 0 and points >= 1")
+    normal = statistics.NormalDist(1.0, cv) if cv > 0 else None
+    raw = [1.0] * points if normal is None else [max(0.05, normal.inv_cdf((k + 0.5) / points)) for k in range(points)]
+    mean = sum(raw) / points
+    return tuple(x / mean for x in raw)
 
 
 def _duration(cost: CostModel, a: Action, has_w: set[tuple[int, int]],
