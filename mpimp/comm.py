@@ -18,10 +18,12 @@ the receiver probes its size, receives it into one buffer and returns views into
   over absolute addresses: the payload leaves from the tensor's own memory (no copy).
   With a fitting contiguous ``out`` the receiver uses the mirror datatype (header
   scratch + ``out``'s memory), so the payload lands in ``out`` without a copy either.
-  Measured in Open MPI 5 (bench/bench_comm.py): as fast as, or faster than, a plain
-  contiguous send of the payload, provided the sender keeps calling MPI while the message
-  drains (its library packs fragments on progress); that is what the polling waits do,
-  and what the pipeline's progress thread does while a stage computes.
+  Open MPI 5 moves such a message through its shared-memory fragments (two copies, and
+  only while the sender calls MPI: the polling waits keep calling it), not by the
+  single-copy CMA of a contiguous buffer: 0.19-0.84x of a contiguous send on some days,
+  faster on others (bench/bench_datatype.py, docs/benchmarks.md).  ``isend(pack=True)``
+  copies header and payload into one contiguous buffer instead, which the receiver pulls
+  by itself; the pipeline sends its stage messages that way.
 
 Every wait has a deadline (``MPIMP_TIMEOUT`` seconds, default 600; 0 disables it):
 instead of hanging forever when a peer died or a schedule is mismatched, the wait

@@ -168,7 +168,7 @@ def reduce_to_root(comm: MPI.Comm, values: dict[str, float], contributes: bool,
     """
     local = np.array([float(values.get(k, 0.0)) if contributes else 0.0 for k in keys] + [float(contributes)])
     out = np.zeros_like(local) if comm.Get_rank() == 0 else None
-    comm.Reduce(local, out, op=MPI.SUM, root=0)
+    guarded(f"Reduce of {', '.join(keys)} onto rank 0", lambda: comm.Reduce(local, out, op=MPI.SUM, root=0))
     if out is None:
         return None
     result = dict(zip(keys, out[:-1].tolist()))

@@ -29,8 +29,8 @@ tokens per sample.
 Precision ``bf16``: the forward runs under ``torch.autocast(bfloat16)`` while the
 parameters, gradients and AdamW state stay fp32 (master weights); each pipeline
 layer hands its output on as bf16, so activations and their gradients cross the
-pipeline as bf16 (half the bytes); at pp = 1 the dp gradient average travels as bf16
-(inside a Pipeline it is fp32).  The loss is computed in fp32.
+pipeline as bf16 (half the bytes); the dp gradient average travels as bf16 at every pp
+(``reduce_gradients``, or ``Pipeline(reduce_dtype=bf16)``).  The loss is computed in fp32.
 """
 
 from __future__ import annotations
@@ -469,7 +469,8 @@ class Trainer:
                     last = topo.is_last_stage and topo.tp_rank == 0
                     local = np.array([loss if last else 0.0, float(last), bubble or 0.0])
                     total = np.zeros(3) if root else None
-                    topo.world.Reduce(local, total, op=MPI.SUM, root=0)
+                    guarded(f"step {step}: Reduce of the loss and bubble onto rank 0",
+                            lambda a=local, b=total: topo.world.Reduce(a, b, op=MPI.SUM, root=0))
                     if root:
                         rec = {"step": step, "loss": total[0] / total[1], "lr": msg.lr, "grad_norm": norm,
                                "step_time_s": dt, "tokens_per_s": tokens_per_step / dt,

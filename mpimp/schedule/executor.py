@@ -12,7 +12,10 @@ is mixed into :class:`mpimp.Pipeline`, which provides the stages and communicato
 * Tags are ``16 + 2 * (mb * stages + receiving stage) + direction`` (0 forward, 1
   backward): unique per (kind, micro-batch, virtual stage).  Tag 1 carries errors: a rank
   that fails sends its message to every other stage, which raise the same ConfigError.
-* A thread enters MPI every ~200 us during the step (:class:`mpimp.comm.ProgressThread`).
+* Stage messages are sent packed (``isend(pack=True)``: one contiguous copy the receiver
+  pulls by itself, so the busy sender need not call MPI for it to move); a progress
+  thread entering MPI every ~200 us runs only with ``MPIMP_PROGRESS_THREAD=1``
+  (:class:`mpimp.comm.ProgressThread`).
 * Zero-bubble split: with a W for (stage, mb), the forward records the output of every
   module that directly owns parameters; B takes ``autograd.grad`` with respect to the
   stage input and those outputs (the engine then skips every weight-gradient kernel);
