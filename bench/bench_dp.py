@@ -20,6 +20,10 @@ Three measurements, one torch thread per rank, peers alternating in one invocati
   (native fp32-accumulating operator) against 16M fp32 elements, alternating, median.
 * ``zero``: optimizer-state bytes per rank of ``mpimp.ShardedOptimizer(AdamW)`` over the
   same GPT after one step, against the unsharded AdamW's total / dp.
+* ``overhead`` (opt-in): where DataParallel's time goes.  Backward of the same model and
+  batch, interleaved: under ``no_sync`` (compute only), synchronised, and synchronised
+  with the all-reduce replaced by a no-op (so the remainder is bucket copies and the
+  rendezvous); plus the per-step time of the copies into the buckets and back.
 
 Not a test: no assertions on timings.
 """
@@ -214,6 +218,66 @@ def bench_zero(args: argparse.Namespace, world: MPI.Comm) -> None:
     one.free()
 
 
+def bench_overhead(args: argparse.Namespace, world: MPI.Comm) -> None:
+    import mpimp.data_parallel as dpm
+
+    topo, one = mpimp.init(), mpimp.init(comm=MPI.COMM_SELF)
+    torch.manual_seed(0)
+    dp = mpimp.DataParallel(GPT(CFG, one), topo)
+    g = torch.Generator().manual_seed(1)
+    idx = torch.randint(0, CFG.vocab_size, (args.batch, CFG.seq_len), generator=g)
+    tgt = torch.randint(0, CFG.vocab_size, (args.batch, CFG.seq_len), generator=g)
+    lidx, ltgt = dpm.split_batch((idx, tgt), topo)
+    copies = {"into buckets": 0.0, "back into .grad": 0.0}
+    originals = {"put": dpm._Bucket.put, "write_back": dpm._Bucket.write_back}
+
+    def timed_copy(name: str, label: str):
+        def run(self, *a):  # the bucket's own method, timed
+            t = time.perf_counter()
+            originals[name](self, *a)
+            copies[label] += time.perf_counter() - t
+        return run
+
+    real_reduce = dpm.all_reduce
+    kinds = ("compute only", "synchronised", "no-op all-reduce")
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    steps = 4 + args.rounds * 2
+    dpm._Bucket.put = timed_copy("put", "into buckets")
+    dpm._Bucket.write_back = timed_copy("write_back", "back into .grad")
+    try:
+        for step in range(steps):
+            for k in (kinds if step % 2 else tuple(reversed(kinds))):
+                dp.zero_grad(set_to_none=True)
+                dpm.all_reduce = (lambda t, comm, op="sum": t) if k == "no-op all-reduce" else real_reduce
+                world.Barrier()
+                loss = dp(lidx, ltgt)
+                t0 = time.perf_counter()
+                if k == "compute only":
+                    with dp.no_sync():
+                        loss.backward()
+                else:
+                    loss.backward()
+                dt = world.allreduce(time.perf_counter() - t0, op=MPI.MAX)
+                if step >= 4:
+                    times[k].append(dt)
+                if step == 3:
+                    copies = dict.fromkeys(copies, 0.0)
+    finally:
+        dpm.all_reduce = real_reduce
+        dpm._Bucket.put, dpm._Bucket.write_back = originals["put"], originals["write_back"]
+    if world.Get_rank() == 0:
+        n = len(times["synchronised"])
+        med = {k: statistics.median(v) for k, v in times.items()}
+        print(f"== DataParallel overhead, dp={topo.dp}: backward of the GPT, {n} steps per variant, interleaved")
+        for k in kinds:
+            print(f"{k:18s} backward median {1000 * med[k]:6.1f} ms   +{1000 * (med[k] - med['compute only']):5.1f} ms")
+        print("per synchronised step (rank 0): " + ", ".join(
+            f"copies {k} {1000 * v / (2 * n):.1f} ms" for k, v in copies.items()))
+    dp.close()
+    topo.free()
+    one.free()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--parts", default="dp,allreduce,zero")
@@ -231,6 +295,8 @@ def main() -> None:
         bench_allreduce(args, world)
     if "zero" in parts:
         bench_zero(args, world)
+    if "overhead" in parts:
+        bench_overhead(args, world)
 
 
 if __name__ == "__main__":
