@@ -136,7 +136,8 @@ def _trace(comm: MPI.Comm, text: str) -> None:
               file=sys.stderr, flush=True)
 
 
-def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: float | None) -> None:
+def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: float | None,
+                asleep: float | None = None) -> None:
     """Poll ``done`` (which must drive MPI progress) until true or the deadline passes.
 
     Three phases, by elapsed time: spin for 2 ms (a message in flight completes within
@@ -144,7 +145,10 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
     but ``sched_yield`` between polls for up to 200 ms, so a rank hands its core to a
     computing neighbour while an idle core keeps the transfer moving; then sleep between
     polls, growing from 20 us to 1 ms, for waits that are really long.  When the node runs
-    more ranks than it has cores, waits sleep between polls from the start.
+    more ranks than it has cores, waits sleep between polls from the start.  ``asleep``:
+    sleep that many seconds between all polls instead, for a helper thread that shares
+    its core with the rank's compute (the data-parallel reduce thread: spinning, even
+    with ``sched_yield``, takes that core away from backward).
     """
     if done():
         return
@@ -153,14 +157,18 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
     spins, nap = 0, 2e-5
     while not done():
         spins += 1
-        if spins & 31:
-            continue
-        elapsed = time.monotonic() - start
-        if elapsed > _YIELD_SECONDS:
-            time.sleep(nap)
-            nap = min(1e-3, nap * 1.5)
-        elif elapsed >= _SPIN_SECONDS:
-            os.sched_yield()
+        if asleep is not None:
+            time.sleep(asleep)
+            elapsed = time.monotonic() - start
+        else:
+            if spins & 31:
+                continue
+            elapsed = time.monotonic() - start
+            if elapsed > _YIELD_SECONDS:
+                time.sleep(nap)
+                nap = min(1e-3, nap * 1.5)
+            elif elapsed >= _SPIN_SECONDS:
+                os.sched_yield()
         if limit == -1.0:
             limit = default_timeout()
         if limit is not None and elapsed > limit:
@@ -171,28 +179,6 @@ def _wait_until(done: Callable[[], bool], what: Callable[[], str], timeout: floa
                 f"The peer may have failed, or the ranks disagree on the schedule. "
                 f"Raise MPIMP_TIMEOUT (0 disables the deadline) or set MPIMP_DEBUG=1 to trace MPI calls."
             )
-
-
-def _sleep_until(done: Callable[[], bool], what: Callable[[], str], timeout: float | None,
-                 nap: float = 5e-5) -> None:
-    """Poll ``done`` with a short sleep between tests, from the first test on.
-
-    For helper threads that share their core with the rank's compute thread (the
-    data-parallel reduce thread): spinning, even with ``sched_yield``, takes that core
-    away from backward.  ``nap`` seconds between tests (50 us: the wake-up latency it
-    adds is small against the milliseconds a gradient bucket takes); the deadline as in
-    :func:`_wait_until`.
-    """
-    start = time.monotonic()
-    while not done():
-        if timeout is not None and time.monotonic() - start > timeout:
-            if done():
-                return
-            raise DeadlineError(
-                f"{what()} did not complete within {timeout:g} s. A peer may have failed or skipped "
-                f"a collective; raise MPIMP_TIMEOUT (0 disables the deadline) or set MPIMP_DEBUG=1."
-            )
-        time.sleep(nap)
 
 
 def _spin(req: MPI.Request, polls: int) -> bool:

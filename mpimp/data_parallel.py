@@ -70,7 +70,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .comm import Request, _sleep_until, all_reduce, broadcast, default_timeout
+from .comm import Request, _wait_until, all_reduce, broadcast, default_timeout
 from .errors import ConfigError, DeadlineError, MpimpError
 from .shm import SharedBuckets, shm_available, shm_wanted
 from .topology import Topology
@@ -259,14 +259,13 @@ class _ReduceWorker:
     same thread, in the same order.
     """
 
-    def __init__(self, comm: MPI.Comm, gate: bool = True) -> None:
+    def __init__(self, comm: MPI.Comm) -> None:
         # a private duplicate (collective, like the DataParallel constructor that calls this):
         # after a failure the abandoned barrier of a bucket stays posted on it forever (MPI
         # cannot cancel a non-blocking collective), so it must not be a communicator that a
         # new DataParallel, a ShardedOptimizer or the user goes on using
         self.comm = comm.Dup() if comm.Get_size() > 1 else comm
         self._own_comm = comm.Get_size() > 1
-        self.gate = gate
         self.failed: BaseException | None = None
         self._queue: queue.SimpleQueue[tuple[torch.Tensor, tuple[SharedBuckets, int] | None,
                                              _ThreadRequest] | None] = queue.SimpleQueue()
@@ -301,7 +300,7 @@ class _ReduceWorker:
             if shared is not None:
                 shared[0].reduce(shared[1])
             else:
-                if self.gate and self._thread is not None:
+                if self._thread is not None:
                     self._arrive()
                     self._check()  # the waiting thread may have given up meanwhile
                 all_reduce(buffer, self.comm, op="sum")
@@ -321,8 +320,8 @@ class _ReduceWorker:
         most one nap of latency; the all-reduce then starts with every rank present.
         """
         req = self.comm.Ibarrier()
-        _sleep_until(lambda: self.failed is not None or req.Test(), lambda: f"rank {_world_rank()}: data-parallel bucket rendezvous over "
-                                       f"{self.comm.Get_size()} ranks", default_timeout())
+        _wait_until(lambda: self.failed is not None or req.Test(),
+                    lambda: f"data-parallel bucket rendezvous over {self.comm.Get_size()} ranks", None, asleep=5e-5)
 
     def _run(self) -> None:
         while True:

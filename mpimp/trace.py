@@ -193,16 +193,13 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
                 if sent.get(src, float("inf")) <= e["start"]:
                     pure.append(d)
 
-    def mean(kind: str, s: int) -> float:
-        xs = per.get((kind, s), [])
-        return sum(xs) / len(xs) if xs else 0.0
+    means = {key: sum(xs) / len(xs) for key, xs in per.items()}
 
-    factors: list[float] = []
-    if jitter:
-        for xs in per.values():
-            mu = sum(xs) / len(xs)
-            if mu > 0 and len(xs) > 1:
-                factors += [x / mu for x in xs]
+    def mean(kind: str, s: int) -> float:
+        return means.get((kind, s), 0.0)
+
+    factors = [x / means[key] for key, xs in per.items() if jitter and len(xs) > 1 and means[key] > 0
+               for x in xs]
     has_w = any(k == "W" for k, _ in per)
     f = tuple(mean("F", s) for s in range(num_stages))
     b = tuple(mean("B", s) for s in range(num_stages))
