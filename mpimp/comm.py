@@ -3,21 +3,26 @@
 Problem: a pipeline stage receives activations whose shape and dtype it may not know in
 advance (they can change between micro-batches), and torch's binaries ship no MPI
 backend.  Sending a separate "shape" exchange first doubles the latency and invites
-mismatched pairs; so every mpimp message is self-describing: it opens with a small
-header (dtypes, shapes) that the receiver matches with a matched probe
-(``MPI_Improbe``: no race with other receives on the same source and tag)::
+mismatched pairs; so every mpimp message is self-describing, and ONE MPI message: the
+receiver learns its size with a matched probe (``MPI_Improbe``: no race with other
+receives on the same source and tag), receives it into a buffer of exactly that size,
+and reads dtypes and shapes from it.  A *framed* message opens with a small header::
 
     | "MPMP" layout n hdrlen | code ndim pad | dims (int64) ... | pad | payload 0 | pad | ...
 
-The whole message (header and payloads, each payload 64-byte aligned) is ONE MPI message;
-the receiver probes its size, receives it into one buffer and returns views into it.
+(each payload 64-byte aligned).  A large tensor whose header repeats the last large
+header of its channel (communicator, peer, tag) travels *raw*: its payload alone, the
+header elided, told apart by its size (:mod:`mpimp.channels`).  That is the steady
+state of training (the same activation shapes every step) and the fast case: a raw
+message is the tensor's own contiguous memory, which MPI moves by single copy (CMA,
+XPMEM, RDMA) straight into a fitting ``out=``.
+
+How a framed message travels:
 
 * small payloads (up to ``_PACK_LIMIT`` bytes) are packed into one buffer on the sender
   (a copy of a few KiB costs less than building a datatype);
 * larger CPU payloads are described, together with the header, by an MPI struct datatype
   over absolute addresses: the payload leaves from the tensor's own memory (no copy).
-  With a fitting contiguous ``out`` the receiver uses the mirror datatype (header
-  scratch + ``out``'s memory), so the payload lands in ``out`` without a copy either.
   Open MPI 5 moves such a message through its shared-memory fragments (two copies, and
   only while the sender calls MPI: the polling waits keep calling it), not by the
   single-copy CMA of a contiguous buffer: 0.19-0.84x of a contiguous send on some days,
@@ -57,6 +62,7 @@ from .buffers import (
     mpi_datatype,
     to_wire,
 )
+from .channels import ELIDE_MIN, PAD, Seen, channels, elision_enabled
 from .errors import ConfigError, DeadlineError, TransportError
 from .watchdog import WATCHDOG
 
@@ -107,6 +113,7 @@ def default_timeout() -> float | None:
 
 # read once at import: an environment lookup per message would cost a microsecond
 _DEBUG = os.environ.get("MPIMP_DEBUG", "0") not in ("", "0")
+_ELIDE = elision_enabled()  # this rank sends header-elided repeats (mpimp.channels)
 
 
 def _ranks_on_this_node() -> int:
@@ -356,7 +363,6 @@ class _TypeCache:
 
 
 _SEND_TYPES = _TypeCache()
-_RECV_TYPES = _TypeCache()
 _RECV_POOL = HostPool()  # large receive buffers, recycled once the received tensors are freed
 
 
@@ -471,23 +477,38 @@ def _send_type(tensors: Sequence[torch.Tensor], head: bytes, offsets: Sequence[i
     return _SEND_TYPES.get((head, *[(t.data_ptr(), t.nbytes) for t in tensors]), blocks)[0]
 
 
-def _messages(tensors: list[torch.Tensor], as_tuple: bool, pack: bool = False) -> tuple[list, object, int]:
-    """The MPI buffer spec of one mpimp message, the objects to keep alive, and the payload bytes.
-
-    Small (or device) messages: one packed buffer.  Large CPU messages: a struct datatype
-    over absolute addresses, the header followed by each tensor's own memory (padding
-    comes from a shared zero block): one message, no copy of the payload.
-    """
+def _specs(tensors: list[torch.Tensor], as_tuple: bool) -> tuple[tuple[bytes, tuple[int, ...], int], int, bool]:
+    """The frame (header, payload offsets, size) of one message, its payload bytes, on the host?"""
     if len(tensors) == 1:
         t0 = tensors[0]
-        payload, specs, on_host = t0.nbytes, ((t0.dtype, t0.shape),), t0.is_cpu
-    else:
-        payload = sum(t.nbytes for t in tensors)
-        specs = tuple((t.dtype, t.shape) for t in tensors)
-        on_host = all(t.is_cpu for t in tensors)
-    head, offsets, total = _frame(specs, as_tuple, _INLINE)
-    if on_host and payload > _PACK_LIMIT and not pack:
-        return [MPI.BOTTOM, 1, _send_type(tensors, head, offsets)], tensors, payload
+        frame = _frame(((t0.dtype, tuple(t0.shape)),), True, _INLINE) if as_tuple else _frame1(t0.dtype, t0.shape)
+        return frame, t0.nbytes, t0.is_cpu
+    specs = tuple((t.dtype, tuple(t.shape)) for t in tensors)
+    return _frame(specs, as_tuple, _INLINE), sum(t.nbytes for t in tensors), all(t.is_cpu for t in tensors)
+
+
+@functools.lru_cache(maxsize=256)
+def _padded(frame: tuple[bytes, tuple[int, ...], int]) -> tuple[bytes, tuple[int, ...], int]:
+    """The same frame with ``PAD`` more header bytes (the header records its own length)."""
+    head, offsets, total = frame
+    magic, layout, count, hlen = _HEAD.unpack_from(head, 0)
+    if hlen + PAD > 0xFFFF:
+        raise ConfigError(f"too many dimensions in one message (a {hlen}-byte header)")
+    head = _HEAD.pack(magic, layout, count, hlen + PAD) + head[_HEAD.size:] + bytes(PAD)
+    return head, tuple(o + PAD for o in offsets), total + PAD
+
+
+def _framed(tensors: list[torch.Tensor], frame: tuple[bytes, tuple[int, ...], int], on_host: bool,
+            pack: bool) -> tuple[list, object]:
+    """The MPI buffer spec of one framed message, and the objects to keep alive until it completes.
+
+    Small (or device, or ``pack``) messages: one packed buffer.  Large CPU messages: a struct
+    datatype over absolute addresses, the header followed by each tensor's own memory
+    (padding comes from a shared zero block): one message, no copy of the payload.
+    """
+    head, offsets, total = frame
+    if on_host and not pack and sum(t.nbytes for t in tensors) > _PACK_LIMIT:
+        return [MPI.BOTTOM, 1, _send_type(tensors, head, offsets)], tensors
     if on_host:
         packed = bytearray(total)  # small: one memcpy per tensor into the message
         packed[: len(head)] = head
@@ -495,14 +516,53 @@ def _messages(tensors: list[torch.Tensor], as_tuple: bool, pack: bool = False) -
             n = t.nbytes
             if n:
                 packed[off : off + n] = MPI.buffer.fromaddress(t.data_ptr(), n)
-        return [packed, total, MPI.BYTE], None, payload
+        return [packed, total, MPI.BYTE], None
     device = next(t.device for t in tensors if not t.is_cpu)
     dev_packed = torch.zeros(total, dtype=torch.uint8, device=device)
     dev_packed[: len(head)] = torch.frombuffer(bytearray(head), dtype=torch.uint8)
     for t, off in zip(tensors, offsets):
         dev_packed[off : off + t.nbytes] = t.reshape(-1).view(torch.uint8)
     buf, staged = to_wire(dev_packed)
-    return [buf, total, MPI.BYTE], (dev_packed, staged), payload
+    return [buf, total, MPI.BYTE], (dev_packed, staged)
+
+
+def _messages(tensors: list[torch.Tensor], as_tuple: bool, pack: bool = False) -> tuple[list, object, int]:
+    """The MPI buffer spec of one framed mpimp message, the objects to keep alive, the payload bytes."""
+    frame, payload, on_host = _specs(tensors, as_tuple)
+    spec, keep = _framed(tensors, frame, on_host, pack)
+    return spec, keep, payload
+
+
+def _post_send(tensors: list[torch.Tensor], as_tuple: bool, dst: int, comm: MPI.Comm, tag: int,
+               pack: bool, specs: tuple | None = None) -> tuple[MPI.Request, object, int]:
+    """``MPI_Isend`` one message, raw (header elided) or framed by the rules of
+    :mod:`mpimp.channels`; the request, what it keeps alive, the payload bytes.  ``specs``:
+    what :func:`_specs` returns for these tensors, when the caller has it."""
+    frame, payload, on_host = _specs(tensors, as_tuple) if specs is None else specs
+    total = frame[2]
+    if total <= ELIDE_MIN:  # neither remembered nor mistakable for a raw repeat: no state
+        spec, keep = _framed(tensors, frame, on_host, pack)
+        if _DEBUG:
+            _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B)")
+        return comm.Isend(spec, dst, tag), keep, payload
+    chan = channels(comm)
+    key = (dst, tag)
+    eligible = len(tensors) == 1 and payload > ELIDE_MIN
+    with chan.send_lock:
+        last = chan.sent.get(key)
+        if eligible and on_host and last is not None and last[0] == frame[0] and _ELIDE:
+            t = tensors[0]
+            if _DEBUG:
+                _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B, header elided)")
+            return comm.Isend([MPI.buffer.fromaddress(t.data_ptr(), payload), payload, MPI.BYTE], dst, tag), t, payload
+        spec, keep = _framed(tensors, _padded(frame) if last is not None and total == last[1] else frame,
+                             on_host, pack)
+        if _DEBUG:
+            _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B)")
+        req = comm.Isend(spec, dst, tag)
+        if eligible:
+            chan.sent[key] = (frame[0], payload)
+        return req, keep, payload
 
 
 def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool = False) -> Request:
@@ -512,19 +572,24 @@ def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool =
     be completed (``wait``, ``test`` until true, or :func:`wait_all`): it owns the message
     buffer MPI reads from.  Non-contiguous tensors are sent as a contiguous copy.
 
-    ``pack=True`` copies a large message into one contiguous buffer instead of sending it
-    from the tensors' own memory.  Use it when the sender goes on computing right after the
-    send (a pipeline stage): MPI libraries let the receiver pull a contiguous message by
-    itself (single-copy CMA/XPMEM, RDMA), while a zero-copy struct-datatype message moves
-    only when the sender calls MPI again.  Measured in bench/bench_pipeline.py: 1F1B at
-    0.71-0.73x of the speed of light without packing, 0.87x with it.
+    A large tensor whose dtype and shape repeat the previous large message on the same
+    (communicator, ``dst``, ``tag``) travels as its payload alone, straight from its own
+    memory (:mod:`mpimp.channels`); a receiver's MPI pulls that contiguous buffer by
+    single copy.  Otherwise the message is framed: the header, then the payloads.
+    ``pack=True`` copies a large framed message into one contiguous buffer instead of
+    sending it from the tensors' own memory.  Use it when the sender goes on computing
+    right after the send (a pipeline stage): MPI libraries let the receiver pull a
+    contiguous message by itself (single-copy CMA/XPMEM, RDMA), while a zero-copy
+    struct-datatype message moves only when the sender calls MPI again.  Measured in
+    bench/bench_pipeline.py: 1F1B at 0.71-0.73x of the speed of light without packing,
+    0.87x with it.
     """
     if type(tensors) is torch.Tensor or isinstance(tensors, torch.Tensor):
         t = tensors if not tensors.requires_grad and tensors.is_contiguous() else _ready(tensors)
-        if t.is_cpu:  # fast path (the common case): one tensor, packed when small
+        if t.is_cpu:  # fast path (the common case): one small tensor, packed
             head, offsets, total = _frame1(t.dtype, t.shape)
-            payload = total - offsets[0]
-            if payload <= _PACK_LIMIT or pack:
+            if total <= ELIDE_MIN:
+                payload = total - offsets[0]
                 msg = bytearray(head)  # the header is padded up to the payload's offset
                 if payload:
                     msg += MPI.buffer.fromaddress(t.data_ptr(), payload)
@@ -535,10 +600,7 @@ def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool =
     else:
         items, single = _as_list(tensors)
         items, as_tuple = [_ready(t) for t in items], not single
-    spec, keep, payload = _messages(items, as_tuple, pack)
-    if _DEBUG:
-        _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B)")
-    req = comm.Isend(spec, dst, tag)
+    req, keep, payload = _post_send(items, as_tuple, dst, comm, tag, pack)
     return _SendRequest(req, (payload, dst, tag), keep)
 
 
@@ -558,11 +620,9 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
             _complete(comm.Isend([msg, total, MPI.BYTE], dst, tag),
                       lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, _QUICK_POLLS)
             return
-        if total - len(head) > _PACK_LIMIT:  # large: the cached zero-copy datatype
-            if _DEBUG:
-                _trace(comm, f"Isend -> {dst} tag {tag} ({t.nbytes} B)")
-            _complete(comm.Isend([MPI.BOTTOM, 1, _send_type([t], head, offsets)], dst, tag),
-                      lambda: f"send of {t.nbytes} B to rank {dst} (tag {tag})", timeout)
+        if total > ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
+            req, _, n = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), t.nbytes, True))
+            _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout)
             return
     isend(tensors, dst, comm, tag).wait(timeout)
 
@@ -615,54 +675,6 @@ def _unpack(raw: bytearray) -> Tensors:
     return _views(raw, meta, as_tuple)
 
 
-def _recv_type(out: torch.Tensor, hlen: int) -> tuple[MPI.Datatype, bytearray]:
-    """The struct datatype [header scratch | out's memory] and its scratch (cached by address)."""
-    ptr, nbytes = out.data_ptr(), out.nbytes
-
-    def blocks() -> tuple[list[tuple[int, int]], object]:
-        scratch = bytearray(hlen)  # the header lands here; the entry keeps it
-        return [(MPI.Get_address(scratch), hlen), (ptr, nbytes)], scratch
-
-    return _RECV_TYPES.get((ptr, nbytes, hlen), blocks)  # type: ignore[return-value]
-
-
-def _raise_truncated(exc: MPI.Exception, out: torch.Tensor | None, src: int, tag: int,
-                     scratch: object) -> None:
-    """Re-raise ``exc``; a truncated receive into ``out`` becomes a TransportError naming both."""
-    if exc.Get_error_class() != MPI.ERR_TRUNCATE or out is None:
-        raise exc
-    try:  # the header arrived first: name what the message holds when it is readable
-        meta = _parse_header(_head_of(scratch if isinstance(scratch, (bytes, bytearray)) else b""))[0]
-        holds = ", ".join(_describe(d, sh) for d, sh, _ in meta)
-    except (TransportError, struct.error, KeyError):
-        holds = f"more than {_frame1(out.dtype, out.shape)[2]} bytes with its header"
-    raise TransportError(
-        f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {src} tag {tag}: "
-        f"out is {_describe(out.dtype, out.shape)} but the message is larger ({holds}); "
-        f"pass an out tensor of the sent shape and dtype, or out=None"
-    ) from None
-
-
-def _out_meta(scratch: bytes | bytearray, out: torch.Tensor, src: int,
-              tag: int) -> list[tuple[torch.dtype, tuple[int, ...], int]]:
-    """The header of a message received straight into ``out`` (``scratch`` holds out's own
-    header length); a longer header (a tuple, more dimensions) raises a TransportError."""
-    hlen = _header_length(scratch, 1 << 62)  # the message itself is at least as long as out's frame
-    if hlen > len(scratch):
-        raise TransportError(
-            f"rank {MPI.COMM_WORLD.Get_rank()}: recv(out=...) from rank {src} tag {tag}: out is "
-            f"{_describe(out.dtype, out.shape)} but the message has another layout (a {hlen}-byte header: "
-            f"a tuple or more dimensions; out's is {len(scratch)} bytes); out's contents are unspecified; "
-            f"pass an out tensor of the sent shape and dtype, or out=None"
-        )
-    return _parse_header(_head_of(scratch))[0]
-
-
-def _direct_out(out: torch.Tensor | None) -> bool:
-    """Whether a receive lands straight in ``out`` (large, contiguous, on the host)."""
-    return out is not None and out.is_cpu and out.is_contiguous() and out.nbytes > _PACK_LIMIT
-
-
 def _check_out(meta: list[tuple[torch.dtype, tuple[int, ...], int]], out: torch.Tensor, src: int,
                tag: int) -> None:
     """Raise TransportError unless the message holds exactly one tensor of ``out``'s dtype and shape."""
@@ -679,17 +691,16 @@ class _Unmatched:
     """Receives posted with ``irecv`` that have not matched their message yet, per communicator.
 
     MPI gives a message to the earliest posted receive that matches its (source, tag); an
-    mpimp receive without a fitting ``out`` can only post its MPI receive after a matched
+    mpimp receive can only post its MPI receive after a matched
     probe tells the size, which happens when it is first tested or waited on.  So a
     receive that probes first lets every earlier unmatched receive that could take a
     message of its pattern match its own first message (:meth:`match_earlier`; their
     bytes then move while they wait), then probes its own pattern, and hands a message
     it finds to an earlier receive that matches its actual envelope after all (it arrived
     in between; :meth:`owner_of`).  An earlier receive whose message has not arrived does
-    not hold up a later, broader one (``ANY_TAG`` / ``ANY_SOURCE``) whose message has.  A
-    large ``out=`` receive is posted up front only when no earlier overlapping receive is
-    pending.  One re-entrant lock serialises the matching, for receives on one
-    communicator from several threads.
+    not hold up a later, broader one (``ANY_TAG`` / ``ANY_SOURCE``) whose message has.  One
+    re-entrant lock serialises the matching, for receives on one communicator from
+    several threads.
     """
 
     def __init__(self) -> None:
@@ -766,16 +777,19 @@ _UNMATCHED = _Unmatched()  # mirrors MPI's own per-process queue of posted recei
 
 
 class _RecvRequest(Request):
-    """Receive of a self-describing message: matched probe, then one receive of the whole message.
+    """Receive of one mpimp message: matched probe, then one receive of the whole message.
 
-    The probe gives the byte count.  With a fitting contiguous CPU ``out`` the payload lands
-    in ``out`` directly (a struct datatype: header scratch + ``out``'s memory); otherwise
-    the message lands in one new buffer (a bytearray when small, an uninitialised tensor
-    when large) and the result is views into it.
+    The probe gives the byte count, and with it (:mod:`mpimp.channels`) whether the
+    message is a raw repeat of its channel's last large header or framed.  A raw payload
+    whose dtype and shape fit a contiguous CPU ``out`` lands in ``out`` directly (one
+    contiguous receive: the sender's MPI moves it by single copy); otherwise the message
+    lands in one new buffer (a bytearray when small, a pooled array when large, a device
+    tensor for a device result) and the result is views into it (or a copy into ``out``).
+    Receive buffers are sized from the probe, so nothing is ever truncated.
     """
 
     __slots__ = ("src", "comm", "tag", "out", "device", "_status", "_req", "_raw", "_staged",
-                 "_direct", "_value", "_done", "__weakref__")
+                 "_direct", "_value", "_done", "_chan", "_key", "_prev", "_meta", "__weakref__")
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
                  device: torch.device | None, msg: MPI.Message | None = None,
@@ -789,12 +803,14 @@ class _RecvRequest(Request):
         self._direct = False  # True when receiving straight into out
         self._value: Tensors | None = None
         self._done = False
+        self._chan = channels(comm)
+        self._key: tuple[int, int] | None = None  # the channel whose L this framed message decides
+        self._prev: object = None  # that channel's L before it
+        self._meta: tuple[tuple[tuple[torch.dtype, tuple[int, ...], int], ...], bool] | None = None
         if _DEBUG:
             _trace(comm, f"Irecv <- {src} tag {tag}")
-        if msg is not None:  # already matched by the caller's probe (status holds its size)
+        if msg is not None:  # matched by the caller's probe, under the channel lock (status holds its size)
             self._post(msg)
-        elif _direct_out(out) and not _UNMATCHED.blocked(comm, src, tag):
-            self._post_direct(None)
         else:
             _UNMATCHED.add(self)
 
@@ -806,35 +822,27 @@ class _RecvRequest(Request):
             if self._req is None:  # first the message's envelope (matched probe), then its bytes
                 _wait_until(self._probe, self.describe, timeout)
             assert self._req is not None
-            try:
-                _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
-            except MPI.Exception as exc:
-                self._raise_truncated(exc)
+            _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
         return Request.wait(self, timeout)
 
     def _probe(self) -> bool:
         """Match the message and post its receive; False while it has not arrived.  A
         message goes to the earliest posted receive it matches, as in MPI (:class:`_Unmatched`)."""
-        if not _UNMATCHED.pending:  # nothing posted earlier is waiting: MPI's own order holds
-            msg = self.comm.Improbe(self.src, self.tag, self._status)
-            if msg is None:
-                return False
-            self._post(msg)
-            return True
         with _UNMATCHED.lock:
             while self._req is None:
                 earlier = _UNMATCHED.match_earlier(self)
-                msg = self.comm.Improbe(self.src, self.tag, self._status)
-                if msg is None:
-                    return False
-                other = _UNMATCHED.owner_of(earlier, self._status.Get_source(), self._status.Get_tag())
-                if other is None:
-                    _UNMATCHED.forget(self)
-                    self._post(msg)
-                else:  # it arrived after ``other``, posted earlier, last looked: it is other's
-                    other._status, self._status = self._status, MPI.Status()
-                    _UNMATCHED.forget(other)
-                    other._post(msg)
+                with self._chan.recv_lock:  # probe and classify in MPI's matching order
+                    msg = self.comm.Improbe(self.src, self.tag, self._status)
+                    if msg is None:
+                        return False
+                    other = _UNMATCHED.owner_of(earlier, self._status.Get_source(), self._status.Get_tag())
+                    if other is None:
+                        _UNMATCHED.forget(self)
+                        self._post(msg)
+                    else:  # it arrived after ``other``, posted earlier, last looked: it is other's
+                        other._status, self._status = self._status, MPI.Status()
+                        _UNMATCHED.forget(other)
+                        other._post(msg)
             return True
 
     def test(self) -> bool:
@@ -843,45 +851,78 @@ class _RecvRequest(Request):
         if self._req is None and not self._probe():
             return False
         assert self._req is not None
-        try:
-            if not self._req.Test():
-                return False
-        except MPI.Exception as exc:
-            self._raise_truncated(exc)
+        if not self._req.Test():
+            return False
         self._finish()
         self._done = True
         return True
 
-    def _raise_truncated(self, exc: MPI.Exception) -> None:
-        """A message larger than the pre-posted ``out``: a TransportError naming both."""
-        if self.out is not None and exc.Get_error_class() == MPI.ERR_TRUNCATE:
-            self._done = True
-        _raise_truncated(exc, self.out, self.src, self.tag, self._raw)
+    def _classify(self, count: int) -> Seen | None:
+        """The channel's :class:`Seen` when this matched message is a raw repeat of it, else
+        None (framed: this receive then decides the channel's L; call with its recv_lock held)."""
+        chan = self._chan
+        key = (self._status.Get_source(), self._status.Get_tag())
+        seen = chan.seen.get(key)
+        if type(seen) is _RecvRequest:  # the previous message is framed and still arriving:
+            seen._settle()  # its header decides how to read this one
+            seen = chan.seen.get(key)
+        if seen is not None and count == seen.nbytes:
+            return seen
+        self._key, self._prev = key, seen
+        chan.seen[key] = self
+        return None
 
-    def _post_direct(self, msg: MPI.Message | None) -> None:
-        """Receive straight into ``out`` (header scratch + out's memory, one cached datatype).
+    def _settle(self) -> None:
+        """Complete this framed message's transfer and learn its header (the next message on
+        its channel is read by it)."""
+        req = self._req
+        assert req is not None
+        _wait_until(req.Test, self.describe, None)
+        self._learn()
 
-        Without ``msg`` the receive is posted before the message arrives (``out`` tells the
-        expected size), so a rendezvous starts as soon as the sender's envelope lands.
-        """
-        out = self.out
-        assert out is not None
-        dtype, scratch = _recv_type(out, len(_frame1(out.dtype, out.shape)[0]))
-        self._raw = scratch  # type: ignore[assignment]
-        self._direct = True
-        spec = [MPI.BOTTOM, 1, dtype]
-        self._req = msg.Irecv(spec) if msg is not None else self.comm.Irecv(spec, self.src, self.tag)
+    def _learn(self) -> None:
+        """Parse a received framed message's header into ``_meta``; then its channel's L is
+        that header if eligible, else what it was before (a foreign message restores it)."""
+        key = self._key
+        try:
+            if self._meta is None:
+                meta, as_tuple, _ = _parse_header(self._header_bytes())
+                self._meta = (meta, as_tuple)
+        finally:
+            if key is not None:
+                self._key = None
+                chan = self._chan
+                with chan.recv_lock:
+                    if chan.seen.get(key) is self:
+                        new = self._prev
+                        if self._meta is not None and len(self._meta[0]) == 1:
+                            dtype, shape, _ = self._meta[0][0]
+                            nbytes = dtype.itemsize * _numel(shape)
+                            if nbytes > ELIDE_MIN:
+                                new = Seen(dtype, shape, self._meta[1], nbytes)
+                        if new is None:
+                            del chan.seen[key]
+                        else:
+                            chan.seen[key] = new
+                self._prev = None
 
     def _post(self, msg: MPI.Message) -> None:
         count = self._status.Get_count(MPI.BYTE)
         out = self.out
+        if count > ELIDE_MIN:
+            seen = self._classify(count)
+            if seen is not None:  # raw: the payload alone; dtype and shape from the channel
+                self._meta = (seen.meta, seen.as_tuple)
+                dtype, shape, _ = seen.meta[0]
+                if (out is not None and out.is_cpu and out.is_contiguous() and out.dtype == dtype
+                        and tuple(out.shape) == shape):
+                    self._direct = True  # straight into out: one contiguous receive
+                    self._req = msg.Irecv([MPI.buffer.fromaddress(out.data_ptr(), count), count, MPI.BYTE])
+                    return
         device = self.device
         if count <= _PACK_LIMIT + 4096 and (device is None or device.type == "cpu"):
             self._raw = bytearray(count)  # small: one buffer, views (or a copy into out)
             self._req = msg.Irecv([self._raw, count, MPI.BYTE])
-            return
-        if _direct_out(out) and count == _frame1(out.dtype, out.shape)[2]:  # type: ignore[union-attr]
-            self._post_direct(msg)
             return
         device = self.device if out is None else None
         if device is not None and device.type != "cpu":
@@ -889,17 +930,14 @@ class _RecvRequest(Request):
             spec, self._staged = from_wire(raw_t)
             self._raw = raw_t
             self._req = msg.Irecv([spec, count, MPI.BYTE])
-        elif count > _PACK_LIMIT:
-            # one contiguous buffer: a sender's packed (contiguous) message is then pulled
-            # by this side alone (single-copy CMA); a two-block receive datatype mirroring
-            # the sender's was measured to double the pipeline's bubble (the copy then
-            # waits for the computing sender's MPI calls)
+        else:
+            # one contiguous buffer: a sender's contiguous message (raw, or packed) is then
+            # pulled by this side alone (single-copy CMA); a two-block receive datatype
+            # mirroring the sender's was measured to double the pipeline's bubble (the copy
+            # then waits for the computing sender's MPI calls)
             arr = _RECV_POOL.take_array(count)  # results: one from_numpy each (_view)
             self._raw = arr
             self._req = msg.Irecv([arr, count, MPI.BYTE])
-        else:
-            self._raw = bytearray(count)
-            self._req = msg.Irecv([self._raw, count, MPI.BYTE])
 
     def _header_bytes(self) -> bytes:
         raw = self._raw
@@ -913,14 +951,13 @@ class _RecvRequest(Request):
         return _head_of(raw)  # type: ignore[arg-type]
 
     def _finish(self) -> None:
+        self._learn()
+        assert self._meta is not None
+        meta, as_tuple = self._meta
         out, raw = self.out, self._raw
         if self._direct:
-            assert out is not None and isinstance(raw, bytearray)
-            self._check_out(_out_meta(raw, out, self.src, self.tag))
             self._value = out
-            self._raw = None
             return
-        meta, as_tuple, _ = _parse_header(self._header_bytes())
         if isinstance(raw, torch.Tensor) and self._staged is not None:
             raw.copy_(self._staged)
         assert raw is not None
@@ -945,15 +982,22 @@ class _RecvRequest(Request):
         return self._value
 
 
+def _numel(shape: Sequence[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= s
+    return n
+
+
 def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None,
           device: torch.device | str | None = None) -> Request:
     """Start receiving a tensor (or tuple) from rank ``src`` of ``comm``; ``wait()`` returns it.
 
-    Shape and dtype come from the message.  With ``out`` the data is written into it
-    (its shape and dtype must match the message's; a mismatch raises TransportError naming
-    both, and ``out``'s contents are then unspecified: a large contiguous ``out`` is posted
-    as the receive buffer before the message arrives).  ``device`` places the result
-    (default: ``out``'s, else CPU).
+    Shape and dtype come from the message (its header, or for a raw repeat the channel's
+    last header: :mod:`mpimp.channels`).  With ``out`` the data is written into it (its
+    shape and dtype must match the message's; a mismatch raises TransportError naming
+    both, and the message is consumed).  ``device`` places the result (default:
+    ``out``'s, else CPU).
     """
     dev = torch.device(device) if isinstance(device, str) else device
     return _RecvRequest(src, comm, tag, out, dev)
@@ -965,36 +1009,23 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
     dev = torch.device(device) if isinstance(device, str) else device
     if _DEBUG:
         _trace(comm, f"Recv <- {src} tag {tag}")
-    if _UNMATCHED.pending and _UNMATCHED.blocked(comm, src, tag):  # after the earlier irecvs, in order
-        rreq = _RecvRequest(src, comm, tag, out, dev)
-        try:
-            value = rreq.wait(timeout)
-        finally:
-            _UNMATCHED.forget(rreq)  # a receive that raised is abandoned: it must not match later
-        assert value is not None
-        return value
-    if _direct_out(out):  # posted straight into out before the message arrives: no probe
-        assert out is not None
-        head = _frame1(out.dtype, out.shape)[0]
-        dtype, scratch = _recv_type(out, len(head))
-        try:
-            _complete(comm.Irecv([MPI.BOTTOM, 1, dtype], src, tag),
-                      lambda: f"recv into out from rank {src} (tag {tag})", timeout)
-        except MPI.Exception as exc:
-            _raise_truncated(exc, out, src, tag, scratch)
-        if scratch != head:  # the header out implies, byte for byte, or an error naming both
-            _check_out(_out_meta(scratch, out, src, tag), out, src, tag)
-        return out
-    status = MPI.Status()
-    msg = comm.Improbe(src, tag, status)
-    for _ in range(_QUICK_POLLS):  # spin briefly before paying for a request object
-        if msg is not None:
-            break
-        msg = comm.Improbe(src, tag, status)
-    if msg is not None and (dev is None or dev.type == "cpu") and (
-            out is None or (out.is_cpu and out.is_contiguous())):
-        count = status.Get_count(MPI.BYTE)
-        if count <= _PACK_LIMIT + 4096:  # the common small message: no request object
+    rreq: _RecvRequest | None = None
+    if not (_UNMATCHED.pending and _UNMATCHED.blocked(comm, src, tag)):  # else: after the earlier irecvs
+        chan = channels(comm)
+        status = MPI.Status()
+        with chan.recv_lock:  # probe and classify in MPI's matching order
+            msg = comm.Improbe(src, tag, status)
+            for _ in range(_QUICK_POLLS):  # spin briefly before paying for a request object
+                if msg is not None:
+                    break
+                msg = comm.Improbe(src, tag, status)
+            count = -1 if msg is None else status.Get_count(MPI.BYTE)
+            small = (0 <= count <= ELIDE_MIN and (dev is None or dev.type == "cpu")
+                     and (out is None or (out.is_cpu and out.is_contiguous())))
+            if msg is not None and not small:
+                rreq = _RecvRequest(src, comm, tag, out, dev, msg, status)
+        if small:  # the common small message: no request object, no channel state
+            assert msg is not None
             raw = bytearray(count)
             if count <= _EAGER:  # matched and eager: its bytes have arrived, Mrecv only copies
                 msg.Recv([raw, count, MPI.BYTE])
@@ -1010,8 +1041,14 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
                 off = meta[0][2]
                 memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(raw)[off : off + n]
             return out
-    rreq = _RecvRequest(src, comm, tag, out, dev, msg, status)
-    value = rreq._value if rreq.test() else rreq.wait(timeout)
+    if rreq is None:  # not arrived yet (or behind earlier irecvs): a request that probes in order
+        rreq = _RecvRequest(src, comm, tag, out, dev)
+        try:
+            value = rreq.wait(timeout)
+        finally:
+            _UNMATCHED.forget(rreq)  # a receive that raised is abandoned: it must not match later
+    else:
+        value = rreq._value if rreq.test() else rreq.wait(timeout)
     assert value is not None
     return value
 

@@ -1,0 +1,223 @@
+"""Header elision (mpimp.channels): repeats travel raw, every sequence still decodes exactly.
+
+Each test sends on the ring ``r -> r+1 (mod p)`` (a send to oneself at one rank) and checks
+what arrives against the sender's tensors, rebuilt on the receiving rank from the seed.
+Where a test looks at the wire it uses a non-consuming ``MPI_Probe``, so both ends keep
+seeing every message through mpimp.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+import mpimp
+from mpimp import channels as chan
+from mpimp import comm as transport
+
+
+def make(dtype: torch.dtype, shape: tuple[int, ...], seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+
+
+def ring(comm: MPI.Comm) -> tuple[int, int]:
+    p, r = comm.Get_size(), comm.Get_rank()
+    return (r + 1) % p, (r - 1) % p
+
+
+def wire_size(comm: MPI.Comm, src: int, tag: int) -> int:
+    """The byte count of the next message from ``src`` with ``tag``, left in place."""
+    status = MPI.Status()
+    comm.Probe(src, tag, status)
+    return status.Get_count(MPI.BYTE)
+
+
+def same(a: object, b: object) -> bool:
+    if isinstance(a, tuple) or isinstance(b, tuple):
+        return (isinstance(a, tuple) and isinstance(b, tuple) and len(a) == len(b)
+                and all(same(x, y) for x, y in zip(a, b)))
+    assert isinstance(a, torch.Tensor) and isinstance(b, torch.Tensor)
+    return a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
+
+
+A = (300, 100)  # 120 000 bytes of float32: above ELIDE_MIN
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_repeated_large_header_travels_once(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    framed = transport._frame1(torch.float32, A)[2]
+    for k in range(3):
+        req = mpimp.isend(make(torch.float32, A, 10 * rank + k), dst, comm, tag=5)
+        size = wire_size(comm, src, 5)
+        assert size == (framed if k == 0 else 4 * 300 * 100), (k, size)  # the first framed, then payload only
+        assert same(mpimp.recv(src, comm, tag=5), make(torch.float32, A, 10 * src + k))
+        req.wait()
+    # another shape on the channel is framed again; going back to the first is framed once more
+    for k, shape in enumerate([(100, 300), A, A]):
+        req = mpimp.isend(make(torch.float32, shape, 7 * rank + k), dst, comm, tag=5)
+        size = wire_size(comm, src, 5)
+        assert size == (4 * 300 * 100 if k == 2 else transport._frame1(torch.float32, shape)[2]), (k, size)
+        assert same(mpimp.recv(src, comm, tag=5), make(torch.float32, shape, 7 * src + k))
+        req.wait()
+    # small messages are always framed and leave the channel's state alone
+    assert isinstance(chan.channels(comm).seen[(src, 5)], chan.Seen)
+    req = mpimp.isend(torch.arange(4.0), dst, comm, tag=5)
+    assert mpimp.recv(src, comm, tag=5).tolist() == [0.0, 1.0, 2.0, 3.0]
+    req.wait()
+    req = mpimp.isend(make(torch.float32, A, 99), dst, comm, tag=5)
+    assert wire_size(comm, src, 5) == 4 * 300 * 100  # still a repeat of A
+    assert same(mpimp.recv(src, comm, tag=5), make(torch.float32, A, 99))
+    req.wait()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_framed_message_that_would_look_like_a_repeat_is_padded(comm: MPI.Comm) -> None:
+    """L is float32[20000] (80 000 payload bytes); float32[19984] framed is 64 + 79 936 =
+    80 000 bytes too, so it travels with 64 more header bytes and decodes as itself."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    seq = [(20000,), (19984,), (19984,), (20000,)]
+    assert transport._frame1(torch.float32, (19984,))[2] == 4 * 20000
+    sizes = []
+    for k, shape in enumerate(seq):
+        req = mpimp.isend(make(torch.float32, shape, 100 * rank + k), dst, comm, tag=6)
+        sizes.append(wire_size(comm, src, 6))
+        assert same(mpimp.recv(src, comm, tag=6), make(torch.float32, shape, 100 * src + k)), k
+        req.wait()
+    assert sizes == [80064, 80000 + chan.PAD, 4 * 19984, 80064]
+
+
+def _sequence(seed: int) -> list[object]:
+    """A sequence of messages for one channel: repeats, changes of shape, dtype and
+    arity, small and empty messages in between, a 1-tuple, the collision case."""
+    out: list[object] = []
+    for k, spec in enumerate([A, A, A, (100, 300), A, "bf16", "bf16", "tuple1", "tuple1", A, "pair",
+                              A, (3, 4), A, (0, 5), A, (20000,), (19984,), (19984,), (20000,), A]):
+        s = seed * 1000 + k
+        if spec == "bf16":
+            out.append(make(torch.bfloat16, A, s))
+        elif spec == "tuple1":
+            out.append((make(torch.float32, A, s),))
+        elif spec == "pair":
+            out.append((make(torch.float32, A, s), make(torch.float32, (7,), s + 1)))
+        else:
+            assert isinstance(spec, tuple)
+            out.append(make(torch.float32, spec, s))
+    return out
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("how", ["blocking", "irecv one at a time", "window of irecvs, reversed",
+                                 "into out", "ANY_SOURCE and ANY_TAG", "blocking send"])
+def test_every_sequence_decodes_as_sent(comm: MPI.Comm, how: str) -> None:
+    dst, src = ring(comm)
+    mine, theirs = _sequence(comm.Get_rank()), _sequence(src)
+    tag = 20
+    if how == "blocking send":  # even ranks send first (a ring of blocking sends would deadlock)
+        got = []
+        for m in mine:
+            if comm.Get_rank() % 2 == 0 and comm.Get_size() > 1:
+                mpimp.send(m, dst, comm, tag=tag)
+                got.append(mpimp.recv(src, comm, tag=tag))
+            elif comm.Get_size() > 1:
+                got.append(mpimp.recv(src, comm, tag=tag))
+                mpimp.send(m, dst, comm, tag=tag)
+            else:
+                q = mpimp.isend(m, dst, comm, tag=tag)
+                got.append(mpimp.recv(src, comm, tag=tag))
+                q.wait()
+    else:
+        sends = [mpimp.isend(m, dst, comm, tag=tag) for m in mine]
+        if how == "blocking":
+            got = [mpimp.recv(src, comm, tag=tag) for _ in theirs]
+        elif how == "irecv one at a time":
+            got = [mpimp.irecv(src, comm, tag=tag).wait() for _ in theirs]
+        elif how == "window of irecvs, reversed":
+            reqs = [mpimp.irecv(src, comm, tag=tag) for _ in theirs]
+            got = list(reversed(mpimp.wait_all(list(reversed(reqs)))))
+        elif how == "into out":
+            got = []
+            for t in theirs:
+                if isinstance(t, torch.Tensor):
+                    out = torch.full(t.shape, -1.0, dtype=t.dtype)
+                    got.append(mpimp.recv(src, comm, tag=tag, out=out))
+                    assert got[-1] is out
+                else:
+                    got.append(mpimp.recv(src, comm, tag=tag))
+        else:
+            got = [mpimp.recv(MPI.ANY_SOURCE, comm, tag=MPI.ANY_TAG) for _ in theirs]  # only src sends to us
+        mpimp.wait_all(sends)
+    for k, (g, w) in enumerate(zip(got, theirs)):
+        assert same(g, w), (how, k)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_out_of_another_shape_on_a_raw_repeat_names_both_and_the_channel_goes_on(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    for k in range(2):  # the second one is raw
+        req = mpimp.isend(make(torch.float32, A, rank + k), dst, comm, tag=30)
+        if k == 0:
+            mpimp.recv(src, comm, tag=30)
+        else:
+            with pytest.raises(mpimp.TransportError,
+                               match=r"out is float32\[100, 300\] but the message holds float32\[300, 100\]"):
+                mpimp.recv(src, comm, tag=30, out=torch.empty(100, 300))
+        req.wait()
+    req = mpimp.isend(make(torch.float32, A, 77), dst, comm, tag=30)  # raw again: decodes
+    with pytest.raises(mpimp.TransportError, match=r"out is bfloat16\[300, 100\]"):
+        mpimp.irecv(src, comm, tag=30, out=torch.empty(A, dtype=torch.bfloat16)).wait()
+    req.wait()
+    req = mpimp.isend(make(torch.float32, A, 78), dst, comm, tag=30)
+    assert same(mpimp.recv(src, comm, tag=30, out=torch.empty(A)), make(torch.float32, A, 78))
+    req.wait()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_foreign_message_on_the_channel_leaves_its_state_intact(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    for k in range(2):
+        req = mpimp.isend(make(torch.float32, A, k), dst, comm, tag=31)
+        assert same(mpimp.recv(src, comm, tag=31), make(torch.float32, A, k))
+        req.wait()
+    foreign = np.full(200_000, 7, dtype=np.uint8)
+    req = comm.Isend([foreign, MPI.BYTE], dst, 31)
+    with pytest.raises(mpimp.TransportError, match="not an mpimp tensor"):
+        mpimp.irecv(src, comm, tag=31).wait(timeout=10)
+    req.Wait()
+    req = mpimp.isend(make(torch.float32, A, 5), dst, comm, tag=31)  # a raw repeat of A, still read as A
+    assert same(mpimp.recv(src, comm, tag=31), make(torch.float32, A, 5))
+    req.wait()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_new_communicator_starts_clean_even_on_a_reused_handle(comm: MPI.Comm) -> None:
+    dst, src = ring(comm)
+    framed = transport._frame1(torch.float32, A)[2]
+    for round_no in range(3):
+        c = comm.Dup()
+        assert c.Get_attr(chan._keyval()) is None  # Dup copies no channel state
+        for k in range(2):
+            req = mpimp.isend(make(torch.float32, A, k), dst, c, tag=32)
+            assert wire_size(c, src, 32) == (framed if k == 0 else A[0] * A[1] * 4), (round_no, k)
+            assert same(mpimp.recv(src, c, tag=32), make(torch.float32, A, k))
+            req.wait()
+        c.Free()  # frees the state with it; the next Dup may get the same handle
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_sender_with_elision_off_is_decoded(comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """MPIMP_ELIDE_HEADERS=0 on some ranks only: their repeats are framed, and still decode."""
+    dst, src = ring(comm)
+    if comm.Get_rank() % 2 == 0:
+        monkeypatch.setattr(transport, "_ELIDE", False)
+    mine, theirs = _sequence(comm.Get_rank() + 50), _sequence(src + 50)
+    sends = [mpimp.isend(m, dst, comm, tag=33) for m in mine]
+    got = [mpimp.recv(src, comm, tag=33) for _ in theirs]
+    mpimp.wait_all(sends)
+    assert all(same(g, w) for g, w in zip(got, theirs))
