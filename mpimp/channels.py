@@ -19,7 +19,8 @@ framed (header first).  A framed message whose size would equal ``L``'s payload 
 gets :data:`PAD` more header bytes (the header records its own length), so the two never
 collide.  The rules, for a message with header ``h``:
 
-* sender: raw iff eligible(h), h == L and the tensor is on the host; otherwise framed,
+* sender: raw iff eligible(h) and h == L (a device tensor goes from its own memory or a
+  pinned host copy, as :func:`mpimp.buffers.to_wire` decides); otherwise framed,
   padded when its size equals L's payload size; then L := h if eligible(h);
 * receiver: raw iff L exists and the size equals L's payload size; otherwise framed,
   and L := its header once received, if eligible.
@@ -42,6 +43,7 @@ from __future__ import annotations
 
 import os
 import threading
+import weakref
 from typing import Any
 
 import torch
@@ -54,6 +56,11 @@ PAD = 64  # header bytes added to a framed message whose size would look like a 
 
 _KEYVAL: list[int] = []  # the attribute key, created at first use (after MPI_Init)
 _CREATE = threading.Lock()
+# id(comm object) -> (weak reference to it, its handle then, its state): the attribute
+# lookup costs ~2 us right after a large transfer has evicted the caches, on the critical
+# path of every large message; an entry counts only for the very same live object with
+# the same handle (a freed communicator's object has another handle)
+_RECENT: dict[int, tuple[weakref.ref, int, ChannelState]] = {}
 
 
 def elision_enabled() -> bool:
@@ -101,6 +108,18 @@ def _keyval() -> int:
 
 def channels(comm: MPI.Comm) -> ChannelState:
     """The channel state of ``comm`` (created at first use, freed with the communicator)."""
+    hit = _RECENT.get(id(comm))
+    if hit is not None and hit[0]() is comm and hit[1] == comm.handle:
+        return hit[2]
+    state = _attached(comm)
+    if len(_RECENT) >= 256:
+        _RECENT.clear()
+    _RECENT[id(comm)] = (weakref.ref(comm), comm.handle, state)
+    return state
+
+
+def _attached(comm: MPI.Comm) -> ChannelState:
+    """The state in ``comm``'s attribute, attached at first use."""
     key = _KEYVAL[0] if _KEYVAL else _keyval()
     state = comm.Get_attr(key)
     if state is None:
