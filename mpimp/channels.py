@@ -11,7 +11,7 @@ instead.  But training sends the same shapes again and again on the same channel
 same shape in every step.
 
 So both ends of a channel remember the header of its last *eligible* message (one
-tensor, bare or a 1-tuple, of more than :data:`ELIDE_MIN` bytes): ``L``.  A new eligible
+tensor, bare or a 1-tuple, of at least :data:`ELIDE_MIN` bytes): ``L``.  A new eligible
 message with exactly that header travels as its payload alone, contiguous from the
 tensor's own memory: *raw*.  The receiver tells raw from framed by the size its matched
 probe reads: a message of exactly ``L``'s payload size is a repeat of ``L``; any other is
@@ -30,7 +30,7 @@ one source, tag and communicator), so they agree without exchanging anything.  T
 needs every message of a channel to be sent and received through mpimp, each received
 (a raw ``comm.Recv`` of one, or a message never received, leaves the ends disagreeing),
 and one thread at a time on each end of a channel (MPI orders nothing between threads
-either).  Only messages larger than :data:`ELIDE_MIN` are looked at, so small
+either).  Only messages of at least :data:`ELIDE_MIN` bytes are looked at, so small
 messages pay nothing.
 
 The state lives in an MPI attribute of the communicator: freed with it (a new
@@ -51,7 +51,7 @@ from mpi4py import MPI
 
 __all__ = ["ELIDE_MIN", "PAD", "ChannelState", "Seen", "channels", "elision_enabled"]
 
-ELIDE_MIN = 64 * 1024  # bytes of payload: only larger single-tensor messages are remembered
+ELIDE_MIN = 16 * 1024  # bytes of payload: single-tensor messages from this size on are remembered
 PAD = 64  # header bytes added to a framed message whose size would look like a raw repeat
 
 _KEYVAL: list[int] = []  # the attribute key, created at first use (after MPI_Init)

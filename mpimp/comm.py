@@ -62,7 +62,7 @@ from .buffers import (
     mpi_datatype,
     to_wire,
 )
-from .channels import ELIDE_MIN, PAD, Seen, channels, elision_enabled
+from .channels import ELIDE_MIN, PAD, ChannelState, Seen, channels, elision_enabled
 from .errors import ConfigError, DeadlineError, TransportError
 from .watchdog import WATCHDOG
 
@@ -540,14 +540,14 @@ def _post_send(tensors: list[torch.Tensor], as_tuple: bool, dst: int, comm: MPI.
     what :func:`_specs` returns for these tensors, when the caller has it."""
     frame, payload, on_host = _specs(tensors, as_tuple) if specs is None else specs
     total = frame[2]
-    if total <= ELIDE_MIN:  # neither remembered nor mistakable for a raw repeat: no state
+    if total < ELIDE_MIN:  # neither remembered nor mistakable for a raw repeat: no state
         spec, keep = _framed(tensors, frame, on_host, pack)
         if _DEBUG:
             _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B)")
         return comm.Isend(spec, dst, tag), keep, payload
     chan = channels(comm)
     key = (dst, tag)
-    eligible = len(tensors) == 1 and payload > ELIDE_MIN
+    eligible = len(tensors) == 1 and payload >= ELIDE_MIN
     with chan.send_lock:
         last = chan.sent.get(key)
         if eligible and last is not None and (last[0] is frame[0] or last[0] == frame[0]) and _ELIDE:
@@ -592,7 +592,7 @@ def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool =
         if t.is_cpu:  # fast path (the common case): one small tensor, packed
             head, offsets, total = _frame1(t.dtype, t.shape)
             payload = total - offsets[0]
-            if total <= ELIDE_MIN:
+            if total < ELIDE_MIN:
                 msg = bytearray(head)  # the header is padded up to the payload's offset
                 if payload:
                     msg += MPI.buffer.fromaddress(t.data_ptr(), payload)
@@ -625,7 +625,7 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
             _complete(comm.Isend([msg, total, MPI.BYTE], dst, tag),
                       lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, _QUICK_POLLS)
             return
-        if total > ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
+        if total >= ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
             n = total - offsets[0]
             chan = channels(comm)
             with chan.send_lock:  # the common repeat, inline (_post_send decides the rest)
@@ -910,7 +910,7 @@ class _RecvRequest(Request):
                         if self._meta is not None and len(self._meta[0]) == 1:
                             dtype, shape, _ = self._meta[0][0]
                             nbytes = dtype.itemsize * _numel(shape)
-                            if nbytes > ELIDE_MIN:
+                            if nbytes >= ELIDE_MIN:
                                 new = Seen(dtype, shape, self._meta[1], nbytes)
                         if new is None:
                             del chan.seen[key]
@@ -921,7 +921,7 @@ class _RecvRequest(Request):
     def _post(self, msg: MPI.Message) -> None:
         count = self._status.Get_count(MPI.BYTE)
         out = self.out
-        if count > ELIDE_MIN:
+        if count >= ELIDE_MIN:
             seen = self._classify(count)
             if seen is not None:  # raw: the payload alone; dtype and shape from the channel
                 self._meta = (seen.meta, seen.as_tuple)
@@ -1015,6 +1015,32 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     return _RecvRequest(src, comm, tag, out, dev)
 
 
+def _recv_small(msg: MPI.Message, count: int, out: torch.Tensor | None, src: int, tag: int,
+                timeout: float | None, learn: tuple[ChannelState, tuple[int, int]] | None = None) -> Tensors:
+    """Receive a matched framed message of ``count`` <= ~68 KiB bytes into a bytearray, without
+    a request object; ``learn``: (channel state, channel) whose L it sets if eligible."""
+    buf = bytearray(count)
+    if count <= _EAGER:  # matched and eager: its bytes have arrived, Mrecv only copies
+        msg.Recv([buf, count, MPI.BYTE])
+    else:
+        _complete(msg.Irecv([buf, count, MPI.BYTE]),
+                  lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
+    meta, as_tuple, _ = _parse_header(_head_of(buf))
+    if learn is not None and len(meta) == 1:
+        dtype, shape, _ = meta[0]
+        nbytes = dtype.itemsize * _numel(shape)
+        if nbytes >= ELIDE_MIN:
+            learn[0].seen[learn[1]] = Seen(dtype, shape, as_tuple, nbytes)
+    if out is None:
+        return _unpack(buf)
+    _check_out(meta, out, src, tag)
+    n = out.nbytes
+    if n:
+        off = meta[0][2]
+        memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(buf)[off : off + n]
+    return out
+
+
 def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None,
          device: torch.device | str | None = None, timeout: float | None = None) -> Tensors:
     """Receive a tensor (or tuple of tensors) from rank ``src`` of ``comm``."""
@@ -1043,30 +1069,22 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
                     break
                 msg = comm.Improbe(src, tag, status)
             count = -1 if msg is None else status.Get_count(MPI.BYTE)
-            small = 0 <= count <= ELIDE_MIN and host
-            if target is not None and count == seen.nbytes:  # type: ignore[union-attr]
+            raw_hit = target is not None and count == seen.nbytes  # type: ignore[union-attr]
+            small = False
+            if raw_hit:
                 req = msg.Irecv([target, count, MPI.BYTE])  # the raw repeat: one contiguous receive
-            elif msg is not None and not small:
-                target = None
-                rreq = _RecvRequest(src, comm, tag, out, dev, msg, status)
+            elif msg is not None:
+                small = count <= _PACK_LIMIT + 4096 and host
+                if small and count >= ELIDE_MIN:  # small, yet large enough to be a raw repeat or remembered
+                    key = (status.Get_source(), status.Get_tag())
+                    if key not in chan.seen:  # framed for sure: receive and remember it under the lock
+                        return _recv_small(msg, count, out, src, tag, timeout, (chan, key))
+                    small = False
+                if not small:
+                    rreq = _RecvRequest(src, comm, tag, out, dev, msg, status)
         if small:  # the common small message: no request object, no channel state
-            assert msg is not None
-            buf = bytearray(count)
-            if count <= _EAGER:  # matched and eager: its bytes have arrived, Mrecv only copies
-                msg.Recv([buf, count, MPI.BYTE])
-            else:
-                _complete(msg.Irecv([buf, count, MPI.BYTE]),
-                          lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
-            if out is None:
-                return _unpack(buf)
-            meta, _, _ = _parse_header(_head_of(buf))
-            _check_out(meta, out, src, tag)
-            n = out.nbytes
-            if n:
-                off = meta[0][2]
-                memoryview(MPI.buffer.fromaddress(out.data_ptr(), n))[:] = memoryview(buf)[off : off + n]
-            return out
-        if msg is not None and rreq is None:  # the raw repeat posted above
+            return _recv_small(msg, count, out, src, tag, timeout)  # type: ignore[arg-type]
+        if raw_hit:
             _complete(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
             if out is not None:
                 return out
