@@ -11,6 +11,13 @@ one after the other in a rotating order (so neither always goes first):
 * ``mpimp``     ``mpimp.send`` / ``mpimp.recv`` of a float32 tensor (the receiver learns the
                 shape from the message and gets a new tensor);
 * ``mpimp-out`` the same with ``recv(out=...)`` into a preallocated tensor;
+* ``framed``    ``mpimp.send`` / ``mpimp.recv`` with the tensor's shape alternating between
+                ``[n]`` and ``[n/2, 2]`` on every message, so no header is ever elided
+                (mpimp.channels): what a message costs whose shape just changed.
+
+From the second message of a shape on a channel, ``mpimp`` and ``mpimp-out`` travel raw
+(the header elided: the tensor's own contiguous memory); the first message of each size
+is in the warm-up.
 * ``allreduce raw`` ``comm.Allreduce(IN_PLACE)`` on a float32 numpy array vs
   ``allreduce mpimp`` ``mpimp.all_reduce`` on a float32 tensor over the same kind of
   memory (``torch.from_numpy`` of an array made the same way).
@@ -98,6 +105,25 @@ def _pingpong_mpimp(comm: MPI.Comm, nbytes: int, n: int, use_out: bool) -> float
     return (time.perf_counter() - start) / (2 * n)
 
 
+def _pingpong_framed(comm: MPI.Comm, nbytes: int, n: int) -> float:
+    """Ping-pong whose tensor alternates between two shapes: every message carries its header."""
+    rank, peer = comm.Get_rank(), 1 - comm.Get_rank()
+    sbuf, _ = _buffers(nbytes)
+    flat = torch.from_numpy(sbuf).view(torch.float32)
+    shapes = (flat, flat.view(-1, 2) if flat.numel() % 2 == 0 else flat.view(1, -1))
+    comm.Barrier()
+    start = time.perf_counter()
+    for i in range(n):
+        t = shapes[i % 2]
+        if rank == 0:
+            mpimp.send(t, peer, comm, TAG + 2)
+            mpimp.recv(peer, comm, TAG + 2)
+        else:
+            mpimp.recv(peer, comm, TAG + 2)
+            mpimp.send(t, peer, comm, TAG + 2)
+    return (time.perf_counter() - start) / (2 * n)
+
+
 def _window(nbytes: int) -> int:
     """Messages in flight per round of the streaming test (OSU osu_bw uses 64)."""
     return int(max(1, min(64, (16 << 20) // nbytes)))
@@ -182,13 +208,16 @@ def _median_times(comm: MPI.Comm, peers: dict[str, Callable[[int], float]], n: i
 
 def _p2p_peers(comm: MPI.Comm, raw: Callable[[MPI.Comm, int, int], float],
                ours: Callable[[MPI.Comm, int, int, bool], float], nbytes: int, n: int,
-               reps: int) -> dict[str, float]:
-    """Median times of raw, mpimp (new result) and mpimp (out=) for one message size."""
-    return _median_times(comm, {
+               reps: int, framed: Callable[[MPI.Comm, int, int], float] | None = None) -> dict[str, float]:
+    """Median times of raw, mpimp (new result), mpimp (out=) and, if given, the framed peer."""
+    peers = {
         "raw": lambda k: raw(comm, nbytes, k),
         "mpimp": lambda k: ours(comm, nbytes, k, False),
         "out": lambda k: ours(comm, nbytes, k, True),
-    }, n, reps)
+    }
+    if framed is not None:
+        peers["framed"] = lambda k: framed(comm, nbytes, k)
+    return _median_times(comm, peers, n, reps)
 
 
 def _header(rank: int, title: str, columns: list[str]) -> None:
@@ -232,15 +261,17 @@ def main() -> int:
               f"MPIMP_TIMEOUT={os.environ.get('MPIMP_TIMEOUT', '600')}")
     if args.only in (None, "p2p"):
         _header(rank, "ping-pong, one-way time per message",
-                ["size", "raw us", "raw MB/s", "mpimp/raw bw", "+us mpimp", "out=/raw bw", "+us out="])
+                ["size", "raw us", "raw MB/s", "mpimp/raw bw", "+us mpimp", "out=/raw bw", "+us out=",
+                 "framed/raw bw"])
         for nbytes in sizes:
             n = _iterations(nbytes, budget)
-            med = _p2p_peers(comm, _pingpong_raw, _pingpong_mpimp, nbytes, n, args.reps)
+            med = _p2p_peers(comm, _pingpong_raw, _pingpong_mpimp, nbytes, n, args.reps, _pingpong_framed)
             if rank == 0:
                 raw = med["raw"]
                 print(f"| {_fmt_size(nbytes):>7} | {raw * 1e6:9.1f} | {nbytes / raw / 1e6:9.0f} | "
                       f"{raw / med['mpimp']:12.3f} | {(med['mpimp'] - raw) * 1e6:9.1f} | "
-                      f"{raw / med['out']:11.3f} | {(med['out'] - raw) * 1e6:8.1f} |", flush=True)
+                      f"{raw / med['out']:11.3f} | {(med['out'] - raw) * 1e6:8.1f} | "
+                      f"{raw / med['framed']:13.3f} |", flush=True)
     if args.only in (None, "stream"):
         _header(rank, "streaming bandwidth (osu_bw style: a window of messages in flight), time per message",
                 ["size", "window", "raw MB/s", "mpimp/raw bw", "out=/raw bw"])
