@@ -2,6 +2,7 @@
 # Bubble p=4:  timeout 1800 mpirun --oversubscribe -n 4 .venv/bin/python bench/bench_pipeline.py --bubble-only
 # Plot:        .venv/bin/python bench/bench_pipeline.py --plot   (reads bench/results/pipeline_p*.json)
 # B/W split:   .venv/bin/python bench/bench_pipeline.py --split-only   (one process)
+# Elision A/B: timeout 1800 mpirun --oversubscribe -n 2 .venv/bin/python bench/bench_pipeline.py --throughput-only --framed-peer
 """Pipeline benchmark: mpimp schedules vs torch.distributed.pipelining.Schedule1F1B (gloo).
 
 Model: a plain-torch GPT, 8 transformer blocks, d_model 256, 4 heads, sequence 128,
@@ -125,7 +126,7 @@ def torch_peer(world: MPI.Comm, layers: list[nn.Module], balance: list[int], m: 
     return Schedule1F1B(stage, n_microbatches=m, loss_fn=loss_fn)
 
 
-def throughput(world: MPI.Comm, rounds: int, steps: int) -> dict:
+def throughput(world: MPI.Comm, rounds: int, steps: int, framed_peer: bool = False) -> dict:
     p, rank = world.Get_size(), world.Get_rank()
     m, nseq = 8, 16
     x, y = batch(nseq)
@@ -147,6 +148,19 @@ def throughput(world: MPI.Comm, rounds: int, steps: int) -> dict:
         pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, **kw)
         pipes[name] = pipe
         contenders[name] = (lambda pipe=pipe: pipe.train_step(x, y))
+    if framed_peer:  # the same v = 2 pipeline with every stage message framed (no header elided)
+        from mpimp import comm as transport
+        framed = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, schedule="interleaved-1f1b",
+                                virtual_stages=2, balance=[3, 2, 2, 3])
+        pipes["mpimp interleaved-1f1b v=2, headers framed"] = framed
+
+        def framed_step() -> None:
+            transport._ELIDE = False  # this rank's sends carry their header; receivers read both
+            try:
+                framed.train_step(x, y)
+            finally:
+                transport._ELIDE = True
+        contenders["mpimp interleaved-1f1b v=2, headers framed"] = framed_step
     sched = torch_peer(world, gpt_layers(), balance, m)
 
     def torch_step() -> None:
@@ -309,6 +323,8 @@ def main() -> None:
     ap.add_argument("--plot", action="store_true")
     ap.add_argument("--throughput-only", action="store_true")
     ap.add_argument("--split-only", action="store_true", help="B + W against one full backward, one process")
+    ap.add_argument("--framed-peer", action="store_true",
+                    help="add interleaved v = 2 with every stage message framed (header elision off)")
     args = ap.parse_args()
     if args.plot:
         plot()
@@ -322,7 +338,7 @@ def main() -> None:
     if not args.bubble_only:
         if p != 2:
             sys.exit("the throughput comparison runs on 2 ranks; use --bubble-only for other sizes")
-        result["throughput"] = tp = throughput(world, args.rounds, args.steps)
+        result["throughput"] = tp = throughput(world, args.rounds, args.steps, args.framed_peer)
         if rank == 0:
             t = tp["tokens_per_s"]
             peer = t["torch Schedule1F1B (gloo)"]
