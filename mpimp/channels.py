@@ -59,7 +59,8 @@ _CREATE = threading.Lock()
 # id(comm object) -> (weak reference to it, its handle then, its state): the attribute
 # lookup costs ~2 us right after a large transfer has evicted the caches, on the critical
 # path of every large message; an entry counts only for the very same live object with
-# the same handle (a freed communicator's object has another handle)
+# the same handle (a freed communicator's object has another handle; using an object
+# after the communicator was freed through another object of it is erroneous in MPI)
 _RECENT: dict[int, tuple[weakref.ref, int, ChannelState]] = {}
 
 

@@ -62,7 +62,7 @@ from .buffers import (
     mpi_datatype,
     to_wire,
 )
-from .channels import ELIDE_MIN, PAD, ChannelState, Seen, channels, elision_enabled
+from .channels import ELIDE_MIN, PAD, Seen, channels, elision_enabled
 from .errors import ConfigError, DeadlineError, TransportError
 from .watchdog import WATCHDOG
 
@@ -234,7 +234,7 @@ def _frame(specs: tuple[tuple[torch.dtype, tuple[int, ...]], ...], as_tuple: boo
             parts.append(struct.pack(f"<{len(shape)}q", *shape))
     body = b"".join(parts)
     hlen = _round_up(8 + len(body))
-    if hlen > 0xFFFF:
+    if hlen > 0xFFFF - PAD:  # (room for the padding of mpimp.channels)
         raise ConfigError(f"too many dimensions in one message ({len(specs)} tensors)")
     count = len(specs) | (0x80 if as_tuple else 0)
     offsets, pos, end = [], hlen, hlen
@@ -492,8 +492,6 @@ def _padded(frame: tuple[bytes, tuple[int, ...], int]) -> tuple[bytes, tuple[int
     """The same frame with ``PAD`` more header bytes (the header records its own length)."""
     head, offsets, total = frame
     magic, layout, count, hlen = _HEAD.unpack_from(head, 0)
-    if hlen + PAD > 0xFFFF:
-        raise ConfigError(f"too many dimensions in one message (a {hlen}-byte header)")
     head = _HEAD.pack(magic, layout, count, hlen + PAD) + head[_HEAD.size:] + bytes(PAD)
     return head, tuple(o + PAD for o in offsets), total + PAD
 
@@ -801,7 +799,8 @@ class _RecvRequest(Request):
     """
 
     __slots__ = ("src", "comm", "tag", "out", "device", "_status", "_req", "_raw", "_staged",
-                 "_direct", "_value", "_done", "_chan", "_key", "_prev", "_meta", "__weakref__")
+                 "_direct", "_value", "_done", "_chan", "_key", "_prev", "_meta", "_matched", "_deferred",
+                 "__weakref__")
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
                  device: torch.device | None, msg: MPI.Message | None = None,
@@ -819,10 +818,15 @@ class _RecvRequest(Request):
         self._key: tuple[int, int] | None = None  # the channel whose L this framed message decides
         self._prev: object = None  # that channel's L before it
         self._meta: tuple[tuple[tuple[torch.dtype, tuple[int, ...], int], ...], bool] | None = None
+        self._matched: MPI.Message | None = None  # matched, not yet posted (its classification raised)
+        self._deferred: BaseException | None = None  # what posting ``msg`` raised, for test()/wait()
         if _DEBUG:
             _trace(comm, f"Irecv <- {src} tag {tag}")
         if msg is not None:  # matched by the caller's probe, under the channel lock (status holds its size)
-            self._post(msg)
+            try:
+                self._post(msg)
+            except Exception as exc:  # keep the message: a later wait() resumes with it
+                self._deferred = exc
         else:
             _UNMATCHED.add(self)
 
@@ -831,15 +835,27 @@ class _RecvRequest(Request):
 
     def wait(self, timeout: float | None = None) -> Tensors | None:
         if not self._done:
+            self._raise_deferred()
             if self._req is None:  # first the message's envelope (matched probe), then its bytes
                 _wait_until(self._probe, self.describe, timeout)
             assert self._req is not None
             _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
         return Request.wait(self, timeout)
 
+    def _raise_deferred(self) -> None:
+        exc = self._deferred
+        if exc is not None:
+            self._deferred = None
+            raise exc
+
     def _probe(self) -> bool:
         """Match the message and post its receive; False while it has not arrived.  A
-        message goes to the earliest posted receive it matches, as in MPI (:class:`_Unmatched`)."""
+        message goes to the earliest posted receive it matches, as in MPI (:class:`_Unmatched`).
+        A message matched earlier whose posting raised is posted now instead."""
+        if self._matched is not None:
+            with self._chan.recv_lock:
+                self._post(self._matched)
+            return True
         with _UNMATCHED.lock:
             while self._req is None:
                 earlier = _UNMATCHED.match_earlier(self)
@@ -858,8 +874,12 @@ class _RecvRequest(Request):
             return True
 
     def test(self) -> bool:
+        """Poll; may wait (up to the deadline) for an earlier framed message on this
+        receive's channel to finish arriving when this one is matched (its header decides
+        how to read this one; :meth:`_classify`)."""
         if self._done:
             return True
+        self._raise_deferred()
         if self._req is None and not self._probe():
             return False
         assert self._req is not None
@@ -876,7 +896,10 @@ class _RecvRequest(Request):
         key = (self._status.Get_source(), self._status.Get_tag())
         seen = chan.seen.get(key)
         if type(seen) is _RecvRequest:  # the previous message is framed and still arriving:
-            seen._settle()  # its header decides how to read this one
+            try:
+                seen._settle()  # its header decides how to read this one
+            except TransportError:
+                pass  # it is foreign or corrupt: its own receive reports that; L is as before it
             seen = chan.seen.get(key)
         if seen is not None and count == seen.nbytes:
             return seen
@@ -922,7 +945,9 @@ class _RecvRequest(Request):
         count = self._status.Get_count(MPI.BYTE)
         out = self.out
         if count >= ELIDE_MIN:
+            self._matched = msg  # until classified (settling an earlier message may raise)
             seen = self._classify(count)
+            self._matched = None
             if seen is not None:  # raw: the payload alone; dtype and shape from the channel
                 self._meta = (seen.meta, seen.as_tuple)
                 dtype, shape, _ = seen.meta[0]
@@ -1016,23 +1041,18 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
 
 
 def _recv_small(msg: MPI.Message, count: int, out: torch.Tensor | None, src: int, tag: int,
-                timeout: float | None, learn: tuple[ChannelState, tuple[int, int]] | None = None) -> Tensors:
-    """Receive a matched framed message of ``count`` <= ~68 KiB bytes into a bytearray, without
-    a request object; ``learn``: (channel state, channel) whose L it sets if eligible."""
+                timeout: float | None) -> Tensors:
+    """Receive a matched framed message of ``count`` < ELIDE_MIN bytes into a bytearray,
+    without a request object (such a message touches no channel state)."""
     buf = bytearray(count)
     if count <= _EAGER:  # matched and eager: its bytes have arrived, Mrecv only copies
         msg.Recv([buf, count, MPI.BYTE])
     else:
         _complete(msg.Irecv([buf, count, MPI.BYTE]),
                   lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
-    meta, as_tuple, _ = _parse_header(_head_of(buf))
-    if learn is not None and len(meta) == 1:
-        dtype, shape, _ = meta[0]
-        nbytes = dtype.itemsize * _numel(shape)
-        if nbytes >= ELIDE_MIN:
-            learn[0].seen[learn[1]] = Seen(dtype, shape, as_tuple, nbytes)
     if out is None:
         return _unpack(buf)
+    meta, _, _ = _parse_header(_head_of(buf))
     _check_out(meta, out, src, tag)
     n = out.nbytes
     if n:
@@ -1074,13 +1094,8 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
             if raw_hit:
                 req = msg.Irecv([target, count, MPI.BYTE])  # the raw repeat: one contiguous receive
             elif msg is not None:
-                small = count <= _PACK_LIMIT + 4096 and host
-                if small and count >= ELIDE_MIN:  # small, yet large enough to be a raw repeat or remembered
-                    key = (status.Get_source(), status.Get_tag())
-                    if key not in chan.seen:  # framed for sure: receive and remember it under the lock
-                        return _recv_small(msg, count, out, src, tag, timeout, (chan, key))
-                    small = False
-                if not small:
+                small = count < ELIDE_MIN and host  # no channel state: no request object either
+                if not small:  # (a request keeps the channel's state right whatever its wait raises)
                     rreq = _RecvRequest(src, comm, tag, out, dev, msg, status)
         if small:  # the common small message: no request object, no channel state
             return _recv_small(msg, count, out, src, tag, timeout)  # type: ignore[arg-type]

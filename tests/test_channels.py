@@ -8,6 +8,8 @@ seeing every message through mpimp.
 
 from __future__ import annotations
 
+import sys
+
 import numpy as np
 import pytest
 import torch
@@ -221,3 +223,61 @@ def test_a_sender_with_elision_off_is_decoded(comm: MPI.Comm, monkeypatch: pytes
     got = [mpimp.recv(src, comm, tag=33) for _ in theirs]
     mpimp.wait_all(sends)
     assert all(same(g, w) for g, w in zip(got, theirs))
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_foreign_message_still_arriving_fails_only_its_own_receive(comm: MPI.Comm) -> None:
+    """A later receive that must first settle an earlier, framed message of its channel gets
+    its own message even when the earlier one turns out foreign; the earlier receive
+    reports the TransportError."""
+    dst, src = ring(comm)
+    sends = [comm.Isend([np.full(200_000, 7, dtype=np.uint8), MPI.BYTE], dst, 34),
+             mpimp.isend(make(torch.float32, A, 3), dst, comm, tag=34)]
+    first, second = mpimp.irecv(src, comm, tag=34), mpimp.irecv(src, comm, tag=34)
+    assert same(second.wait(timeout=20), make(torch.float32, A, 3))
+    with pytest.raises(mpimp.TransportError, match="not an mpimp tensor"):
+        first.wait(timeout=20)
+    sends[0].Wait()
+    sends[1].wait()
+
+
+_DEADLINE_MIDWAY = """
+import time, torch
+from mpi4py import MPI
+import mpimp
+comm = MPI.COMM_WORLD.Dup()
+q = torch.arange(15000, dtype=torch.float32).reshape(3, 5000)  # 60 000 B: framed first, then raw
+if comm.Get_rank() == 1:
+    r = mpimp.isend(q, 0, comm, tag=7)
+    time.sleep(3.0)  # no MPI calls: without CMA the transfer stands still, the receiver's deadline passes
+    r.wait()
+    comm.Barrier()
+    for k in range(2):
+        mpimp.send(q + k, 0, comm, tag=7)
+else:
+    comm.Probe(1, 7)
+    try:
+        mpimp.recv(1, comm, tag=7, timeout=0.5)
+        print("no deadline", flush=True)
+    except mpimp.DeadlineError:
+        print("deadline", flush=True)
+    comm.Barrier()
+    for k in range(2):
+        got = mpimp.recv(1, comm, tag=7, timeout=20)
+        print("repeat", k, tuple(got.shape), bool(torch.equal(got, q + k)), flush=True)
+"""
+
+
+def test_a_deadline_in_the_middle_of_a_framed_message_keeps_the_channel_readable() -> None:
+    """The receive of a channel's first framed message times out while its bytes are still
+    moving (no CMA: they move only while the sleeping sender calls MPI); the sender has
+    already remembered its header, and so does the receiver (the abandoned receive is
+    completed before the next message is read): the raw repeats that follow decode."""
+    from conftest import mpirun
+
+    done = mpirun(2, sys.executable, "-c", _DEADLINE_MIDWAY, timeout=120, MPIMP_TIMEOUT="30",
+                  OMPI_MCA_smsc="^cma")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    assert "repeat 0 (3, 5000) True" in lines and "repeat 1 (3, 5000) True" in lines, done.stdout
+    assert "deadline" in lines, done.stdout  # the first receive did time out mid-message
