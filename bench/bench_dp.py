@@ -16,6 +16,9 @@ Three measurements, one torch thread per rank, peers alternating in one invocati
   ``torch.nn.parallel.DistributedDataParallel`` on gloo.  Both wrap the
   same module class with the same weights (checked: equal first losses); a step is
   forward, backward, SGD update.  Rounds alternate the order of the peers.
+  ``--keep-grads`` adds both with ``.grad`` as views into their buckets and
+  ``zero_grad(set_to_none=False)`` (``mpimp-views-keep``, ``ddp-views-keep``): autograd then
+  accumulates straight into the buckets, neither copies a gradient.
 * ``allreduce``: wall time of ``mpimp.all_reduce`` of 16M (``--elements``) bf16 elements
   (native fp32-accumulating operator) against 16M fp32 elements, alternating, median.
 * ``zero``: optimizer-state bytes per rank of ``mpimp.ShardedOptimizer(AdamW)`` over the
@@ -90,6 +93,11 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         "ddp-gloo": torch.nn.parallel.DistributedDataParallel(fresh()),
         "no-comm": mpimp.DataParallel(fresh(), topo),  # run under no_sync(): compute only
     }
+    keep = set()  # peers whose .grad stays allocated between steps (zero_grad(set_to_none=False))
+    if args.keep_grads:  # both with .grad as views into their buckets, zeroed in place: no copies
+        peers["mpimp-views-keep"] = mpimp.DataParallel(fresh(), topo, gradient_as_bucket_view=True)
+        peers["ddp-views-keep"] = torch.nn.parallel.DistributedDataParallel(fresh(), gradient_as_bucket_view=True)
+        keep = {"mpimp-views-keep", "ddp-views-keep"}
     g = torch.Generator().manual_seed(1)
     idx = torch.randint(0, CFG.vocab_size, (args.batch, CFG.seq_len), generator=g)
     tgt = torch.randint(0, CFG.vocab_size, (args.batch, CFG.seq_len), generator=g)
@@ -102,7 +110,7 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         model, opt = peers[name], opts[name]
 
         def step() -> None:
-            opt.zero_grad(set_to_none=True)
+            opt.zero_grad(set_to_none=name not in keep)
             loss = model(lidx, ltgt)
             if name == "no-comm":
                 with model.no_sync():
@@ -136,9 +144,13 @@ def bench_dp(args: argparse.Namespace, world: MPI.Comm) -> None:
         for k, v in rates.items():
             print(f"{k:11s} tokens/s median {med[k]:7.0f}   rounds: {' '.join(f'{x:.0f}' for x in v)}")
         print(f"mpimp transport: {'shared memory' if peers['mpimp'].shared_memory else 'MPI'}")
-        for k in ("mpimp", "mpimp-views", "mpimp-shm", "mpimp-bf16", "no-comm"):
-            per_round = [a / b for a, b in zip(rates[k], rates["ddp-gloo"])]  # neighbours in time
-            print(f"ratio {k} / ddp-gloo: medians {med[k] / med['ddp-gloo']:.2f}x, per-round median "
+        pairs = [(k, "ddp-gloo") for k in ("mpimp", "mpimp-views", "mpimp-shm", "mpimp-bf16", "no-comm")]
+        if keep:
+            pairs += [("mpimp-views-keep", "ddp-gloo"), ("mpimp-views-keep", "ddp-views-keep"),
+                      ("ddp-views-keep", "ddp-gloo")]
+        for k, ref in pairs:
+            per_round = [a / b for a, b in zip(rates[k], rates[ref])]  # neighbours in time
+            print(f"ratio {k} / {ref}: medians {med[k] / med[ref]:.2f}x, per-round median "
                   f"{statistics.median(per_round):.2f}x  ({' '.join(f'{x:.2f}' for x in per_round)})")
         cmed = {k: statistics.median(v) for k, v in cpu_rates.items()}
         print("tokens per CPU-second (slowest rank, all threads): "
@@ -286,6 +298,8 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=16, help="global batch (sequences)")
     ap.add_argument("--elements", type=int, default=16 * 2**20)
     ap.add_argument("--repeat", type=int, default=10, help="all-reduce rounds")
+    ap.add_argument("--keep-grads", action="store_true",
+                    help="dp: add mpimp and DDP with gradient_as_bucket_view=True and zero_grad(set_to_none=False)")
     args = ap.parse_args()
     world = MPI.COMM_WORLD
     parts = args.parts.split(",")
