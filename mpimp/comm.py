@@ -3,16 +3,18 @@
 Problem: a pipeline stage receives activations whose shape and dtype it may not know in
 advance (they can change between micro-batches), and torch's binaries ship no MPI
 backend.  Sending a separate "shape" exchange first doubles the latency and invites
-mismatched pairs; so every mpimp message is self-describing, and ONE MPI message: the
-receiver learns its size with a matched probe (``MPI_Improbe``: no race with other
-receives on the same source and tag), receives it into a buffer of exactly that size,
-and reads dtypes and shapes from it.  A *framed* message opens with a small header::
+mismatched pairs; so every mpimp message is ONE MPI message that the receiver decodes
+from itself and its size: it learns the size with a matched probe (``MPI_Improbe``: no
+race with other receives on the same source and tag), receives the message into a
+buffer of exactly that size, and reads dtypes and shapes from its header, or for a raw
+repeat from its channel.  A *framed* message opens with a small header::
 
     | "MPMP" layout n hdrlen | code ndim pad | dims (int64) ... | pad | payload 0 | pad | ...
 
-(each payload 64-byte aligned).  A large tensor whose header repeats the last large
-header of its channel (communicator, peer, tag) travels *raw*: its payload alone, the
-header elided, told apart by its size (:mod:`mpimp.channels`).  That is the steady
+(each payload 64-byte aligned).  A tensor of at least 16 KiB whose header repeats the
+last one-tensor message of at least 16 KiB on its channel (communicator, peer, tag; a
+bare tensor and a 1-tuple differ) travels *raw*: its payload alone, the header elided,
+told apart by its size (:mod:`mpimp.channels`).  That is the steady
 state of training (the same activation shapes every step) and the fast case: a raw
 message is the tensor's own contiguous memory, which MPI moves by single copy (CMA,
 XPMEM, RDMA) straight into a fitting ``out=``.
@@ -390,6 +392,9 @@ def _describe(dtype: torch.dtype, shape: Sequence[int]) -> str:
 class Request:
     """A pending mpimp operation: ``test()`` polls it, ``wait()`` completes it.
 
+    (A receive's ``test()`` may first wait, up to the deadline, for an earlier framed
+    message of its channel to finish arriving: :mod:`mpimp.channels`.)
+
     ``wait()`` returns the received tensor (or tuple) for receives, the reduced tensor
     for non-blocking reductions, ``None`` for sends.
     """
@@ -573,10 +578,10 @@ def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool =
     be completed (``wait``, ``test`` until true, or :func:`wait_all`): it owns the message
     buffer MPI reads from.  Non-contiguous tensors are sent as a contiguous copy.
 
-    A large tensor whose dtype and shape repeat the previous large message on the same
-    (communicator, ``dst``, ``tag``) travels as its payload alone, straight from its own
-    memory (:mod:`mpimp.channels`); a receiver's MPI pulls that contiguous buffer by
-    single copy.  Otherwise the message is framed: the header, then the payloads.
+    A tensor of at least 16 KiB whose dtype and shape repeat the last one-tensor message
+    of at least 16 KiB on the same (communicator, ``dst``, ``tag``) travels as its payload
+    alone, straight from its own memory (:mod:`mpimp.channels`); a receiver's MPI pulls
+    that contiguous buffer by single copy.  Otherwise the message is framed: the header, then the payloads.
     ``pack=True`` copies a large framed message into one contiguous buffer instead of
     sending it from the tensors' own memory.  Use it when the sender goes on computing
     right after the send (a pipeline stage): MPI libraries let the receiver pull a
@@ -698,7 +703,8 @@ def _check_out(meta: list[tuple[torch.dtype, tuple[int, ...], int]], out: torch.
 
 
 class _Unmatched:
-    """Receives posted with ``irecv`` that have not matched their message yet, per communicator.
+    """Receives (``irecv``, or a blocking ``recv`` still waiting) that have not matched their
+    message yet, per communicator.
 
     MPI gives a message to the earliest posted receive that matches its (source, tag); an
     mpimp receive can only post its MPI receive after a matched
@@ -793,8 +799,9 @@ class _RecvRequest(Request):
     message is a raw repeat of its channel's last large header or framed.  A raw payload
     whose dtype and shape fit a contiguous CPU ``out`` lands in ``out`` directly (one
     contiguous receive: the sender's MPI moves it by single copy); otherwise the message
-    lands in one new buffer (a bytearray when small, a pooled array when large, a device
-    tensor for a device result) and the result is views into it (or a copy into ``out``).
+    lands in one new buffer (a bytearray up to ~68 KiB, a pooled array when larger, a
+    device tensor for a device result without ``out``) and the result is views into it
+    (or a copy into ``out``).
     Receive buffers are sized from the probe, so nothing is ever truncated.
     """
 
