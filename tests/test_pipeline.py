@@ -480,3 +480,43 @@ def test_weight_pass_equals_autograd_when_the_linear_output_or_gradient_is_touch
         for (name, q), (_, r) in zip(pipe.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(q.grad, r.grad, atol=TOL, rtol=0, msg=name)
         pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-1f1b"])
+def test_stage_messages_repeat_raw_and_stay_exact(pp_world: mpimp.Topology | None, p: int, schedule: str,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """Activations and gradients of 32 KiB per micro-batch: the first step frames them, the
+    next ones send them raw (header elided, mpimp.channels), and every step still equals
+    the single process."""
+    if pp_world is None:
+        return
+    from mpimp import comm as transport
+    from mpimp.channels import Seen, channels
+
+    kinds: list[str] = []
+    post = transport._post_send
+
+    def spy(tensors, *args, **kw):  # noqa: ANN001, ANN002, ANN003, ANN202 - a recording wrapper
+        req, keep, payload = post(tensors, *args, **kw)
+        kinds.append("raw" if isinstance(keep, torch.Tensor) else "framed")  # raw keeps the tensor itself
+        return req, keep, payload
+
+    monkeypatch.setattr(transport, "_post_send", spy)
+    ref = _layers(seed=3, width=512)
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=2, loss_fn=nn.MSELoss(), schedule=schedule,
+                          **({"virtual_stages": 2} if schedule == "interleaved-1f1b" else {}))
+    per_step = []
+    for step in range(3):
+        x, y = _data(32, seed=10 + step)  # micro-batches of 16 rows x 512 floats = 32 KiB
+        ref.zero_grad()
+        for q in pipe.parameters():
+            q.grad = None
+        kinds.clear()
+        _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+        per_step.append(list(kinds))
+    assert per_step[0] and set(per_step[0]) == {"framed"}, per_step  # every rank sends stage messages
+    assert set(per_step[1]) == set(per_step[2]) == {"raw"}, per_step
+    assert all(type(v) is Seen for v in channels(pipe.comm).seen.values())  # nothing left half-read
+    pipe.close()
