@@ -41,6 +41,7 @@ sends always framed; receivers decode both either way.
 
 from __future__ import annotations
 
+import math
 import os
 import threading
 import weakref
@@ -74,10 +75,16 @@ class Seen:
 
     __slots__ = ("meta", "as_tuple", "nbytes")
 
-    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], as_tuple: bool, nbytes: int) -> None:
+    def __init__(self, dtype: torch.dtype, shape: tuple[int, ...], as_tuple: bool) -> None:
         self.meta = ((dtype, shape, 0),)  # (dtype, shape, offset): a raw payload starts at byte 0
         self.as_tuple = as_tuple
-        self.nbytes = nbytes
+        self.nbytes = dtype.itemsize * math.prod(shape)
+
+    def fits(self, out: torch.Tensor) -> bool:
+        """Whether a raw repeat can be received straight into ``out`` (host, contiguous,
+        this dtype and shape)."""
+        dtype, shape, _ = self.meta[0]
+        return out.is_cpu and out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == shape
 
 
 class ChannelState:

@@ -553,7 +553,7 @@ def _post_send(tensors: list[torch.Tensor], as_tuple: bool, dst: int, comm: MPI.
     eligible = len(tensors) == 1 and payload >= ELIDE_MIN
     with chan.send_lock:
         last = chan.sent.get(key)
-        if eligible and last is not None and (last[0] is frame[0] or last[0] == frame[0]) and _ELIDE:
+        if eligible and last is not None and last[0] == frame[0] and _ELIDE:
             t = tensors[0]
             if _DEBUG:
                 _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B, header elided)")
@@ -630,13 +630,7 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
             return
         if total >= ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
             n = total - offsets[0]
-            chan = channels(comm)
-            with chan.send_lock:  # the common repeat, inline (_post_send decides the rest)
-                last = chan.sent.get((dst, tag))
-                req = (comm.Isend([MPI.buffer.fromaddress(t.data_ptr(), n), n, MPI.BYTE], dst, tag)
-                       if last is not None and last[0] is head and _ELIDE and not _DEBUG else None)
-            if req is None:
-                req = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))[0]
+            req = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))[0]
             _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout)
             return
     isend(tensors, dst, comm, tag).wait(timeout)
@@ -939,9 +933,9 @@ class _RecvRequest(Request):
                         new = self._prev
                         if self._meta is not None and len(self._meta[0]) == 1:
                             dtype, shape, _ = self._meta[0][0]
-                            nbytes = dtype.itemsize * _numel(shape)
-                            if nbytes >= ELIDE_MIN:
-                                new = Seen(dtype, shape, self._meta[1], nbytes)
+                            seen = Seen(dtype, shape, self._meta[1])
+                            if seen.nbytes >= ELIDE_MIN:
+                                new = seen
                         if new is None:
                             del chan.seen[key]
                         else:
@@ -957,9 +951,7 @@ class _RecvRequest(Request):
             self._matched = None
             if seen is not None:  # raw: the payload alone; dtype and shape from the channel
                 self._meta = (seen.meta, seen.as_tuple)
-                dtype, shape, _ = seen.meta[0]
-                if (out is not None and out.is_cpu and out.is_contiguous() and out.dtype == dtype
-                        and tuple(out.shape) == shape):
+                if out is not None and seen.fits(out):
                     self._direct = True  # straight into out: one contiguous receive
                     self._req = msg.Irecv([MPI.buffer.fromaddress(out.data_ptr(), count), count, MPI.BYTE])
                     return
@@ -1026,13 +1018,6 @@ class _RecvRequest(Request):
         return self._value
 
 
-def _numel(shape: Sequence[int]) -> int:
-    n = 1
-    for s in shape:
-        n *= s
-    return n
-
-
 def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None,
           device: torch.device | str | None = None) -> Request:
     """Start receiving a tensor (or tuple) from rank ``src`` of ``comm``; ``wait()`` returns it.
@@ -1085,10 +1070,9 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
             seen = chan.seen.get((src, tag)) if host and src >= 0 and tag >= 0 else None
             target = None
             if type(seen) is Seen:
-                dtype, shape, _ = seen.meta[0]
                 if out is None:
                     target = _RECV_POOL.take_array(seen.nbytes)
-                elif out.dtype == dtype and tuple(out.shape) == shape:
+                elif seen.fits(out):
                     target = MPI.buffer.fromaddress(out.data_ptr(), seen.nbytes)
             msg = comm.Improbe(src, tag, status)
             for _ in range(_TIGHT_POLLS):  # wait for the envelope in a tight loop (1-2 ms) first
@@ -1110,7 +1094,7 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
             _complete(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
             if out is not None:
                 return out
-            got = _view(target, dtype, shape, 0)  # type: ignore[arg-type]
+            got = _view(target, *seen.meta[0])  # type: ignore[arg-type,union-attr]
             return (got,) if seen.as_tuple else got  # type: ignore[union-attr]
     if rreq is None:  # not arrived yet (or behind earlier irecvs): a request that probes in order
         rreq = _RecvRequest(src, comm, tag, out, dev)
