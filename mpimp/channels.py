@@ -84,7 +84,7 @@ class Seen:
         """Whether a raw repeat can be received straight into ``out`` (host, contiguous,
         this dtype and shape)."""
         dtype, shape, _ = self.meta[0]
-        return out.is_cpu and out.is_contiguous() and out.dtype == dtype and tuple(out.shape) == shape
+        return out.dtype == dtype and out.shape == shape and out.is_cpu and out.is_contiguous()
 
 
 class ChannelState:
@@ -94,16 +94,17 @@ class ChannelState:
     :class:`Seen`, or the framed receive still arriving whose header will decide (see
     :mod:`mpimp.comm`).  ``send_lock`` covers a send's decision, its ``MPI_Isend`` and the
     update (so the state follows MPI's order); ``recv_lock`` a receive's matched probe and
-    its classification.
+    its classification, and ``status``, the status object a blocking receive probes into.
     """
 
-    __slots__ = ("sent", "seen", "send_lock", "recv_lock")
+    __slots__ = ("sent", "seen", "send_lock", "recv_lock", "status")
 
     def __init__(self) -> None:
         self.sent: dict[tuple[int, int], tuple[bytes, int]] = {}
         self.seen: dict[tuple[int, int], Any] = {}
         self.send_lock = threading.Lock()
         self.recv_lock = threading.RLock()
+        self.status = MPI.Status()  # a blocking receive's probe status, used under recv_lock
 
 
 def _keyval() -> int:
