@@ -711,14 +711,16 @@ class _Unmatched:
     MPI gives a message to the earliest posted receive that matches its (source, tag); an
     mpimp receive can only post its MPI receive after a matched
     probe tells the size, which happens when it is first tested or waited on.  So a
-    receive that probes first lets every earlier unmatched receive that could take a
-    message of its pattern match its own first message (:meth:`match_earlier`; their
-    bytes then move while they wait), then probes its own pattern, and hands a message
-    it finds to an earlier receive that matches its actual envelope after all (it arrived
-    in between; :meth:`owner_of`).  An earlier receive whose message has not arrived does
-    not hold up a later, broader one (``ANY_TAG`` / ``ANY_SOURCE``) whose message has.  One
-    re-entrant lock serialises the matching, for receives on one communicator from
-    several threads.
+    receive that probes first lets the earlier unmatched receives whose matching can
+    decide its own (:meth:`chain`: those that could take a message of its pattern, and
+    transitively theirs) probe their own patterns, oldest first, then probes its own; a
+    message that a probe finds goes to the earliest receive of the chain still unmatched
+    that matches its actual envelope (it arrived in between; :meth:`owner_of`).  One pass,
+    each receive probing once per message it finds: the cost of a test() grows with the
+    number of unmatched receives, not faster.  An earlier receive whose message has not
+    arrived does not hold up a later, broader one (``ANY_TAG`` / ``ANY_SOURCE``) whose
+    message has.  One re-entrant lock serialises the matching, for receives on one
+    communicator from several threads.
     """
 
     def __init__(self) -> None:
@@ -772,15 +774,16 @@ class _Unmatched:
                 out.append(other)  # (dropped ones, and those of a freed communicator: _live() cleans up)
         return out
 
-    def match_earlier(self, r: _RecvRequest) -> list[_RecvRequest]:
-        """Each earlier receive that could take a message of ``r``'s pattern matches its own
-        first message now, if it has arrived; returns the earlier overlapping receives
-        (call with the lock held)."""
-        earlier = [o for o in self._earlier(r) if self.overlap(r.src, r.tag, o)]
-        for other in earlier:
-            if other._req is None:
-                other._probe()
-        return earlier
+    def chain(self, r: _RecvRequest) -> list[_RecvRequest]:
+        """``r`` and the unmatched receives posted before it that could take a message of
+        its pattern, or of the pattern of one of those, in posting order, ``r`` last (call
+        with the lock held)."""
+        keep = [r]
+        for other in reversed(self._earlier(r)):
+            if any(self.overlap(k.src, k.tag, other) for k in keep):
+                keep.append(other)
+        keep.reverse()
+        return keep
 
     @staticmethod
     def owner_of(earlier: list[_RecvRequest], src: int, tag: int) -> _RecvRequest | None:
@@ -866,21 +869,28 @@ class _RecvRequest(Request):
                 self._post(self._matched)
             return True
         with _UNMATCHED.lock:
-            while self._req is None:
-                earlier = _UNMATCHED.match_earlier(self)
-                with self._chan.recv_lock:  # probe and classify in MPI's matching order
-                    msg = self.comm.Improbe(self.src, self.tag, self._status)
-                    if msg is None:
-                        return False
-                    other = _UNMATCHED.owner_of(earlier, self._status.Get_source(), self._status.Get_tag())
-                    if other is None:
-                        _UNMATCHED.forget(self)
-                        self._post(msg)
-                    else:  # it arrived after ``other``, posted earlier, last looked: it is other's
-                        other._status, self._status = self._status, MPI.Status()
-                        _UNMATCHED.forget(other)
-                        other._post(msg)
-            return True
+            if self._req is None:
+                chain = _UNMATCHED.chain(self)
+                for i, r in enumerate(chain):  # oldest first: each has had its turn before the next
+                    r._probe_own(chain[:i])
+            return self._req is not None
+
+    def _probe_own(self, earlier: list[_RecvRequest]) -> None:
+        """Probe this receive's pattern until it has its message or none is there; a message
+        that an ``earlier`` receive (still unmatched) matches goes to that one."""
+        while self._req is None:
+            with self._chan.recv_lock:  # probe and classify in MPI's matching order
+                msg = self.comm.Improbe(self.src, self.tag, self._status)
+                if msg is None:
+                    return
+                other = _UNMATCHED.owner_of(earlier, self._status.Get_source(), self._status.Get_tag())
+                if other is None:
+                    _UNMATCHED.forget(self)
+                    self._post(msg)
+                else:  # it arrived after ``other``, posted earlier, last looked: it is other's
+                    other._status, self._status = self._status, MPI.Status()
+                    _UNMATCHED.forget(other)
+                    other._post(msg)
 
     def test(self) -> bool:
         """Poll; may wait (up to the deadline) for an earlier framed message on this

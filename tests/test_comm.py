@@ -655,6 +655,42 @@ def test_a_broader_later_receive_is_not_held_up_by_an_earlier_one_still_waiting(
     assert not [r for r in left if r is not None and r.comm.handle == comm.handle]
 
 
+class _CountingComm(MPI.Intracomm):
+    """The same communicator (same handle), counting matched probes; it fails past ``limit``
+    (a probe storm would otherwise run for hours before a timeout stops it)."""
+
+    probes = 0
+    limit = 10**9
+
+    def Improbe(self, *args: object, **kwargs: object) -> MPI.Message | None:  # noqa: N802 (MPI's name)
+        self.probes += 1
+        if self.probes > self.limit:
+            raise AssertionError(f"more than {self.limit} matched probes")
+        return super().Improbe(*args, **kwargs)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_test_of_many_unmatched_receives_probes_each_once(comm: MPI.Comm) -> None:
+    """test() of the last of n unmatched irecvs lets each earlier one probe once, oldest
+    first (matching the earlier receives recursively took 2**n probes: 45 ms at n = 16,
+    hours at n = 40), and the messages still go to the receives in posting order, a
+    wildcard receive among them included."""
+    dst, src = ring(comm)
+    counting = _CountingComm(comm)
+    reqs = [mpimp.irecv(src, counting, tag=91) for _ in range(20)]
+    reqs.append(mpimp.irecv(src, counting, tag=MPI.ANY_TAG))  # overlaps all of them
+    reqs += [mpimp.irecv(src, counting, tag=91) for _ in range(19)]
+    counting.limit = 4 * len(reqs)
+    assert not reqs[-1].test()  # no message yet (sent after the barrier)
+    assert counting.probes == len(reqs)
+    comm.Barrier()
+    sends = [mpimp.isend(torch.tensor([float(k)]), dst, comm, tag=91) for k in range(len(reqs))]
+    got = mpimp.wait_all(reqs, timeout=30)
+    mpimp.wait_all(sends)
+    assert [g.item() for g in got] == [float(k) for k in range(len(reqs))]  # type: ignore[union-attr]
+    assert counting.probes <= counting.limit
+
+
 @pytest.mark.mpi(min_size=1)
 def test_foreign_or_corrupt_messages_raise_transport_error(comm: MPI.Comm) -> None:
     """Bytes another library sent on the same communicator and tag: a TransportError that says
