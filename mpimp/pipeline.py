@@ -228,21 +228,29 @@ class Pipeline(StageExecutor):
 
     # ------------------------------------------------------------------ public surface
     def parameters(self) -> Iterator[nn.Parameter]:
-        """Parameters of the layers this rank owns (for the optimizer)."""
-        for s in self.local_stages:
-            yield from self.stages[s].parameters()
+        """Parameters of the layers this rank owns (for the optimizer), each once: a module
+        in two of this rank's (virtual) stages, or a weight tied between them, is one
+        parameter (torch optimizers would otherwise step it twice)."""
+        for _, q in self.named_parameters():
+            yield q
 
     def named_parameters(self) -> Iterator[tuple[str, nn.Parameter]]:
-        """``("<layer index>.<name>", parameter)`` with the layer's index in the original sequence."""
+        """``("<layer index>.<name>", parameter)`` with the layer's index in the original
+        sequence; a parameter this rank holds in several places is named once, by its first."""
         bounds = stage_bounds(self.balance)
+        seen: set[int] = set()
         for s in self.local_stages:
             lo, _ = bounds[s]
             for j, layer in enumerate(self.stages[s]):
                 for name, q in layer.named_parameters():
-                    yield f"{lo + j}.{name}", q
+                    if id(q) not in seen:
+                        seen.add(id(q))
+                        yield f"{lo + j}.{name}", q
 
     def close(self) -> None:
-        """Free the pipeline's private communicator (collective over ``topo.pp_comm``)."""
+        """Free the pipeline's private communicator (collective over ``topo.pp_comm``) and
+        take its hooks off the layers (they can then serve a new Pipeline)."""
+        self._remove_layer_hooks()
         if self.comm != MPI.COMM_NULL:
             self.comm.Free()
             self.comm = MPI.COMM_NULL

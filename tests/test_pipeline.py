@@ -62,7 +62,8 @@ def _check_step(topo: mpimp.Topology, pipe: mpimp.Pipeline, ref: nn.Module, x: t
         assert q.grad is not None, name
         torch.testing.assert_close(q.grad, params[name].grad, atol=TOL, rtol=0)
         checked += 1
-    assert checked == sum(1 for i in pipe.layer_indices for _ in ref[i].parameters())
+    # each parameter once, also one that two of this rank's layers share
+    assert checked == len({id(q) for i in pipe.layer_indices for q in ref[i].parameters()})
     # every layer is owned by exactly one pipeline rank
     everyone = sorted(i for idx in topo.pp_comm.allgather(pipe.layer_indices) for i in idx)
     assert everyone == list(range(len(ref)))
@@ -195,7 +196,48 @@ def test_weight_used_outside_its_layer_gets_its_full_gradient(pp_world: mpimp.To
     _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
     if schedule == "zb-h1":  # the sharing stage fell back to full backwards, the other one splits
         assert pipe.split_weight_passes == (0 if pp_world.pp_rank == 0 else 3)
+    # an optimizer over pipe.parameters() steps a shared parameter once, as over the whole model
+    torch.optim.SGD(pipe.parameters(), lr=0.1).step()
+    torch.optim.SGD(ref.parameters(), lr=0.1).step()
+    params = dict(ref.named_parameters(remove_duplicate=False))
+    for name, q in pipe.named_parameters():
+        torch.testing.assert_close(q.detach(), params[name].detach(), atol=TOL, rtol=0)
     pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+def test_a_pipeline_leaves_its_layers_when_closed_or_dropped(pp_world: mpimp.Topology | None, p: int) -> None:
+    """The executor's forward hooks go with close(), or with the pipeline when it is
+    dropped: a pipeline rebuilt on the same layers (after a failed step, or for
+    evaluation) neither keeps the old one alive nor stacks its hooks."""
+    if pp_world is None:
+        return
+    import gc
+    import weakref
+
+    ref = _layers(5)
+    layers = copy.deepcopy(ref)
+    x, y = _data(4, seed=6)
+
+    def hooks() -> int:
+        return sum(len(m._forward_hooks) for m in layers.modules())
+
+    for closing in (True, False, True):
+        pipe = mpimp.Pipeline(layers, pp_world, chunks=2, loss_fn=nn.MSELoss())
+        assert hooks() == len([i for i in pipe.layer_indices if any(True for _ in layers[i].parameters())])
+        ref.zero_grad()
+        for q in layers.parameters():
+            q.grad = None
+        _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+        gone = weakref.ref(pipe)
+        if closing:
+            pipe.close()
+            assert hooks() == 0
+        del pipe
+        gc.collect()
+        assert gone() is None, "the pipeline outlived its last reference"
+        assert hooks() == 0
 
 
 class _Split(nn.Module):

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import os
 import time
+import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple, Union
 
@@ -234,6 +235,12 @@ def _split_is_exact(out: Any, captured: list[Capture], inputs: list[torch.Tensor
     return True
 
 
+def _remove_hooks(handles: list[Any]) -> None:
+    for h in handles:
+        h.remove()
+    handles.clear()
+
+
 class StageExecutor:
     """Mixin running a row of actions; the host class provides the attributes below.
 
@@ -256,11 +263,22 @@ class StageExecutor:
         self._has_w = has_w
         self._capture: list[Capture] | None = None
         self._owners_of_params: dict[int, list[nn.Module]] = {}
+        # the hooks hold the executor weakly and go when it is closed or collected: a module
+        # outlives the pipelines built on it (a rebuilt pipeline, an evaluation pipeline)
+        me = weakref.ref(self)
+
+        def hook(module: nn.Module, args: Any, output: Any) -> None:
+            ex = me()
+            if ex is not None:
+                ex._hook(module, args, output)
+
+        self._hook_handles: list[Any] = []
         for s, mods in self.stages.items():
             owners = [mod for mod in mods.modules() if any(True for _ in mod.parameters(recurse=False))]
             self._owners_of_params[s] = owners
-            for mod in owners:
-                mod.register_forward_hook(self._hook, prepend=True)  # the output before users' hooks
+            for mod in owners:  # the output before users' hooks
+                self._hook_handles.append(mod.register_forward_hook(hook, prepend=True))
+        weakref.finalize(self, _remove_hooks, self._hook_handles)
         p = self.topo.pp
         self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, ERR_TAG) if p > 1 else None
         self._broken: str | None = None
@@ -271,6 +289,9 @@ class StageExecutor:
         self._step_start = 0.0
         self.peak_inflight = 0  # measured in the last step: micro-batches held between F and B/W
         self.split_weight_passes = 0  # W actions of the last step that ran a separate weight pass
+
+    def _remove_layer_hooks(self) -> None:
+        _remove_hooks(self._hook_handles)
 
     def _hook(self, module: nn.Module, args: Any, output: Any) -> None:
         if self._capture is not None:
