@@ -17,7 +17,10 @@ rank, so the collectives match) while backward goes on in the main thread (see
 :class:`_ReduceWorker` for why not ``MPI_Iallreduce``).  A callback queued on the
 autograd engine waits for all of them (with the deadline) before ``backward()``
 returns and copies the means back into ``.grad`` (a 16-bit wire for fp32 gradients is
-summed as it is, widened back and divided then).
+summed as it is, widened back and divided then).  It is queued from a hook on the
+module's outputs, so it runs at the end of the outermost backward: with reentrant
+activation checkpointing the parameters' hooks fire inside nested backwards, one per
+checkpointed segment, and queuing from them reduced every bucket once per segment.
 
 ``.grad`` stays the tensor autograd made, as in DDP's default: making it a view into
 the bucket instead (``gradient_as_bucket_view=True``, which saves that copy back and a
@@ -455,6 +458,18 @@ def split_batch(batch: torch.Tensor | Sequence[torch.Tensor], topo: Topology) ->
 
 # ----------------------------------------------------------------------------- the wrapper
 
+def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
+    """The tensors in a module's output (nested tuples, lists and dicts)."""
+    if isinstance(value, torch.Tensor):
+        yield value
+    elif isinstance(value, (tuple, list)):
+        for v in value:
+            yield from _tensors_in(v)
+    elif isinstance(value, dict):
+        for v in value.values():
+            yield from _tensors_in(v)
+
+
 class _BackwardState:
     def __init__(self) -> None:
         self.queued = False
@@ -572,7 +587,15 @@ class DataParallel(nn.Module):
                 if b.request is not None:
                     b.request.wait()
                 b.reset()
-        return self.module(*args, **kwargs)
+        out = self.module(*args, **kwargs)
+        if self._sync and torch.is_grad_enabled():
+            # the end of backward is queued from the outputs' gradient: that runs in the
+            # outermost backward, while the parameters' hooks may run in nested ones
+            # (reentrant activation checkpointing), whose ends are not the end of backward
+            for t in _tensors_in(out):
+                if t.requires_grad:
+                    t.register_hook(self._output_hook)
+        return out
 
     def split_batch(self, *batch: torch.Tensor) -> Any:
         """This replica's share of a global batch: ``x, y = dp_model.split_batch(x, y)``."""
@@ -589,14 +612,24 @@ class DataParallel(nn.Module):
             self._sync = old
 
     # -- backward
+    def _queue_finish(self) -> None:
+        """Run :meth:`_finish` when the backward running now ends (once per backward)."""
+        state = self._state
+        if not state.queued:
+            state.queued = True
+            torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+
+    def _output_hook(self, grad: torch.Tensor) -> None:
+        if self._sync:
+            self._queue_finish()
+
     def _hook(self, bi: int, j: int) -> Any:
         def hook(param: torch.Tensor) -> None:
             if not self._sync:
                 return
             state = self._state
-            if not state.queued:
-                state.queued = True
-                torch.autograd.Variable._execution_engine.queue_callback(self._finish)
+            if not state.queued:  # (backward not started from this module's outputs)
+                self._queue_finish()
             bucket = self.buckets[bi]
             bucket.put(j)
             self._launch_ready(state)
