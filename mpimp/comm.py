@@ -830,7 +830,7 @@ class _RecvRequest(Request):
         self._key: tuple[int, int] | None = None  # the channel whose L this framed message decides
         self._prev: object = None  # that channel's L before it
         self._meta: tuple[tuple[tuple[torch.dtype, tuple[int, ...], int], ...], bool] | None = None
-        self._matched: MPI.Message | None = None  # matched, not yet posted (its classification raised)
+        self._matched: MPI.Message | None = None  # matched, receive not posted yet (posting it raised)
         self._deferred: BaseException | None = None  # what posting ``msg`` raised, for test()/wait()
         if _DEBUG:
             _trace(comm, f"Irecv <- {src} tag {tag}")
@@ -961,12 +961,36 @@ class _RecvRequest(Request):
                 self._prev = None
 
     def _post(self, msg: MPI.Message) -> None:
+        """Classify the matched message and post its receive.  Until the receive is posted
+        the message stays in ``_matched`` (a later test()/wait() resumes with it) and the
+        channel's state is as before it: settling an earlier message, or allocating the
+        buffer (MemoryError, a device out of memory), may raise."""
+        self._matched = msg
+        try:
+            self._post_matched(msg)
+        except BaseException:
+            self._unclassify()
+            raise
+        self._matched = None
+
+    def _unclassify(self) -> None:
+        """Give the channel back the L it had before this message was classified framed."""
+        key = self._key
+        if key is not None:
+            chan = self._chan
+            with chan.recv_lock:
+                if chan.seen.get(key) is self:
+                    if self._prev is None:
+                        del chan.seen[key]
+                    else:
+                        chan.seen[key] = self._prev
+            self._key = self._prev = None
+
+    def _post_matched(self, msg: MPI.Message) -> None:
         count = self._status.Get_count(MPI.BYTE)
         out = self.out
         if count >= ELIDE_MIN:
-            self._matched = msg  # until classified (settling an earlier message may raise)
             seen = self._classify(count)
-            self._matched = None
             if seen is not None:  # raw: the payload alone; dtype and shape from the channel
                 self._meta = (seen.meta, seen.as_tuple)
                 if out is not None and seen.fits(out):

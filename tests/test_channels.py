@@ -281,3 +281,34 @@ def test_a_deadline_in_the_middle_of_a_framed_message_keeps_the_channel_readable
     lines = done.stdout.splitlines()
     assert "repeat 0 (3, 5000) True" in lines and "repeat 1 (3, 5000) True" in lines, done.stdout
     assert "deadline" in lines, done.stdout  # the first receive did time out mid-message
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_receive_whose_buffer_fails_keeps_its_message_and_the_channel(
+        comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A framed message whose receive buffer cannot be allocated (MemoryError, a device out
+    of memory) stays matched: the irecv raises, the next wait() receives it, and the
+    channel then reads the raw repeat that follows (the message was lost, and every later
+    receive of the channel failed on its half-classified state)."""
+    dst, src = ring(comm)
+    big = torch.arange(40_000, dtype=torch.float32).reshape(200, 200)  # 160 KB: a pooled buffer
+    r1 = mpimp.irecv(src, comm, tag=95)
+    sends = [mpimp.isend(big, dst, comm, tag=95)]
+    take = transport._RECV_POOL.take_array
+    failed = []
+
+    def fail_once(n: int) -> object:
+        if not failed:
+            failed.append(n)
+            raise MemoryError(f"no room for {n} bytes")
+        return take(n)
+
+    monkeypatch.setattr(transport._RECV_POOL, "take_array", fail_once)
+    with pytest.raises(MemoryError):
+        r1.wait(timeout=10)
+    assert failed
+    got = r1.wait(timeout=10)  # the same message, received now
+    assert torch.equal(got, big)
+    sends.append(mpimp.isend(big + 1, dst, comm, tag=95))  # a raw repeat of its header
+    assert torch.equal(mpimp.recv(src, comm, tag=95, timeout=10), big + 1)
+    mpimp.wait_all(sends, timeout=10)
