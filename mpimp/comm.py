@@ -752,14 +752,19 @@ class _Unmatched:
 
     def add(self, r: _RecvRequest) -> None:
         with self.lock:
-            self.pending.setdefault(r.comm.handle, []).append(weakref.ref(r))
+            refs = self.pending.setdefault(r.comm.handle, [])
+            refs.append(weakref.ref(r))
+            n = len(refs)
+            if n >= 32 and n & (n - 1) == 0:  # at each doubling: drop the receives their owners dropped
+                refs[:] = [ref for ref in refs if ref() is not None]
 
     def forget(self, r: _RecvRequest) -> None:
-        """``r`` matched its message (or was abandoned by a blocking recv that raised)."""
+        """``r`` matched its message (or was abandoned by a blocking recv that raised);
+        dropped receives go too."""
         with self.lock:
             refs = self.pending.get(r.comm.handle)
             if refs is not None:
-                refs[:] = [ref for ref in refs if ref() is not r]
+                refs[:] = [ref for ref in refs if (o := ref()) is not None and o is not r]
                 if not refs:
                     del self.pending[r.comm.handle]
 

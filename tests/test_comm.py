@@ -692,6 +692,22 @@ def test_a_test_of_many_unmatched_receives_probes_each_once(comm: MPI.Comm) -> N
 
 
 @pytest.mark.mpi(min_size=1)
+def test_dropped_unmatched_receives_do_not_pile_up(comm: MPI.Comm) -> None:
+    """irecvs dropped before they matched leave the list of unmatched receives (which
+    every test() of a receive on the communicator scans) instead of growing it forever;
+    a fresh receive still gets its message."""
+    dst, src = ring(comm)
+    for _ in range(3000):
+        mpimp.irecv(src, comm, tag=96)  # dropped at once
+    assert len(transport._UNMATCHED.pending.get(comm.handle, [])) <= 64
+    r = mpimp.irecv(src, comm, tag=96)
+    s = mpimp.isend(torch.ones(3), dst, comm, tag=96)
+    assert r.wait(timeout=10).tolist() == [1.0, 1.0, 1.0]  # type: ignore[union-attr]
+    s.wait()
+    assert not transport._UNMATCHED.pending.get(comm.handle)
+
+
+@pytest.mark.mpi(min_size=1)
 def test_foreign_or_corrupt_messages_raise_transport_error(comm: MPI.Comm) -> None:
     """Bytes another library sent on the same communicator and tag: a TransportError that says
     so (no struct.error, no hang), through every receive path; the next message is intact."""
