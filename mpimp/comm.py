@@ -854,7 +854,11 @@ class _RecvRequest(Request):
         if not self._done:
             self._raise_deferred()
             if self._req is None:  # first the message's envelope (matched probe), then its bytes
+                limit = default_timeout() if timeout is None else timeout
+                start = time.monotonic()
                 _wait_until(self._probe, self.describe, timeout)
+                if limit is not None:  # one deadline for both waits
+                    timeout = max(1e-6, limit - (time.monotonic() - start))
             assert self._req is not None
             _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
         return Request.wait(self, timeout)

@@ -283,6 +283,44 @@ def test_a_deadline_in_the_middle_of_a_framed_message_keeps_the_channel_readable
     assert "deadline" in lines, done.stdout  # the first receive did time out mid-message
 
 
+_ONE_DEADLINE = """
+import time, torch
+from mpi4py import MPI
+import mpimp
+comm = MPI.COMM_WORLD.Dup()
+q = torch.arange(15000, dtype=torch.float32)
+if comm.Get_rank() == 1:
+    time.sleep(0.6)  # the envelope arrives after 0.6 s ...
+    r = mpimp.isend(q, 0, comm, tag=8)
+    time.sleep(3.0)  # ... and its bytes do not move (no CMA, no MPI calls here)
+    r.wait()
+else:
+    r = mpimp.irecv(1, comm, tag=8)
+    start = time.monotonic()
+    try:
+        r.wait(timeout=1.0)
+        print("no deadline", flush=True)
+    except mpimp.DeadlineError:
+        print(f"deadline after {time.monotonic() - start:.2f}", flush=True)
+    print("then", bool(torch.equal(r.wait(timeout=20), q)), flush=True)
+"""
+
+
+def test_an_irecv_wait_has_one_deadline_for_envelope_and_bytes() -> None:
+    """wait(timeout=t) of an irecv whose envelope arrives late and whose bytes then stall
+    raises after t, not after the envelope's wait plus a second t; the request still
+    completes afterwards."""
+    from conftest import mpirun
+
+    done = mpirun(2, sys.executable, "-c", _ONE_DEADLINE, timeout=120, MPIMP_TIMEOUT="30",
+                  OMPI_MCA_smsc="^cma")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    after = [float(x.split()[-1]) for x in lines if x.startswith("deadline after")]
+    assert after and 0.9 <= after[0] < 1.4, done.stdout
+    assert "then True" in lines, done.stdout
+
+
 @pytest.mark.mpi(min_size=1)
 def test_a_receive_whose_buffer_fails_keeps_its_message_and_the_channel(
         comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
