@@ -40,6 +40,7 @@ raises :class:`DeadlineError` naming the rank, the peer, the tag and the operati
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import struct
@@ -47,7 +48,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import Union
 
 import numpy as np
@@ -728,6 +729,25 @@ class _Unmatched:
         # its owner dropped matches nothing, unlike a freed MPI request)
         self.pending: dict[int, list[weakref.ref[_RecvRequest]]] = {}
         self.lock = threading.RLock()
+        self._sweep = threading.local()  # .empty: the patterns that found nothing in this sweep
+
+    def swept(self) -> set[tuple[int, int, int]] | None:
+        """Inside :meth:`sweep`: the (communicator handle, source, tag) patterns whose probe
+        found nothing so far in it; None outside one."""
+        return getattr(self._sweep, "empty", None)
+
+    @contextlib.contextmanager
+    def sweep(self) -> Iterator[None]:
+        """One polling round over many receives (:func:`wait_all`): a pattern that found no
+        message is not probed again in the round (a message that arrives meanwhile is
+        found in the next), so a round over n unmatched receives of one pattern probes
+        once, not once per receive and chain member (n (n + 1) / 2 probes)."""
+        outer = self.swept()
+        self._sweep.empty = set()
+        try:
+            yield
+        finally:
+            self._sweep.empty = outer
 
     @staticmethod
     def overlap(src: int, tag: int, other: _RecvRequest) -> bool:
@@ -879,18 +899,27 @@ class _RecvRequest(Request):
             return True
         with _UNMATCHED.lock:
             if self._req is None:
+                empty = _UNMATCHED.swept()
+                if empty is not None and (self.comm.handle, self.src, self.tag) in empty:
+                    return False  # this pattern found nothing earlier in this sweep
                 chain = _UNMATCHED.chain(self)
                 for i, r in enumerate(chain):  # oldest first: each has had its turn before the next
-                    r._probe_own(chain[:i])
+                    r._probe_own(chain[:i], empty)
             return self._req is not None
 
-    def _probe_own(self, earlier: list[_RecvRequest]) -> None:
+    def _probe_own(self, earlier: list[_RecvRequest], empty: set[tuple[int, int, int]] | None) -> None:
         """Probe this receive's pattern until it has its message or none is there; a message
-        that an ``earlier`` receive (still unmatched) matches goes to that one."""
+        that an ``earlier`` receive (still unmatched) matches goes to that one.  ``empty``:
+        the patterns that found nothing in the current sweep (skipped; None outside one)."""
         while self._req is None:
+            pattern = (self.comm.handle, self.src, self.tag)
+            if empty is not None and pattern in empty:
+                return
             with self._chan.recv_lock:  # probe and classify in MPI's matching order
                 msg = self.comm.Improbe(self.src, self.tag, self._status)
                 if msg is None:
+                    if empty is not None:
+                        empty.add(pattern)
                     return
                 other = _UNMATCHED.owner_of(earlier, self._status.Get_source(), self._status.Get_tag())
                 if other is None:
@@ -1178,9 +1207,15 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
                     break
         except MPI.Exception:
             pass  # test() below reports it, naming the request
-    _wait_until(lambda: all([r.test() for r in pending]),
+    _wait_until(lambda: _test_all(pending),
                 lambda: "; ".join(r.describe() for r in pending if not r.test()), timeout)
     return [r.result() for r in pending]
+
+
+def _test_all(requests: Sequence[Request]) -> bool:
+    """Test every request once (one sweep of the unmatched receives); True when all are done."""
+    with _UNMATCHED.sweep():
+        return all([r.test() for r in requests])
 
 
 # ----------------------------------------------------------------------------- collectives

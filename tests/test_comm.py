@@ -673,8 +673,9 @@ class _CountingComm(MPI.Intracomm):
 def test_a_test_of_many_unmatched_receives_probes_each_once(comm: MPI.Comm) -> None:
     """test() of the last of n unmatched irecvs lets each earlier one probe once, oldest
     first (matching the earlier receives recursively took 2**n probes: 45 ms at n = 16,
-    hours at n = 40), and the messages still go to the receives in posting order, a
-    wildcard receive among them included."""
+    hours at n = 40); a wait_all round over all of them probes each pattern once; the
+    messages still go to the receives in posting order, a wildcard receive among them
+    included."""
     dst, src = ring(comm)
     counting = _CountingComm(comm)
     reqs = [mpimp.irecv(src, counting, tag=91) for _ in range(20)]
@@ -683,6 +684,9 @@ def test_a_test_of_many_unmatched_receives_probes_each_once(comm: MPI.Comm) -> N
     counting.limit = 4 * len(reqs)
     assert not reqs[-1].test()  # no message yet (sent after the barrier)
     assert counting.probes == len(reqs)
+    counting.probes = 0
+    assert not transport._test_all(reqs)  # one polling round of wait_all over all of them
+    assert counting.probes == 2  # once per pattern (tag 91, ANY_TAG), not n (n + 1) / 2 times
     comm.Barrier()
     sends = [mpimp.isend(torch.tensor([float(k)]), dst, comm, tag=91) for k in range(len(reqs))]
     got = mpimp.wait_all(reqs, timeout=30)
