@@ -726,8 +726,12 @@ class _Unmatched:
 
     def __init__(self) -> None:
         # communicator handle -> the unmatched receives, in posting order (weakly: a request
-        # its owner dropped matches nothing, unlike a freed MPI request)
-        self.pending: dict[int, list[weakref.ref[_RecvRequest]]] = {}
+        # its owner dropped matches nothing, unlike a freed MPI request), with their patterns
+        self.pending: dict[int, list[tuple[weakref.ref[_RecvRequest], int, int]]] = {}
+        # communicator handle -> (source, tag) -> entries of that pattern in ``pending``
+        # (dropped ones included until pruned), and under None those with a wildcard: a
+        # receive that no other entry could overlap matches alone, without a scan of the list
+        self.counts: dict[int, dict[tuple[int, int] | None, int]] = {}
         self.lock = threading.RLock()
         self._sweep = threading.local()  # .empty: the patterns that found nothing in this sweep
 
@@ -754,16 +758,30 @@ class _Unmatched:
         return ((src == other.src or MPI.ANY_SOURCE in (src, other.src))
                 and (tag == other.tag or MPI.ANY_TAG in (tag, other.tag)))
 
-    def _live(self, handle: int) -> list[_RecvRequest]:
-        refs = self.pending.get(handle, [])
-        # dropped requests, and those of a freed communicator (whose handle a new one may reuse)
-        live = [r for r in (ref() for ref in refs) if r is not None and r.comm.handle == handle]
-        if len(live) != len(refs):  # drop the dead
-            if live:
-                self.pending[handle] = [weakref.ref(r) for r in live]
+    def _keep(self, handle: int, keep: Callable[[_RecvRequest], bool]) -> list[_RecvRequest]:
+        """Keep the entries of ``handle`` whose request is alive and passes ``keep``; the
+        kept requests, in order (call with the lock held)."""
+        entries = self.pending.get(handle)
+        if entries is None:
+            return []
+        kept, live = [], []
+        counts = self.counts[handle]
+        for entry in entries:
+            r = entry[0]()
+            if r is not None and keep(r):
+                kept.append(entry)
+                live.append(r)
             else:
-                self.pending.pop(handle, None)
+                _count(counts, entry[1], entry[2], -1)
+        if kept:
+            entries[:] = kept
+        else:
+            del self.pending[handle], self.counts[handle]
         return live
+
+    def _live(self, handle: int) -> list[_RecvRequest]:
+        # dropped requests, and those of a freed communicator (whose handle a new one may reuse)
+        return self._keep(handle, lambda r: r.comm.handle == handle)
 
     def blocked(self, comm: MPI.Comm, src: int, tag: int) -> bool:
         """Whether an unmatched earlier receive could take the next message of (src, tag)."""
@@ -772,26 +790,25 @@ class _Unmatched:
 
     def add(self, r: _RecvRequest) -> None:
         with self.lock:
-            refs = self.pending.setdefault(r.comm.handle, [])
-            refs.append(weakref.ref(r))
-            n = len(refs)
+            handle = r.comm.handle
+            entries = self.pending.setdefault(handle, [])
+            counts = self.counts.setdefault(handle, {})
+            entries.append((weakref.ref(r), r.src, r.tag))
+            _count(counts, r.src, r.tag, 1)
+            n = len(entries)
             if n >= 32 and n & (n - 1) == 0:  # at each doubling: drop the receives their owners dropped
-                refs[:] = [ref for ref in refs if ref() is not None]
+                self._keep(handle, lambda r: True)
 
     def forget(self, r: _RecvRequest) -> None:
         """``r`` matched its message (or was abandoned by a blocking recv that raised);
         dropped receives go too."""
         with self.lock:
-            refs = self.pending.get(r.comm.handle)
-            if refs is not None:
-                refs[:] = [ref for ref in refs if (o := ref()) is not None and o is not r]
-                if not refs:
-                    del self.pending[r.comm.handle]
+            self._keep(r.comm.handle, lambda o: o is not r)
 
     def _earlier(self, r: _RecvRequest) -> list[_RecvRequest]:
         """The unmatched receives posted before ``r`` on its communicator, in order."""
         handle, out = r.comm.handle, []
-        for ref in list(self.pending.get(handle, ())):  # a copy: matching removes entries
+        for ref, _, _ in list(self.pending.get(handle, ())):  # a copy: matching removes entries
             other = ref()
             if other is r:
                 break
@@ -803,6 +820,10 @@ class _Unmatched:
         """``r`` and the unmatched receives posted before it that could take a message of
         its pattern, or of the pattern of one of those, in posting order, ``r`` last (call
         with the lock held)."""
+        if r.src != MPI.ANY_SOURCE and r.tag != MPI.ANY_TAG:  # alone with its pattern, no wildcards?
+            counts = self.counts.get(r.comm.handle, {})
+            if counts.get((r.src, r.tag), 0) <= 1 and not counts.get(None):
+                return [r]
         keep = [r]
         for other in reversed(self._earlier(r)):
             if any(self.overlap(k.src, k.tag, other) for k in keep):
@@ -817,6 +838,13 @@ class _Unmatched:
             if other._req is None and other.src in (src, MPI.ANY_SOURCE) and other.tag in (tag, MPI.ANY_TAG):
                 return other
         return None
+
+
+def _count(counts: dict[tuple[int, int] | None, int], src: int, tag: int, delta: int) -> None:
+    """Add ``delta`` entries of pattern (src, tag) to ``counts`` (and to its wildcard total)."""
+    counts[(src, tag)] = counts.get((src, tag), 0) + delta
+    if src == MPI.ANY_SOURCE or tag == MPI.ANY_TAG:
+        counts[None] = counts.get(None, 0) + delta
 
 
 _UNMATCHED = _Unmatched()  # mirrors MPI's own per-process queue of posted receives
