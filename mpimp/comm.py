@@ -206,13 +206,49 @@ def _spin(req: MPI.Request, polls: int) -> bool:
 
 
 def _complete(req: MPI.Request, what: Callable[[], str], timeout: float | None,
-              polls: int = _TIGHT_POLLS) -> None:
+              polls: int = _TIGHT_POLLS, keep: object = None) -> None:
     """Complete one MPI request: :func:`_spin` first (written out: one Python frame less
-    on the path that follows a transfer), then the deadline loop."""
+    on the path that follows a transfer), then the deadline loop; a wait that raises
+    leaves the request and ``keep`` (its buffers) to :func:`_abandon`."""
     for _ in range(polls):
         if req.Test():
             return
-    _wait_until(req.Test, what, timeout)
+    _wait_or_abandon(req, what, timeout, keep)
+
+
+def _wait_or_abandon(req: MPI.Request, what: Callable[[], str], timeout: float | None, keep: object) -> None:
+    try:
+        _wait_until(req.Test, what, timeout)
+    except BaseException:
+        _abandon(req, keep)
+        raise
+
+
+# Requests whose wait was given up (a deadline) or whose request object was dropped before
+# they completed: MPI may still read or write their buffers (a pooled receive buffer would
+# otherwise be handed to the next receive while the stale transfer still lands in it), so
+# they are kept here with those buffers until MPI completes them (:func:`_reap`, run by the
+# next send or receive).
+_ABANDONED: list[tuple[MPI.Request, object]] = []
+_ABANDONED_LOCK = threading.Lock()
+
+
+def _abandon(req: MPI.Request, keep: object) -> None:
+    with _ABANDONED_LOCK:
+        _ABANDONED.append((req, keep))
+
+
+def _finished(req: MPI.Request) -> bool:
+    try:
+        return bool(req.Test())
+    except MPI.Exception:  # completed in error: MPI is done with its buffers
+        return True
+
+
+def _reap() -> None:
+    """Release the abandoned requests that MPI has completed, and their buffers."""
+    with _ABANDONED_LOCK:
+        _ABANDONED[:] = [(r, k) for r, k in _ABANDONED if not _finished(r)]
 
 
 # ----------------------------------------------------------------------------- headers
@@ -452,6 +488,13 @@ class _MPIRequest(Request):
             _spin(self._req, _TIGHT_POLLS)
         return Request.wait(self, timeout)
 
+    def __del__(self) -> None:
+        if not self._done:  # dropped unfinished (its wait raised, or it was never waited on)
+            try:
+                _abandon(self._req, self._keep)
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
 
 class _SendRequest(_MPIRequest):
     """An isend: its description is formatted only when needed (a deadline or a trace)."""
@@ -632,15 +675,15 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
                 _trace(comm, f"Isend -> {dst} tag {tag} ({n} B)")
             # an eager message completes within a few progress calls
             _complete(comm.Isend([msg, total, MPI.BYTE], dst, tag),
-                      lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, _QUICK_POLLS)
+                      lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, _QUICK_POLLS, msg)
             return
         if total >= ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
             n = total - offsets[0]
-            req = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))[0]
+            req, keep, _ = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))
             for _ in range(_TIGHT_POLLS):  # (inline, as in recv: the frames cost on cold caches)
                 if req.Test():
                     return
-            _wait_until(req.Test, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout)
+            _wait_or_abandon(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, (t, keep))
             return
     isend(tensors, dst, comm, tag).wait(timeout)
 
@@ -898,6 +941,13 @@ class _RecvRequest(Request):
     def describe(self) -> str:
         return f"recv from rank {self.src} (tag {self.tag})"
 
+    def __del__(self) -> None:
+        if self._req is not None and not self._done:  # its bytes may still be landing
+            try:
+                _abandon(self._req, (self._raw, self._staged, self.out))
+            except Exception:  # pragma: no cover - interpreter shutdown
+                pass
+
     def wait(self, timeout: float | None = None) -> Tensors | None:
         if not self._done:
             self._raise_deferred()
@@ -1137,6 +1187,8 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     ``out``'s, else CPU).
     """
     dev = torch.device(device) if isinstance(device, str) else device
+    if _ABANDONED:
+        _reap()
     return _RecvRequest(src, comm, tag, out, dev)
 
 
@@ -1149,7 +1201,7 @@ def _recv_small(msg: MPI.Message, count: int, out: torch.Tensor | None, src: int
         msg.Recv([buf, count, MPI.BYTE])
     else:
         _complete(msg.Irecv([buf, count, MPI.BYTE]),
-                  lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
+                  lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout, keep=buf)
     if out is None:
         return _unpack(buf)
     meta, _, _ = _parse_header(_head_of(buf))
@@ -1167,6 +1219,8 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
     dev = torch.device(device) if isinstance(device, str) else device
     if _DEBUG:
         _trace(comm, f"Recv <- {src} tag {tag}")
+    if _ABANDONED:
+        _reap()
     rreq: _RecvRequest | None = None
     if not (_UNMATCHED.pending and _UNMATCHED.blocked(comm, src, tag)):  # else: after the earlier irecvs
         chan = channels(comm)
@@ -1206,7 +1260,7 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
                 if req.Test():
                     break
             else:
-                _wait_until(req.Test, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout)
+                _wait_or_abandon(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout, target)
             if out is not None:
                 return out
             got = _view(target, *seen.meta[0])  # type: ignore[arg-type,union-attr]

@@ -321,6 +321,66 @@ def test_an_irecv_wait_has_one_deadline_for_envelope_and_bytes() -> None:
     assert "then True" in lines, done.stdout
 
 
+_STALE_TRANSFER = """
+import time, torch
+from mpi4py import MPI
+import mpimp
+from mpimp import comm as transport
+comm = MPI.COMM_WORLD.Dup()
+n = 1 << 20
+q = torch.arange(n // 4, dtype=torch.float32)
+if comm.Get_rank() == 1:
+    mpimp.send(q, 0, comm, tag=9)  # framed: both ends remember the header
+    comm.Barrier()
+    r = mpimp.isend(q + 1, 0, comm, tag=9)  # a raw repeat ...
+    time.sleep(3.0)  # ... whose bytes stall (no CMA, no MPI calls here)
+    r.wait()
+    comm.Barrier()
+else:
+    mpimp.recv(1, comm, tag=9)
+    comm.Barrier()
+    addrs = []
+    take = transport._RECV_POOL.take_array
+    def recording(k):
+        a = take(k)
+        addrs.append(a.ctypes.data)
+        return a
+    transport._RECV_POOL.take_array = recording
+    r = mpimp.irecv(1, comm, tag=9)  # lands in a pooled buffer
+    try:
+        r.wait(timeout=0.5)
+        print("no deadline", flush=True)
+    except mpimp.DeadlineError:
+        print("deadline", flush=True)
+    del r  # given up
+    fresh = take(n)
+    print("reused" if fresh.ctypes.data == addrs[-1] else "fresh buffer", flush=True)
+    del fresh
+    comm.Barrier()  # the sender calls MPI again: the stale transfer completes
+    buf = transport._ABANDONED[0][1][0]  # (request, (its buffer, staging, out))
+    start = time.monotonic()
+    while transport._ABANDONED and time.monotonic() - start < 10:
+        transport._reap()
+    print("landed", bool(torch.equal(torch.from_numpy(buf).view(torch.float32), q + 1)), flush=True)
+    print("reaped", not transport._ABANDONED, flush=True)
+"""
+
+
+def test_a_stale_transfer_keeps_its_pooled_buffer_until_it_completes() -> None:
+    """An irecv into a pooled buffer that passes its deadline while its bytes still move,
+    and is then dropped, keeps that buffer out of the pool until MPI completes the
+    transfer (it was handed to the next receive of that size while the stale bytes could
+    still land in it), then releases it."""
+    from conftest import mpirun
+
+    done = mpirun(2, sys.executable, "-c", _STALE_TRANSFER, timeout=120, MPIMP_TIMEOUT="30",
+                  OMPI_MCA_smsc="^cma")
+    assert done.returncode == 0, done.stderr[-3000:]
+    lines = done.stdout.splitlines()
+    for expected in ("deadline", "fresh buffer", "landed True", "reaped True"):
+        assert expected in lines, done.stdout
+
+
 @pytest.mark.mpi(min_size=1)
 def test_a_receive_whose_buffer_fails_keeps_its_message_and_the_channel(
         comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
