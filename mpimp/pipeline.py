@@ -77,7 +77,10 @@ class Pipeline(StageExecutor):
         virtual_stages: v; rank s holds virtual stages s, s + p, ... (interleaved).
         checkpoint: ``"always"``, ``"except_last"`` (every micro-batch but the last) or
             ``"never"``: a checkpointed micro-batch keeps only its stage input and reruns
-            the forward (same CPU RNG state) just before its backward.
+            the forward just before its backward, with the random state of the first run
+            (CPU and, for a stage on a GPU, the device's: the same dropout masks).  As with
+            ``torch.utils.checkpoint``, a layer that updates state in its forward
+            (BatchNorm's running statistics) updates it again in the rerun.
         after_backward: called as ``after_backward(pipe)`` after the last backward of a
             step, before the data-parallel gradient average.
         sample: one micro-batch of input, needed only for ``balance="time"``.

@@ -104,13 +104,14 @@ def detach_all(x: Tensors) -> Tensors:
 class _MB:
     """State of one (stage, micro-batch) between its F and the end of its backward."""
 
-    __slots__ = ("x", "out", "ckpt", "rng", "split", "captures", "cap_grads", "target")
+    __slots__ = ("x", "out", "ckpt", "rng", "device_rng", "split", "captures", "cap_grads", "target")
 
     def __init__(self) -> None:
         self.x: Any = None
         self.out: Any = None
         self.ckpt = False
         self.rng: torch.Tensor | None = None
+        self.device_rng: torch.Tensor | None = None  # the CUDA generator's, for a stage on a GPU
         self.split = False
         self.captures: list[Capture] | None = None
         self.cap_grads: Sequence[torch.Tensor | None] = ()
@@ -484,8 +485,10 @@ class StageExecutor:
         st.split = (s, i) in self._has_w
         if last:
             st.target = self._targets[i] if self._targets is not None else None
-        if st.ckpt:
+        if st.ckpt:  # the recompute must draw what this forward draws (dropout masks)
             st.rng = torch.get_rng_state()
+            if self.device.type == "cuda":
+                st.device_rng = torch.cuda.get_rng_state(self.device)
             with torch.no_grad():
                 out = self._run_layers(s, st.x)
                 if last:
@@ -525,9 +528,12 @@ class StageExecutor:
     def _backward(self, s: int, i: int) -> None:
         st = self._state[(s, i)]
         if st.ckpt:
-            with torch.random.fork_rng(devices=[]):
+            on_gpu = st.device_rng is not None
+            with torch.random.fork_rng(devices=[self.device] if on_gpu else []):
                 assert st.rng is not None
                 torch.set_rng_state(st.rng)
+                if on_gpu:
+                    torch.cuda.set_rng_state(st.device_rng, self.device)
                 self._run_forward(s, st)
         last = s == self.num_stages - 1
         if last:
