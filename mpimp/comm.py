@@ -76,6 +76,7 @@ __all__ = [
     "irecv",
     "all_reduce",
     "iall_reduce",
+    "ibroadcast",
     "reduce_scatter",
     "all_gather",
     "broadcast",
@@ -1504,18 +1505,29 @@ def all_gather(tensor: torch.Tensor, comm: MPI.Comm, dim: int = 0,
 def broadcast(tensor: torch.Tensor, comm: MPI.Comm, root: int = 0,
               timeout: float | None = None) -> torch.Tensor:
     """Overwrite ``tensor`` on every rank with root's (same shape and dtype everywhere)."""
+    out = ibroadcast(tensor, comm, root).wait(timeout)
+    assert out is tensor
+    return tensor
+
+
+def ibroadcast(tensor: torch.Tensor, comm: MPI.Comm, root: int = 0) -> Request:
+    """Start :func:`broadcast`; ``wait()`` returns ``tensor`` holding root's values."""
     work = tensor if tensor.is_contiguous() else tensor.contiguous()
     dtype_code(work.dtype)
     buf, staged = to_wire(work) if comm.Get_rank() == root else from_wire(work)
     nbytes = work.numel() * work.element_size()
     _trace(comm, f"Ibcast {nbytes} B root {root}")
-    req = comm.Ibcast([buf, nbytes, MPI.BYTE], root)
-    _MPIRequest(req, f"broadcast of {nbytes} B from rank {root}", (work, staged)).wait(timeout)
-    if staged is not None and comm.Get_rank() != root:
-        work.copy_(staged)
-    if work is not tensor:
-        tensor.copy_(work)
-    return tensor
+    receiver = comm.Get_rank() != root
+
+    def finish() -> torch.Tensor:
+        if staged is not None and receiver:
+            work.copy_(staged)
+        if work is not tensor:
+            tensor.copy_(work)
+        return tensor
+
+    return _MPIRequest(comm.Ibcast([buf, nbytes, MPI.BYTE], root), f"broadcast of {nbytes} B from rank {root}",
+                       (work, staged), finish)
 
 
 def barrier(comm: MPI.Comm, timeout: float | None = None) -> None:

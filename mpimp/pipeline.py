@@ -42,7 +42,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .comm import broadcast
+from .comm import ibroadcast
 from .errors import ConfigError
 from .schedule import Action, build, lower, parse_table, stage_owners, verify
 from .schedule.executor import TAG_BASE, StageExecutor, as_leaf, detach_all, flat_tensors
@@ -283,15 +283,21 @@ class Pipeline(StageExecutor):
         self._start_step(inputs if first else None, targets if last else None, first, last, True)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         self._run(self.table[me], train=True)
-        if self.after_backward is not None:
-            self.after_backward(self)
-        if self.topo.dp > 1 and self.reduce_grads:
-            from .data_parallel import reduce_gradients
+        try:  # a failure from here on is announced to the other stages too, as in the loop
+            if self.after_backward is not None:
+                self.after_backward(self)
+            if self.topo.dp > 1 and self.reduce_grads:
+                from .data_parallel import reduce_gradients
 
-            reduce_gradients(list(self.parameters()), self.topo.dp_comm, reduce_dtype=self.reduce_dtype)
-        loss = (self._loss_sum / self.chunks).reshape(1)
-        if self.topo.pp > 1:
-            broadcast(loss, self.comm, root=self.owner[self.num_stages - 1])
+                reduce_gradients(list(self.parameters()), self.topo.dp_comm, reduce_dtype=self.reduce_dtype)
+            loss = (self._loss_sum / self.chunks).reshape(1)
+            if self.topo.pp > 1:  # waiting on it and on the other stages' failures
+                self._wait(ibroadcast(loss, self.comm, root=self.owner[self.num_stages - 1]))
+        except Exception as exc:
+            failure = self._fail(exc)
+            if failure is exc:
+                raise
+            raise failure from exc
         self.last_loss = float(loss.item())
         return self.last_loss
 

@@ -181,3 +181,28 @@ def test_a_stalled_stage_gives_a_stall_report_naming_the_schedule_position(
     with pytest.raises(mpimp.MpimpError, match="failed earlier"):
         pipe.train_step(x, y)
     pipe.close()
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_failure_after_the_last_backward_reaches_every_stage(pp2: mpimp.Topology | None) -> None:
+    """An after_backward hook that raises on the last stage: the other stages, waiting for
+    the step's loss, raise with its message at once (they waited for their deadline), and
+    the pipeline is marked broken everywhere."""
+    if pp2 is None:
+        return
+    last = pp2.pp_rank == pp2.pp - 1
+
+    def hook(pipe: mpimp.Pipeline) -> None:
+        if last:
+            raise RuntimeError("after_backward failed here")
+
+    pipe = mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=nn.MSELoss(), after_backward=hook)
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    start = time.monotonic()
+    with pytest.raises(Exception, match="after_backward failed here") as info:
+        pipe.train_step(x, y)
+    assert time.monotonic() - start < 30
+    assert isinstance(info.value, RuntimeError if last else ConfigError), repr(info.value)
+    with pytest.raises(mpimp.MpimpError, match="failed earlier"):
+        pipe.train_step(x, y)
+    pipe.close()

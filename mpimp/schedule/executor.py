@@ -358,23 +358,28 @@ class StageExecutor:
         self._position = 0
         try:
             self._run_row(row, train)
-        except DeadlineError as exc:
-            if self._broken is None:  # this rank's stall report: where in its table it waited
-                self._broken = f"{exc}\n{self._where(row)}"
-                self._announce(self._broken)
-            raise DeadlineError(self._broken) from exc
-        except MpimpError as exc:
-            if self._broken is None:  # a local failure: tell every other stage, then raise
-                self._broken = str(exc)
-                self._announce(str(exc))
-            raise
         except Exception as exc:
-            self._broken = f"rank {self.topo.rank}: {type(exc).__name__}: {exc}"
-            self._announce(self._broken)
-            raise
+            failure = self._fail(exc, row)
+            if failure is exc:
+                raise
+            raise failure from exc
         finally:
             if progress is not None:
                 progress.stop()
+
+    def _fail(self, exc: Exception, row: list[Action] | None = None) -> Exception:
+        """Mark this pipeline broken and tell every other stage (their waits watch for it),
+        unless the failure came from one of them; the exception to raise."""
+        if isinstance(exc, DeadlineError):
+            if self._broken is None:  # this rank's stall report: where in its table it waited
+                self._broken = f"{exc}\n{self._where(row)}" if row is not None else str(exc)
+                self._announce(self._broken)
+            return DeadlineError(self._broken)
+        if self._broken is None:  # a local failure
+            self._broken = str(exc) if isinstance(exc, MpimpError) else \
+                f"rank {self.topo.rank}: {type(exc).__name__}: {exc}"
+            self._announce(self._broken)
+        return exc
 
     def _where(self, row: list[Action]) -> str:
         """This rank's position in its action table, for a stall report.
