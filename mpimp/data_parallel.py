@@ -267,7 +267,7 @@ class _ReduceWorker:
         # after a failure the abandoned barrier of a bucket stays posted on it forever (MPI
         # cannot cancel a non-blocking collective), so it must not be a communicator that a
         # new DataParallel, a ShardedOptimizer or the user goes on using
-        self.comm = comm.Dup() if comm.Get_size() > 1 else comm
+        self.comm = guarded("DataParallel: Dup of dp_comm", comm.Dup) if comm.Get_size() > 1 else comm
         self._own_comm = comm.Get_size() > 1
         self.failed: BaseException | None = None
         self._queue: queue.SimpleQueue[tuple[torch.Tensor, tuple[SharedBuckets, int] | None,
@@ -548,12 +548,19 @@ class DataParallel(nn.Module):
             and self.reduce_dtype in (None, torch.float32)
         if shm is False or not self.buckets:
             return None
-        if shm is True and not eligible:
-            raise ConfigError(
-                f"rank {self.topo.rank}: DataParallel(shm=True) reduces CPU fp32 gradients only; this model "
-                f"has parameters of {sorted({f'{p.dtype} on {p.device}' for p in params})} and "
-                f"reduce_dtype={self.reduce_dtype}. Use shm=None (falls back to MPI) or shm=False"
-            )
+        if shm is True:  # every rank must fail if one does: the window is collective
+            ok = all_reduce(torch.tensor([1 if eligible else 0], dtype=torch.int32), self.comm, op="min")
+            if not eligible:
+                raise ConfigError(
+                    f"rank {self.topo.rank}: DataParallel(shm=True) reduces CPU fp32 gradients only; this "
+                    f"model has parameters of {sorted({f'{p.dtype} on {p.device}' for p in params})} and "
+                    f"reduce_dtype={self.reduce_dtype}. Use shm=None (falls back to MPI) or shm=False"
+                )
+            if int(ok.item()) == 0:
+                raise ConfigError(
+                    f"rank {self.topo.rank}: DataParallel(shm=True): another data-parallel rank cannot use "
+                    f"the shared-memory path (it reports why); use shm=None (falls back to MPI) or shm=False"
+                )
         if shm is None:
             # every rank must take the same path: agree on the local conditions (MPIMP_SHM may differ)
             flag = torch.tensor([1 if (size > 1 and eligible and shm_wanted()) else 0], dtype=torch.int32)

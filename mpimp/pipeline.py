@@ -185,7 +185,7 @@ class Pipeline(StageExecutor):
             raise ConfigError(failures[0])
         self.device = next((q.device for q in self.parameters()), torch.device("cpu"))
         # a private duplicate: messages of a failed step can never reach another Pipeline
-        self.comm: MPI.Comm = topo.pp_comm.Dup()
+        self.comm: MPI.Comm = guarded("Pipeline: Dup of pp_comm", topo.pp_comm.Dup)
         tag_ub = self.comm.Get_attr(MPI.TAG_UB) or 32767
         top = TAG_BASE + 2 * (chunks * self.num_stages) + 2
         if top > tag_ub:

@@ -62,6 +62,7 @@ from mpi4py import MPI
 
 from .comm import barrier, default_timeout
 from .errors import ConfigError, DeadlineError
+from .watchdog import guarded
 
 __all__ = ["SharedBuckets", "shm_available", "shm_wanted"]
 
@@ -87,7 +88,8 @@ def shm_available(comm: MPI.Comm) -> bool:
     A communicator spanning nodes gives every rank a shared-memory split smaller than
     ``comm``, so the answer agrees without another message.
     """
-    node = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    node = guarded("shared-memory check: Split_type(COMM_TYPE_SHARED)",
+                   lambda: comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank()))
     try:
         return node.Get_size() == comm.Get_size()
     finally:
@@ -124,12 +126,13 @@ class SharedBuckets:
             self.offsets.append(pos)
             pos = _round_up(pos + 4 * n, _ALIGN)
         self.nbytes = _round_up(pos, _PAGE)
-        self.comm = comm.Dup()
+        self.comm = guarded("SharedBuckets: Dup", comm.Dup)
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         info = MPI.Info.Create()
         info.Set("alloc_shared_noncontig", "true")  # each segment page-aligned (and NUMA-local to its owner)
         try:
-            self.win = MPI.Win.Allocate_shared(self.nbytes, 1, info, self.comm)
+            self.win = guarded(f"SharedBuckets: Win_allocate_shared of {self.nbytes} B",
+                               lambda: MPI.Win.Allocate_shared(self.nbytes, 1, info, self.comm))
         finally:
             info.Free()
         self.win.Lock_all(MPI.MODE_NOCHECK)  # one passive epoch for the window's life: Win_sync is legal

@@ -438,3 +438,18 @@ def test_reentrant_checkpointing_reduces_each_bucket_once(comm: MPI.Comm, shm: b
             for (name, q), r in zip(model.module.named_parameters(), ref.parameters()):
                 torch.testing.assert_close(q.grad, r.grad, atol=1e-6, rtol=1e-5, msg=name)
         model.close()
+
+
+@pytest.mark.mpi(min_size=2)
+def test_shm_true_that_one_rank_cannot_use_fails_on_every_rank(comm: MPI.Comm) -> None:
+    """DataParallel(shm=True) where one rank cannot take the shared-memory path (here its
+    reduce_dtype, a per-rank argument, is bf16): a ConfigError on every rank at once (the
+    others waited forever in the window's collective set-up)."""
+    import time
+
+    with mpimp.init(comm=comm) as topo:
+        wire = "bf16" if topo.dp_rank == 1 else None
+        start = time.monotonic()
+        with pytest.raises(mpimp.ConfigError, match=r"shm=True"):
+            DataParallel(_seeded(1), topo, shm=True, reduce_dtype=wire)
+        assert time.monotonic() - start < 30
