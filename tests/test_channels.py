@@ -289,6 +289,7 @@ from mpi4py import MPI
 import mpimp
 comm = MPI.COMM_WORLD.Dup()
 q = torch.arange(15000, dtype=torch.float32)
+comm.Barrier()
 if comm.Get_rank() == 1:
     time.sleep(0.6)  # the envelope arrives after 0.6 s ...
     r = mpimp.isend(q, 0, comm, tag=8)
