@@ -847,7 +847,16 @@ class _Unmatched:
         """``r`` matched its message (or was abandoned by a blocking recv that raised);
         dropped receives go too."""
         with self.lock:
-            self._keep(r.comm.handle, lambda o: o is not r)
+            handle = r.comm.handle
+            entries = self.pending.get(handle)
+            if entries and entries[0][0]() is r:  # the usual case: the oldest receive matched
+                del entries[0]
+                if entries:
+                    _count(self.counts[handle], r.src, r.tag, -1)
+                else:
+                    del self.pending[handle], self.counts[handle]
+            elif entries:
+                self._keep(handle, lambda o: o is not r)
 
     def _earlier(self, r: _RecvRequest) -> list[_RecvRequest]:
         """The unmatched receives posted before ``r`` on its communicator, in order."""
@@ -864,7 +873,7 @@ class _Unmatched:
         """``r`` and the unmatched receives posted before it that could take a message of
         its pattern, or of the pattern of one of those, in posting order, ``r`` last (call
         with the lock held)."""
-        if r.src != MPI.ANY_SOURCE and r.tag != MPI.ANY_TAG:  # alone with its pattern, no wildcards?
+        if r.src != _ANY_SOURCE and r.tag != _ANY_TAG:  # alone with its pattern, no wildcards?
             counts = self.counts.get(r.comm.handle, {})
             if counts.get((r.src, r.tag), 0) <= 1 and not counts.get(None):
                 return [r]
@@ -884,10 +893,14 @@ class _Unmatched:
         return None
 
 
+_ANY_SOURCE, _ANY_TAG = MPI.ANY_SOURCE, MPI.ANY_TAG
+
+
 def _count(counts: dict[tuple[int, int] | None, int], src: int, tag: int, delta: int) -> None:
     """Add ``delta`` entries of pattern (src, tag) to ``counts`` (and to its wildcard total)."""
-    counts[(src, tag)] = counts.get((src, tag), 0) + delta
-    if src == MPI.ANY_SOURCE or tag == MPI.ANY_TAG:
+    key = (src, tag)
+    counts[key] = counts.get(key, 0) + delta
+    if src == _ANY_SOURCE or tag == _ANY_TAG:
         counts[None] = counts.get(None, 0) + delta
 
 
