@@ -40,7 +40,6 @@ raises :class:`DeadlineError` naming the rank, the peer, the tag and the operati
 
 from __future__ import annotations
 
-import contextlib
 import functools
 import os
 import struct
@@ -48,7 +47,7 @@ import sys
 import threading
 import time
 import weakref
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from typing import Union
 
 import numpy as np
@@ -777,25 +776,16 @@ class _Unmatched:
         # receive that no other entry could overlap matches alone, without a scan of the list
         self.counts: dict[int, dict[tuple[int, int] | None, int]] = {}
         self.lock = threading.RLock()
-        self._sweep = threading.local()  # .empty: the patterns that found nothing in this sweep
+        # .empty: the patterns that found nothing in the current sweep (one polling round of
+        # wait_all, _test_all): a pattern that found no message is not probed again in the
+        # round (a message that arrives meanwhile is found in the next), so a round over n
+        # unmatched receives of one pattern probes once, not n (n + 1) / 2 times
+        self._sweep = threading.local()
 
     def swept(self) -> set[tuple[int, int, int]] | None:
-        """Inside :meth:`sweep`: the (communicator handle, source, tag) patterns whose probe
+        """Inside a sweep: the (communicator handle, source, tag) patterns whose probe
         found nothing so far in it; None outside one."""
         return getattr(self._sweep, "empty", None)
-
-    @contextlib.contextmanager
-    def sweep(self) -> Iterator[None]:
-        """One polling round over many receives (:func:`wait_all`): a pattern that found no
-        message is not probed again in the round (a message that arrives meanwhile is
-        found in the next), so a round over n unmatched receives of one pattern probes
-        once, not once per receive and chain member (n (n + 1) / 2 probes)."""
-        outer = self.swept()
-        self._sweep.empty = set()
-        try:
-            yield
-        finally:
-            self._sweep.empty = outer
 
     @staticmethod
     def overlap(src: int, tag: int, other: _RecvRequest) -> bool:
@@ -1310,8 +1300,13 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
 
 def _test_all(requests: Sequence[Request]) -> bool:
     """Test every request once (one sweep of the unmatched receives); True when all are done."""
-    with _UNMATCHED.sweep():
+    sweep = _UNMATCHED._sweep  # (Unmatched.sweep written out: it runs once per polling round)
+    outer = getattr(sweep, "empty", None)
+    sweep.empty = set()
+    try:
         return all([r.test() for r in requests])
+    finally:
+        sweep.empty = outer
 
 
 # ----------------------------------------------------------------------------- collectives
