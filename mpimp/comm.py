@@ -40,6 +40,7 @@ raises :class:`DeadlineError` naming the rank, the peer, the tag and the operati
 
 from __future__ import annotations
 
+import collections
 import functools
 import os
 import struct
@@ -229,13 +230,13 @@ def _wait_or_abandon(req: MPI.Request, what: Callable[[], str], timeout: float |
 # otherwise be handed to the next receive while the stale transfer still lands in it), so
 # they are kept here with those buffers until MPI completes them (:func:`_reap`, run by the
 # next send or receive).
-_ABANDONED: list[tuple[MPI.Request, object]] = []
-_ABANDONED_LOCK = threading.Lock()
+# A deque without a lock: _abandon runs in __del__, which a garbage collection can start
+# inside any allocation, _reap's own included (a lock taken there again would hang).
+_ABANDONED: collections.deque[tuple[MPI.Request, object]] = collections.deque()
 
 
 def _abandon(req: MPI.Request, keep: object) -> None:
-    with _ABANDONED_LOCK:
-        _ABANDONED.append((req, keep))
+    _ABANDONED.append((req, keep))  # atomic
 
 
 def _finished(req: MPI.Request) -> bool:
@@ -246,9 +247,16 @@ def _finished(req: MPI.Request) -> bool:
 
 
 def _reap() -> None:
-    """Release the abandoned requests that MPI has completed, and their buffers."""
-    with _ABANDONED_LOCK:
-        _ABANDONED[:] = [(r, k) for r, k in _ABANDONED if not _finished(r)]
+    """Release the abandoned requests that MPI has completed, and their buffers (each
+    entry is taken out and put back if still active: safe against other threads and
+    against entries added meanwhile)."""
+    for _ in range(len(_ABANDONED)):
+        try:
+            entry = _ABANDONED.popleft()
+        except IndexError:
+            return
+        if not _finished(entry[0]):
+            _ABANDONED.append(entry)
 
 
 # ----------------------------------------------------------------------------- headers
@@ -975,11 +983,11 @@ class _RecvRequest(Request):
         """Match the message and post its receive; False while it has not arrived.  A
         message goes to the earliest posted receive it matches, as in MPI (:class:`_Unmatched`).
         A message matched earlier whose posting raised is posted now instead."""
-        if self._matched is not None:
-            with self._chan.recv_lock:
-                self._post(self._matched)
-            return True
-        with _UNMATCHED.lock:
+        with _UNMATCHED.lock:  # (another thread's probe may be handing this receive its message)
+            if self._req is None and self._matched is not None:
+                with self._chan.recv_lock:
+                    self._post(self._matched)
+                return True
             if self._req is None:
                 empty = _UNMATCHED.swept()
                 if empty is not None and (self.comm.handle, self.src, self.tag) in empty:
@@ -1264,7 +1272,8 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
                 if req.Test():
                     break
             else:
-                _wait_or_abandon(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout, target)
+                _wait_or_abandon(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout,
+                                 (target, out))  # (target alone does not keep out's memory)
             if out is not None:
                 return out
             got = _view(target, *seen.meta[0])  # type: ignore[arg-type,union-attr]
@@ -1273,8 +1282,10 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
         rreq = _RecvRequest(src, comm, tag, out, dev)
         try:
             value = rreq.wait(timeout)
-        finally:
-            _UNMATCHED.forget(rreq)  # a receive that raised is abandoned: it must not match later
+        except BaseException:
+            if rreq._req is None and rreq._matched is None:  # abandoned unmatched: it must not match later
+                _UNMATCHED.forget(rreq)
+            raise
     else:
         value = rreq._value if rreq.test() else rreq.wait(timeout)
     assert value is not None

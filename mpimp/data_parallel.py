@@ -473,6 +473,7 @@ def _tensors_in(value: Any) -> Iterator[torch.Tensor]:
 class _BackwardState:
     def __init__(self) -> None:
         self.queued = False
+        self.hooked = False  # a parameter's gradient arrived in this backward
         self.next_launch = 0
 
 
@@ -637,6 +638,7 @@ class DataParallel(nn.Module):
             state = self._state
             if not state.queued:  # (backward not started from this module's outputs)
                 self._queue_finish()
+            state.hooked = True
             bucket = self.buckets[bi]
             bucket.put(j)
             self._launch_ready(state)
@@ -649,6 +651,8 @@ class DataParallel(nn.Module):
 
     def _finish(self) -> None:
         state, self._state = self._state, _BackwardState()
+        if not state.hooked:  # no parameter gradient in this backward (autograd.grad of inputs)
+            return
         try:
             for b in self.buckets[state.next_launch:]:
                 b.fill_missing()  # parameters without a gradient in this backward

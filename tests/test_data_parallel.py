@@ -453,3 +453,32 @@ def test_shm_true_that_one_rank_cannot_use_fails_on_every_rank(comm: MPI.Comm) -
         with pytest.raises(mpimp.ConfigError, match=r"shm=True"):
             DataParallel(_seeded(1), topo, shm=True, reduce_dtype=wire)
         assert time.monotonic() - start < 30
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_backward_for_input_gradients_only_communicates_nothing(comm: MPI.Comm) -> None:
+    """torch.autograd.grad of the outputs with respect to the inputs alone (on one rank
+    only) starts no all-reduce, so the next real backward still pairs with the other
+    ranks' and equals the single process (an all-reduce of empty buckets paired with
+    another rank's real one and corrupted its gradients)."""
+    with mpimp.init(comm=comm) as topo:
+        torch.manual_seed(9)
+        ref = nn.Sequential(nn.Linear(4, 8), nn.Tanh(), nn.Linear(8, 2))
+        model = DataParallel(copy.deepcopy(ref), topo)
+        submitted = []
+        submit = model._worker.submit
+        model._worker.submit = lambda *a, **k: submitted.append(1) or submit(*a, **k)  # type: ignore[method-assign]
+        if topo.dp_rank == 0:
+            x = torch.randn(3, 4, requires_grad=True)
+            (gx,) = torch.autograd.grad(model(x).sum(), x)
+            assert gx.shape == x.shape and not submitted
+            assert all(q.grad is None for q in model.parameters())
+        g = torch.Generator().manual_seed(2)
+        x, y = torch.randn(4 * topo.dp, 4, generator=g), torch.randn(4 * topo.dp, 2, generator=g)
+        nn.functional.mse_loss(ref(x), y).backward()
+        lx, ly = model.split_batch(x, y)
+        nn.functional.mse_loss(model(lx), ly).backward()
+        assert submitted
+        for q, r in zip(model.module.parameters(), ref.parameters()):
+            torch.testing.assert_close(q.grad, r.grad, atol=1e-6, rtol=1e-5)
+        model.close()
