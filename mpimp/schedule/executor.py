@@ -301,21 +301,28 @@ class StageExecutor:
             self._capture.append(Capture(module, [t for t in flat_tensors(output) if t.requires_grad], x, versions))
 
     def _start_step(self, inputs: Any, targets: Any, first: bool, last: bool, train: bool) -> None:
-        if self._broken is not None:
-            raise MpimpError(f"rank {self.topo.rank}: this Pipeline failed earlier ({self._broken}); "
-                             f"messages of that step may still be in flight, build a new Pipeline")
-        err = None
-        try:
-            self._inputs = split_batch(inputs, self.chunks, "inputs") if first else None
-            self._targets = split_batch(targets, self.chunks, "targets") if last and train else None
-        except ConfigError as exc:
-            err = f"rank {self.topo.rank} (stage {self.topo.pp_rank}): {exc}"
+        err = broken = None
+        if self._broken is not None:  # still joins the check below: a rank whose last step
+            # ended well (its part of the failed step was done) learns of it here
+            broken = err = (f"rank {self.topo.rank}: this Pipeline failed earlier ({self._broken}); "
+                            f"messages of that step may still be in flight, build a new Pipeline")
+        else:
+            try:
+                self._inputs = split_batch(inputs, self.chunks, "inputs") if first else None
+                self._targets = split_batch(targets, self.chunks, "targets") if last and train else None
+            except ConfigError as exc:
+                err = f"rank {self.topo.rank} (stage {self.topo.pp_rank}): {exc}"
         # a polled all-reduce (with the transport's deadline) tells every rank whether any
-        # rank's input is bad; only then are the messages gathered
-        flag = all_reduce(torch.tensor([1 if err else 0], dtype=torch.int32), self.topo.world, op="max")
+        # rank's input is bad or its pipeline broken; only then are the messages gathered
+        flag = all_reduce(torch.tensor([2 if broken else 1 if err else 0], dtype=torch.int32),
+                          self.topo.world, op="max")
         if int(flag.item()):
             errors = [e for e in guarded("pipeline step: allgather of input errors",
                                          lambda: self.topo.world.allgather(err)) if e]
+            if int(flag.item()) == 2:  # a broken pipeline: every rank refuses the step
+                if self._broken is None:
+                    self._broken = next(e for e in errors if "failed earlier" in e)
+                raise MpimpError(broken or self._broken)
             raise ConfigError(errors[0])
         self._state: dict[tuple[int, int], _MB] = {}
         self._local: dict[tuple[int, str, int], Any] = {}
