@@ -20,7 +20,9 @@ returns and copies the means back into ``.grad`` (a 16-bit wire for fp32 gradien
 summed as it is, widened back and divided then).  It is queued from a hook on the
 module's outputs, so it runs at the end of the outermost backward: with reentrant
 activation checkpointing the parameters' hooks fire inside nested backwards, one per
-checkpointed segment, and queuing from them reduced every bucket once per segment.
+checkpointed segment, and queuing from them reduced every bucket once per segment.  A
+backward in which no parameter received a gradient (``torch.autograd.grad`` of the
+inputs) communicates nothing.
 
 ``.grad`` stays the tensor autograd made, as in DDP's default: making it a view into
 the bucket instead (``gradient_as_bucket_view=True``, which saves that copy back and a
