@@ -688,10 +688,7 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
         if total >= ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
             n = total - offsets[0]
             req, keep, _ = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))
-            for _ in range(_TIGHT_POLLS):  # (inline, as in recv: the frames cost on cold caches)
-                if req.Test():
-                    return
-            _wait_or_abandon(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, (t, keep))
+            _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, keep=(t, keep))
             return
     isend(tensors, dst, comm, tag).wait(timeout)
 
@@ -1065,28 +1062,19 @@ class _RecvRequest(Request):
     def _learn(self) -> None:
         """Parse a received framed message's header into ``_meta``; then its channel's L is
         that header if eligible, else what it was before (a foreign message restores it)."""
-        key = self._key
         try:
             if self._meta is None:
                 meta, as_tuple, _ = _parse_header(self._header_bytes())
                 self._meta = (meta, as_tuple)
         finally:
-            if key is not None:
-                self._key = None
-                chan = self._chan
-                with chan.recv_lock:
-                    if chan.seen.get(key) is self:
-                        new = self._prev
-                        if self._meta is not None and len(self._meta[0]) == 1:
-                            dtype, shape, _ = self._meta[0][0]
-                            seen = Seen(dtype, shape, self._meta[1])
-                            if seen.nbytes >= ELIDE_MIN:
-                                new = seen
-                        if new is None:
-                            del chan.seen[key]
-                        else:
-                            chan.seen[key] = new
-                self._prev = None
+            if self._key is not None:
+                new = self._prev
+                if self._meta is not None and len(self._meta[0]) == 1:
+                    dtype, shape, _ = self._meta[0][0]
+                    seen = Seen(dtype, shape, self._meta[1])
+                    if seen.nbytes >= ELIDE_MIN:
+                        new = seen
+                self._decide(new)  # type: ignore[arg-type]
 
     def _post(self, msg: MPI.Message) -> None:
         """Classify the matched message and post its receive.  Until the receive is posted
@@ -1097,22 +1085,22 @@ class _RecvRequest(Request):
         try:
             self._post_matched(msg)
         except BaseException:
-            self._unclassify()
+            if self._key is not None:  # the channel's L is as before this message
+                self._decide(self._prev)  # type: ignore[arg-type]
             raise
         self._matched = None
 
-    def _unclassify(self) -> None:
-        """Give the channel back the L it had before this message was classified framed."""
-        key = self._key
-        if key is not None:
-            chan = self._chan
-            with chan.recv_lock:
-                if chan.seen.get(key) is self:
-                    if self._prev is None:
-                        del chan.seen[key]
-                    else:
-                        chan.seen[key] = self._prev
-            self._key = self._prev = None
+    def _decide(self, new: Seen | None) -> None:
+        """This framed message no longer decides its channel's L: the channel's L is ``new``
+        (None: no L), unless a later message has taken its place meanwhile."""
+        key, chan = self._key, self._chan
+        with chan.recv_lock:
+            if chan.seen.get(key) is self:
+                if new is None:
+                    del chan.seen[key]
+                else:
+                    chan.seen[key] = new
+        self._key = self._prev = None
 
     def _post_matched(self, msg: MPI.Message) -> None:
         count = self._status.Get_count(MPI.BYTE)
@@ -1266,14 +1254,8 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
                     rreq = _RecvRequest(src, comm, tag, out, dev, msg, MPI.Status(status))
         if small:  # the common small message: no request object, no channel state
             return _recv_small(msg, count, out, src, tag, timeout)  # type: ignore[arg-type]
-        if raw_hit:  # (completed inline: each Python frame after a large transfer runs on the
-            # caches it evicted, ~0.3-0.5 us a frame: 1% of a 1 MiB message's time per two)
-            for _ in range(_TIGHT_POLLS):
-                if req.Test():
-                    break
-            else:
-                _wait_or_abandon(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout,
-                                 (target, out))  # (target alone does not keep out's memory)
+        if raw_hit:  # (target alone does not keep out's memory alive: keep out too)
+            _complete(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout, keep=(target, out))
             if out is not None:
                 return out
             got = _view(target, *seen.meta[0])  # type: ignore[arg-type,union-attr]
@@ -1311,7 +1293,7 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
 
 def _test_all(requests: Sequence[Request]) -> bool:
     """Test every request once (one sweep of the unmatched receives); True when all are done."""
-    sweep = _UNMATCHED._sweep  # (Unmatched.sweep written out: it runs once per polling round)
+    sweep = _UNMATCHED._sweep
     outer = getattr(sweep, "empty", None)
     sweep.empty = set()
     try:

@@ -637,9 +637,8 @@ class DataParallel(nn.Module):
         def hook(param: torch.Tensor) -> None:
             if not self._sync:
                 return
+            self._queue_finish()  # (when backward did not start from this module's outputs)
             state = self._state
-            if not state.queued:  # (backward not started from this module's outputs)
-                self._queue_finish()
             state.hooked = True
             bucket = self.buckets[bi]
             bucket.put(j)

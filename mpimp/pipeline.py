@@ -294,10 +294,7 @@ class Pipeline(StageExecutor):
             if self.topo.pp > 1:  # waiting on it and on the other stages' failures
                 self._wait(ibroadcast(loss, self.comm, root=self.owner[self.num_stages - 1]))
         except Exception as exc:
-            failure = self._fail(exc)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._fail(exc)
         self.last_loss = float(loss.item())
         return self.last_loss
 

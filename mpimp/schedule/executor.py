@@ -34,7 +34,7 @@ import os
 import time
 import weakref
 from collections.abc import Sequence
-from typing import Any, NamedTuple, Union
+from typing import Any, NamedTuple, NoReturn, Union
 
 import torch
 from mpi4py import MPI
@@ -317,13 +317,13 @@ class StageExecutor:
         flag = all_reduce(torch.tensor([2 if broken else 1 if err else 0], dtype=torch.int32),
                           self.topo.world, op="max")
         if int(flag.item()):
-            errors = [e for e in guarded("pipeline step: allgather of input errors",
-                                         lambda: self.topo.world.allgather(err)) if e]
+            gathered = guarded("pipeline step: allgather of input errors",
+                               lambda: self.topo.world.allgather((err, broken is not None)))
             if int(flag.item()) == 2:  # a broken pipeline: every rank refuses the step
                 if self._broken is None:
-                    self._broken = next(e for e in errors if "failed earlier" in e)
+                    self._broken = next(e for e, was_broken in gathered if was_broken)
                 raise MpimpError(broken or self._broken)
-            raise ConfigError(errors[0])
+            raise ConfigError(next(e for e, _ in gathered if e))
         self._state: dict[tuple[int, int], _MB] = {}
         self._local: dict[tuple[int, str, int], Any] = {}
         self._events = []
@@ -366,27 +366,25 @@ class StageExecutor:
         try:
             self._run_row(row, train)
         except Exception as exc:
-            failure = self._fail(exc, row)
-            if failure is exc:
-                raise
-            raise failure from exc
+            self._fail(exc, row)
         finally:
             if progress is not None:
                 progress.stop()
 
-    def _fail(self, exc: Exception, row: list[Action] | None = None) -> Exception:
+    def _fail(self, exc: Exception, row: list[Action] | None = None) -> NoReturn:
         """Mark this pipeline broken and tell every other stage (their waits watch for it),
-        unless the failure came from one of them; the exception to raise."""
+        unless the failure came from one of them; then raise (a deadline with this rank's
+        position in ``row``)."""
         if isinstance(exc, DeadlineError):
             if self._broken is None:  # this rank's stall report: where in its table it waited
                 self._broken = f"{exc}\n{self._where(row)}" if row is not None else str(exc)
                 self._announce(self._broken)
-            return DeadlineError(self._broken)
+            raise DeadlineError(self._broken) from exc
         if self._broken is None:  # a local failure
             self._broken = str(exc) if isinstance(exc, MpimpError) else \
                 f"rank {self.topo.rank}: {type(exc).__name__}: {exc}"
             self._announce(self._broken)
-        return exc
+        raise exc
 
     def _where(self, row: list[Action]) -> str:
         """This rank's position in its action table, for a stall report.
