@@ -67,6 +67,7 @@ from .buffers import (
 )
 from .channels import ELIDE_MIN, PAD, Seen, channels, elision_enabled
 from .errors import ConfigError, DeadlineError, TransportError
+from .fastpath import load as _fast
 from .watchdog import WATCHDOG
 
 __all__ = [
@@ -96,6 +97,7 @@ _ALIGN = 64
 _PACK_LIMIT = 64 * 1024  # payload bytes; above this CPU payloads are sent from their own memory
 _EAGER = 4096  # bytes; messages up to this size travel eagerly in every MPI we know (shared memory, networks)
 _QUICK_POLLS = 64  # progress calls a blocking send/recv makes before its deadline-checked wait
+_FAST_MAX = 2**31 - 1  # the native fast path (mpimp.fastpath) takes counts that fit an MPI int
 _ZEROS = torch.zeros(_ALIGN, dtype=torch.uint8)  # source of padding bytes (read only)
 _OPS = {"sum": MPI.SUM, "max": MPI.MAX, "min": MPI.MIN, "prod": MPI.PROD}
 # dtypes every MPI reduces natively with every op in _OPS (all_reduce's fast path)
@@ -134,6 +136,7 @@ def _ranks_on_this_node() -> int:
 # it detects oversubscription), and sched_yield is not enough: the scheduler still gives
 # a yielding rank its fair share of the core, so such waits sleep between polls.
 _OVERSUBSCRIBED = _ranks_on_this_node() > (os.cpu_count() or 1)
+_SWEEP_POLLS = 0 if _OVERSUBSCRIBED else 256  # probes per message of a native run in wait_all (mpimp.fastpath)
 _SPIN_SECONDS = 0.0 if _OVERSUBSCRIBED else 2e-3  # polling without pause
 # tight Test calls (about 1-2 ms) before a wait falls back to the polling loop (few when
 # ranks outnumber cores: the core belongs to a computing rank then)
@@ -208,12 +211,18 @@ def _spin(req: MPI.Request, polls: int) -> bool:
 
 def _complete(req: MPI.Request, what: Callable[[], str], timeout: float | None,
               polls: int = _TIGHT_POLLS, keep: object = None) -> None:
-    """Complete one MPI request: :func:`_spin` first (written out: one Python frame less
-    on the path that follows a transfer), then the deadline loop; a wait that raises
-    leaves the request and ``keep`` (its buffers) to :func:`_abandon`."""
-    for _ in range(polls):
-        if req.Test():
+    """Complete one MPI request: :func:`_spin` first (in C on the native fast path, with
+    the GIL released; else written out: one Python frame less on the path that follows a
+    transfer), then the deadline loop; a wait that raises leaves the request and ``keep``
+    (its buffers) to :func:`_abandon`."""
+    fast = _fast()
+    if fast is not None:
+        if fast.test(req, polls):
             return
+    else:
+        for _ in range(polls):
+            if req.Test():
+                return
     _wait_or_abandon(req, what, timeout, keep)
 
 
@@ -613,6 +622,9 @@ def _post_send(tensors: list[torch.Tensor], as_tuple: bool, dst: int, comm: MPI.
             if _DEBUG:
                 _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B, header elided)")
             if on_host:
+                fast = _fast()
+                if fast is not None and payload <= _FAST_MAX:
+                    return fast.isend(comm, t.data_ptr(), payload, dst, tag), t, payload
                 return comm.Isend([MPI.buffer.fromaddress(t.data_ptr(), payload), payload, MPI.BYTE], dst, tag), t, payload
             buf, staged = to_wire(t)  # a device tensor: its memory (CUDA-aware MPI) or a pinned copy
             return comm.Isend([buf, payload, MPI.BYTE], dst, tag), (t, staged), payload
@@ -687,6 +699,18 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
             return
         if total >= ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
             n = total - offsets[0]
+            fast = _fast()
+            if fast is not None and _ELIDE and n <= _FAST_MAX:  # a raw repeat: two C calls (mpimp.fastpath)
+                chan = channels(comm)
+                with chan.send_lock:  # (the decision as in _post_send)
+                    last = chan.sent.get((dst, tag))
+                    req = fast.isend(comm, t.data_ptr(), n, dst, tag) if last is not None and last[0] == head else None
+                if req is not None:
+                    if _DEBUG:
+                        _trace(comm, f"Isend -> {dst} tag {tag} ({n} B, header elided)")
+                    if not fast.test(req, _TIGHT_POLLS):
+                        _wait_or_abandon(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, t)
+                    return
             req, keep, _ = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))
             _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, keep=(t, keep))
             return
@@ -825,7 +849,18 @@ class _Unmatched:
     def blocked(self, comm: MPI.Comm, src: int, tag: int) -> bool:
         """Whether an unmatched earlier receive could take the next message of (src, tag)."""
         with self.lock:
-            return any(self.overlap(src, tag, r) for r in self._live(comm.handle))
+            handle = comm.handle
+            counts = self.counts.get(handle)
+            if not counts:
+                return False
+            if src != _ANY_SOURCE and tag != _ANY_TAG and not counts.get(None) and not counts.get((src, tag)):
+                return False  # no wildcard pending, and none of this very pattern
+            for ref, s, t in self.pending.get(handle, ()):  # the first live one that could decides
+                if (s == src or _ANY_SOURCE in (s, src)) and (t == tag or _ANY_TAG in (t, tag)):
+                    other = ref()
+                    if other is not None and other.comm.handle == handle:
+                        return True
+            return False
 
     def add(self, r: _RecvRequest) -> None:
         with self.lock:
@@ -879,6 +914,29 @@ class _Unmatched:
         keep.reverse()
         return keep
 
+    def run(self, r: _RecvRequest, fits: Callable[[_RecvRequest], bool]) -> list[_RecvRequest]:
+        """``r`` and the unmatched receives posted after it with exactly its pattern, in
+        posting order, up to the first that fails ``fits``: the receives that the next
+        messages of that pattern go to, one each (call with the lock held, for an ``r``
+        that no earlier receive could take a message from).  Just ``r`` while a wildcard
+        receive is pending on the communicator: it could take one of those messages."""
+        handle = r.comm.handle
+        counts = self.counts.get(handle)
+        if not counts or counts.get((r.src, r.tag), 0) <= 1 or counts.get(None):
+            return [r]
+        run, after = [r], False
+        for ref, src, tag in self.pending.get(handle, ()):
+            if not after:
+                after = ref() is r
+            elif src == r.src and tag == r.tag:
+                other = ref()
+                if other is None or other.comm.handle != handle:
+                    continue  # dropped (it matches nothing), or of a freed communicator
+                if other._req is not None or other._matched is not None or not fits(other):
+                    break
+                run.append(other)
+        return run
+
     @staticmethod
     def owner_of(earlier: list[_RecvRequest], src: int, tag: int) -> _RecvRequest | None:
         """The first of ``earlier`` still unmatched that matches a message from ``src`` with ``tag``."""
@@ -921,7 +979,7 @@ class _RecvRequest(Request):
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
                  device: torch.device | None, msg: MPI.Message | None = None,
-                 status: MPI.Status | None = None) -> None:
+                 status: MPI.Status | None = None, posted: tuple[MPI.Request, Seen] | None = None) -> None:
         self.src, self.comm, self.tag, self.out = src, comm, tag, out
         self.device = device if device is not None or out is None else out.device
         self._status = MPI.Status() if status is None else status
@@ -939,7 +997,11 @@ class _RecvRequest(Request):
         self._deferred: BaseException | None = None  # what posting ``msg`` raised, for test()/wait()
         if _DEBUG:
             _trace(comm, f"Irecv <- {src} tag {tag}")
-        if msg is not None:  # matched by the caller's probe, under the channel lock (status holds its size)
+        if posted is not None:  # a raw repeat into out, matched and posted by the caller (irecv)
+            self._req, seen = posted
+            self._meta = (seen.meta, seen.as_tuple)
+            self._direct = True
+        elif msg is not None:  # matched by the caller's probe, under the channel lock (status holds its size)
             try:
                 self._post(msg)
             except Exception as exc:  # keep the message: a later wait() resumes with it
@@ -1003,7 +1065,11 @@ class _RecvRequest(Request):
             if empty is not None and pattern in empty:
                 return
             with self._chan.recv_lock:  # probe and classify in MPI's matching order
-                msg = self.comm.Improbe(self.src, self.tag, self._status)
+                msg = self._probe_raw() if not earlier else False  # (earlier ones: the message may be theirs)
+                if msg is True:
+                    return
+                if msg is False:
+                    msg = self.comm.Improbe(self.src, self.tag, self._status)
                 if msg is None:
                     if empty is not None:
                         empty.add(pattern)
@@ -1016,6 +1082,63 @@ class _RecvRequest(Request):
                     other._status, self._status = self._status, MPI.Status()
                     _UNMATCHED.forget(other)
                     other._post(msg)
+
+    def _probe_raw(self) -> bool | MPI.Message | None:
+        """The native fast path (:mod:`mpimp.fastpath`) for a receive into ``out`` that the
+        channel's raw repeat fits: probe, and post the receive of a raw repeat, in one C
+        call (call with the channel's recv_lock held, with no earlier receive that could take
+        the message).  True: posted; None: nothing arrived; a Message: another size,
+        matched (``_status`` has its envelope); False: the fast path does not apply."""
+        out, fast = self.out, _fast()
+        if out is None or fast is None:
+            return False
+        seen = self._chan.seen.get((self.src, self.tag))
+        if type(seen) is not Seen or seen.nbytes > _FAST_MAX or not seen.fits(out):
+            return False
+        run = _UNMATCHED.run(self, lambda r: r.out is not None and seen.fits(r.out))
+        # inside wait_all (a sweep) the probe may spin a little in C: the caller waits anyway,
+        # and a Python round over its requests before the next probe takes far longer
+        polls = _SWEEP_POLLS if _UNMATCHED.swept() is not None else 0
+        if len(run) == 1:
+            got = fast.recv_raw(self.comm, self.src, self.tag, out.data_ptr(), seen.nbytes, polls, self._status)
+            if got is True:  # received already: a null request tests complete
+                got = MPI.Request()
+            elif type(got) is not MPI.Request:
+                return got
+            self._posted_raw(got, seen)
+            return True
+        # the later receives of this pattern too: what arrived goes to them in order, the
+        # copies back to back in one C call
+        try:
+            got_all = fast.recv_run(self.comm, self.src, self.tag, [r.out.data_ptr() for r in run],  # type: ignore[union-attr]
+                                    seen.nbytes, polls, self._status)
+        except MPI.Exception as exc:  # the receives posted before the failure are in flight
+            for r, req in zip(run, getattr(exc, "mpimp_posted", ())):
+                r._posted_raw(req, seen)
+            raise
+        reqs = [got for got in got_all if type(got) is MPI.Request]
+        if reqs and fast.testall(reqs, 1):  # (the usual case: the copies are done) complete them here
+            for r, req in zip(run, reqs):
+                r._posted_raw(req, seen)
+                r._value, r._done = r.out, True
+        else:
+            for r, req in zip(run, reqs):
+                r._posted_raw(req, seen)
+        if len(reqs) < len(got_all):  # another size, after the raw repeats: matched, read as usual
+            r, msg = run[len(reqs)], got_all[-1]
+            if r is self:
+                return msg
+            r._status, self._status = self._status, MPI.Status()  # (its envelope is in this one's status)
+            _UNMATCHED.forget(r)
+            r._post(msg)
+        return self._req is not None or None
+
+    def _posted_raw(self, req: MPI.Request, seen: Seen) -> None:
+        """This receive's raw repeat is matched and its receive into ``out`` posted."""
+        _UNMATCHED.forget(self)
+        self._meta = (seen.meta, seen.as_tuple)
+        self._direct = True
+        self._req = req
 
     def test(self) -> bool:
         """Poll; may wait (up to the deadline) for an earlier framed message on this
@@ -1189,6 +1312,20 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     dev = torch.device(device) if isinstance(device, str) else device
     if _ABANDONED:
         _reap()
+    fast = _fast()
+    if (out is not None and dev is None and fast is not None and src >= 0 and tag >= 0
+            and not (_UNMATCHED.pending and _UNMATCHED.blocked(comm, src, tag))):
+        # the native fast path: a raw repeat that has arrived is matched and its receive
+        # posted now, as MPI_Irecv does with a message already there (nothing earlier can take it)
+        chan = channels(comm)
+        with chan.recv_lock:
+            seen = chan.seen.get((src, tag))
+            if type(seen) is Seen and seen.nbytes <= _FAST_MAX and seen.fits(out):
+                got = fast.recv_raw(comm, src, tag, out.data_ptr(), seen.nbytes, 0, chan.status)
+                if type(got) is MPI.Request:
+                    return _RecvRequest(src, comm, tag, out, dev, posted=(got, seen))
+                if got is not None:  # another size, matched: this request receives it
+                    return _RecvRequest(src, comm, tag, out, dev, got, MPI.Status(chan.status))
     return _RecvRequest(src, comm, tag, out, dev)
 
 
@@ -1213,6 +1350,12 @@ def _recv_small(msg: MPI.Message, count: int, out: torch.Tensor | None, src: int
     return out
 
 
+def _raw_result(target: np.ndarray, seen: Seen) -> Tensors:
+    """What ``recv()`` without ``out`` returns for a raw repeat received into ``target``."""
+    got = _view(target, *seen.meta[0])
+    return (got,) if seen.as_tuple else got
+
+
 def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None,
          device: torch.device | str | None = None, timeout: float | None = None) -> Tensors:
     """Receive a tensor (or tuple of tensors) from rank ``src`` of ``comm``."""
@@ -1230,24 +1373,35 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
             # (holding the lock, nothing can change the channel's state meanwhile)
             seen = chan.seen.get((src, tag)) if src >= 0 and tag >= 0 and dev is None else None
             target = spec = None
+            fast = _fast()
             if type(seen) is Seen:
                 if out is None:
                     target = _RECV_POOL.take_array(seen.nbytes)
                 elif seen.fits(out):
-                    target = MPI.buffer.fromaddress(out.data_ptr(), seen.nbytes)
+                    target = out.data_ptr() if fast is not None else MPI.buffer.fromaddress(out.data_ptr(), seen.nbytes)
                 if target is not None:
                     spec = [target, seen.nbytes, MPI.BYTE]
-            msg = comm.Improbe(src, tag, status)
-            for _ in range(_TIGHT_POLLS):  # wait for the envelope in a tight loop (1-2 ms) first
-                if msg is not None:
-                    break
+            if spec is not None and fast is not None and seen.nbytes <= _FAST_MAX:  # type: ignore[union-attr]
+                # native: probe, the raw repeat's receive and its first polls in one C call
+                got = fast.recv_raw(comm, src, tag, target, seen.nbytes, _TIGHT_POLLS, status)  # type: ignore[union-attr]
+                if got is True:
+                    return out if out is not None else _raw_result(target, seen)  # type: ignore[arg-type]
+                msg = got if type(got) is MPI.Message else None  # None: not arrived; else another size
+                raw_hit = type(got) is MPI.Request
+                req = got
+                count = seen.nbytes if raw_hit else (-1 if msg is None else status.Get_count(MPI.BYTE))  # type: ignore[union-attr]
+            else:
                 msg = comm.Improbe(src, tag, status)
-            count = -1 if msg is None else status.Get_count(MPI.BYTE)
-            raw_hit = spec is not None and count == seen.nbytes  # type: ignore[union-attr]
+                for _ in range(_TIGHT_POLLS):  # wait for the envelope in a tight loop (1-2 ms) first
+                    if msg is not None:
+                        break
+                    msg = comm.Improbe(src, tag, status)
+                count = -1 if msg is None else status.Get_count(MPI.BYTE)
+                raw_hit = spec is not None and count == seen.nbytes  # type: ignore[union-attr]
+                if raw_hit:
+                    req = msg.Irecv(spec)  # the raw repeat: one contiguous receive
             small = False
-            if raw_hit:
-                req = msg.Irecv(spec)  # the raw repeat: one contiguous receive
-            elif msg is not None:
+            if not raw_hit and msg is not None:
                 small = count < ELIDE_MIN and (dev is None or dev.type == "cpu") and (
                     out is None or (out.is_cpu and out.is_contiguous()))
                 if not small:  # (a request keeps the channel's state right whatever its wait raises)
@@ -1256,10 +1410,7 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
             return _recv_small(msg, count, out, src, tag, timeout)  # type: ignore[arg-type]
         if raw_hit:  # (target alone does not keep out's memory alive: keep out too)
             _complete(req, lambda: f"recv of {count} B from rank {src} (tag {tag})", timeout, keep=(target, out))
-            if out is not None:
-                return out
-            got = _view(target, *seen.meta[0])  # type: ignore[arg-type,union-attr]
-            return (got,) if seen.as_tuple else got  # type: ignore[union-attr]
+            return out if out is not None else _raw_result(target, seen)  # type: ignore[arg-type]
     if rreq is None:  # not arrived yet (or behind earlier irecvs): a request that probes in order
         rreq = _RecvRequest(src, comm, tag, out, dev)
         try:
@@ -1281,9 +1432,13 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
               and r._req is not None and not r._done]
     if posted and len(posted) == len(pending):  # every request posted: drive them together in C
         try:
-            for _ in range(_TIGHT_POLLS):
-                if MPI.Request.Testall(posted):
-                    break
+            fast = _fast()
+            if fast is not None:
+                fast.testall(posted, _TIGHT_POLLS)
+            else:
+                for _ in range(_TIGHT_POLLS):
+                    if MPI.Request.Testall(posted):
+                        break
         except MPI.Exception:
             pass  # test() below reports it, naming the request
     _wait_until(lambda: _test_all(pending),

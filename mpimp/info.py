@@ -15,6 +15,7 @@ import numpy
 import torch
 from mpi4py import MPI
 
+from . import fastpath
 from .buffers import cuda_aware
 from .watchdog import guarded
 
@@ -54,6 +55,7 @@ def environment() -> dict[str, str]:
         ),
         "cupy": cupy_version,
         "numpy": numpy.__version__,
+        "p2p fast path": fastpath.status(),
     }
 
 

@@ -50,6 +50,7 @@ __all__ = [
     "ReductionOps",
     "load_ops",
     "build_native",
+    "build_library",
     "find_mpicc",
     "cache_dir",
     "NativeBuildError",
@@ -159,9 +160,10 @@ def find_mpicc() -> str | None:
     return shutil.which("mpicc")
 
 
-def _build_key(mpicc: str, source: bytes) -> str:
+def _build_key(mpicc: str, source: bytes, extra: tuple[str, ...] = ()) -> str:
     h = hashlib.sha256()
-    for part in (source, MPI.Get_library_version().encode(), mpicc.encode(), platform.machine().encode()):
+    for part in (source, MPI.Get_library_version().encode(), mpicc.encode(), platform.machine().encode(),
+                 *(e.encode() for e in extra)):
         h.update(part)
         h.update(b"\0")
     return h.hexdigest()[:16]
@@ -169,12 +171,21 @@ def _build_key(mpicc: str, source: bytes) -> str:
 
 def build_native(mpicc: str, directory: Path | None = None, source: Path = SOURCE) -> Path:
     """Compile the C operators with ``mpicc`` (once per key; concurrent ranks wait on a lock)."""
+    return build_library(mpicc, source, "reduce16", _LIBNAME, directory=directory)
+
+
+def build_library(mpicc: str, source: Path, name: str, filename: str, flags: tuple[str, ...] = (),
+                  key: tuple[str, ...] = (), directory: Path | None = None) -> Path:
+    """Compile ``source`` with ``mpicc`` into a shared library ``filename`` under
+    ``<cache>/<name>-<hash>/``, once per hash (of the source, the MPI library version, the
+    compiler, the machine and ``key``); concurrent ranks of a node wait on a file lock
+    while the first one builds.  Raises :class:`NativeBuildError` with the compiler's output."""
     try:
         text = source.read_bytes()
     except OSError as exc:
         raise NativeBuildError(f"cannot read the C source {source}: {exc}") from None
-    out_dir = (directory or cache_dir()) / f"reduce16-{_build_key(mpicc, text)}"
-    lib = out_dir / _LIBNAME
+    out_dir = (directory or cache_dir()) / f"{name}-{_build_key(mpicc, text, key)}"
+    lib = out_dir / filename
     if lib.exists():
         return lib
     try:
@@ -185,7 +196,7 @@ def build_native(mpicc: str, directory: Path | None = None, source: Path = SOURC
                 return lib
             fd, tmp = tempfile.mkstemp(dir=out_dir, suffix=".so")
             os.close(fd)
-            cmd = [mpicc, "-O3", "-fPIC", "-shared", "-o", tmp, str(source)]
+            cmd = [mpicc, "-O3", "-fPIC", "-shared", *flags, "-o", tmp, str(source)]
             try:
                 done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
             except (OSError, subprocess.TimeoutExpired) as exc:

@@ -30,7 +30,8 @@ def test_info_under_mpirun_reports_the_environment_and_every_rank() -> None:
     assert res.returncode == 0, res.stderr
     out = res.stdout
     env = environment()  # the single-process reference: the same facts, computed here
-    for key in ("mpi library", "thread level", "cuda-aware mpi", "torch", "mpi4py", "cupy", "numpy"):
+    for key in ("mpi library", "thread level", "cuda-aware mpi", "torch", "mpi4py", "cupy", "numpy",
+                "p2p fast path"):
         line = next((ln for ln in out.splitlines() if ln.strip().startswith(key + " ")), None)
         assert line is not None, f"no {key!r} line in:\n{out}"
         if key != "thread level":  # the thread level depends on how MPI was initialised
