@@ -846,6 +846,13 @@ class _Unmatched:
         # dropped requests, and those of a freed communicator (whose handle a new one may reuse)
         return self._keep(handle, lambda r: r.comm.handle == handle)
 
+    def busy(self, comm: MPI.Comm, src: int, tag: int) -> bool:
+        """Whether a receive that could take a message of (src, tag) may be pending: a
+        constant-time answer that errs on the safe side (dropped receives still count
+        until pruned; any wildcard counts)."""
+        counts = self.counts.get(comm.handle)
+        return bool(counts) and bool(counts.get(None) or counts.get((src, tag)))
+
     def blocked(self, comm: MPI.Comm, src: int, tag: int) -> bool:
         """Whether an unmatched earlier receive could take the next message of (src, tag)."""
         with self.lock:
@@ -867,8 +874,12 @@ class _Unmatched:
             handle = r.comm.handle
             entries = self.pending.setdefault(handle, [])
             counts = self.counts.setdefault(handle, {})
-            entries.append((weakref.ref(r), r.src, r.tag))
-            _count(counts, r.src, r.tag, 1)
+            src, tag = r.src, r.tag
+            entries.append((weakref.ref(r), src, tag))
+            key = (src, tag)  # (_count, written out: once per irecv)
+            counts[key] = counts.get(key, 0) + 1
+            if src == _ANY_SOURCE or tag == _ANY_TAG:
+                counts[None] = counts.get(None, 0) + 1
             n = len(entries)
             if n >= 32 and n & (n - 1) == 0:  # at each doubling: drop the receives their owners dropped
                 self._keep(handle, lambda r: True)
@@ -1314,7 +1325,7 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
         _reap()
     fast = _fast()
     if (out is not None and dev is None and fast is not None and src >= 0 and tag >= 0
-            and not (_UNMATCHED.pending and _UNMATCHED.blocked(comm, src, tag))):
+            and not (_UNMATCHED.pending and _UNMATCHED.busy(comm, src, tag))):
         # the native fast path: a raw repeat that has arrived is matched and its receive
         # posted now, as MPI_Irecv does with a message already there (nothing earlier can take it)
         chan = channels(comm)
