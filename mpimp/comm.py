@@ -869,15 +869,20 @@ class _Unmatched:
                         return True
             return False
 
-    def add(self, r: _RecvRequest) -> None:
+    def add(self, r: _RecvRequest, handle: int) -> None:
+        """Append ``r`` (posted on the communicator whose handle is ``handle``)."""
+        src, tag = r.src, r.tag
+        entry = (weakref.ref(r), src, tag)
+        key = (src, tag)
         with self.lock:
-            handle = r.comm.handle
-            entries = self.pending.setdefault(handle, [])
-            counts = self.counts.setdefault(handle, {})
-            src, tag = r.src, r.tag
-            entries.append((weakref.ref(r), src, tag))
-            key = (src, tag)  # (_count, written out: once per irecv)
-            counts[key] = counts.get(key, 0) + 1
+            entries = self.pending.get(handle)
+            if entries is None:
+                entries = self.pending[handle] = []
+                counts = self.counts[handle] = {}
+            else:
+                counts = self.counts[handle]
+            entries.append(entry)
+            counts[key] = counts.get(key, 0) + 1  # (_count, written out: once per irecv)
             if src == _ANY_SOURCE or tag == _ANY_TAG:
                 counts[None] = counts.get(None, 0) + 1
             n = len(entries)
@@ -899,6 +904,23 @@ class _Unmatched:
             elif entries:
                 self._keep(handle, lambda o: o is not r)
 
+    def forget_run(self, run: list[_RecvRequest]) -> None:
+        """Forget the receives of a run (:meth:`run`) that matched, oldest first: when they
+        are the oldest entries of their communicator (the usual case), in one step."""
+        with self.lock:
+            r = run[0]
+            handle, k = r.comm.handle, len(run)
+            entries = self.pending.get(handle)
+            if entries and len(entries) >= k and all(e[0]() is o for e, o in zip(entries, run)):
+                del entries[:k]
+                if entries:
+                    _count(self.counts[handle], r.src, r.tag, -k)
+                else:
+                    del self.pending[handle], self.counts[handle]
+            else:
+                for o in run:
+                    self.forget(o)
+
     def _earlier(self, r: _RecvRequest) -> list[_RecvRequest]:
         """The unmatched receives posted before ``r`` on its communicator, in order."""
         handle, out = r.comm.handle, []
@@ -918,6 +940,9 @@ class _Unmatched:
             counts = self.counts.get(r.comm.handle, {})
             if counts.get((r.src, r.tag), 0) <= 1 and not counts.get(None):
                 return [r]
+        entries = self.pending.get(r.comm.handle)
+        if entries and entries[0][0]() is r:  # the oldest unmatched receive: nothing before it
+            return [r]
         keep = [r]
         for other in reversed(self._earlier(r)):
             if any(self.overlap(k.src, k.tag, other) for k in keep):
@@ -931,7 +956,8 @@ class _Unmatched:
         messages of that pattern go to, one each (call with the lock held, for an ``r``
         that no earlier receive could take a message from).  Just ``r`` while a wildcard
         receive is pending on the communicator: it could take one of those messages."""
-        handle = r.comm.handle
+        comm = r.comm
+        handle = comm.handle
         counts = self.counts.get(handle)
         if not counts or counts.get((r.src, r.tag), 0) <= 1 or counts.get(None):
             return [r]
@@ -941,7 +967,7 @@ class _Unmatched:
                 after = ref() is r
             elif src == r.src and tag == r.tag:
                 other = ref()
-                if other is None or other.comm.handle != handle:
+                if other is None or (other.comm is not comm and other.comm.handle != handle):
                     continue  # dropped (it matches nothing), or of a freed communicator
                 if other._req is not None or other._matched is not None or not fits(other):
                     break
@@ -1018,7 +1044,7 @@ class _RecvRequest(Request):
             except Exception as exc:  # keep the message: a later wait() resumes with it
                 self._deferred = exc
         else:
-            _UNMATCHED.add(self)
+            _UNMATCHED.add(self, comm.handle)
 
     def describe(self) -> str:
         return f"recv from rank {self.src} (tag {self.tag})"
@@ -1106,7 +1132,9 @@ class _RecvRequest(Request):
         seen = self._chan.seen.get((self.src, self.tag))
         if type(seen) is not Seen or seen.nbytes > _FAST_MAX or not seen.fits(out):
             return False
-        run = _UNMATCHED.run(self, lambda r: r.out is not None and seen.fits(r.out))
+        dtype, shape, _ = seen.meta[0]
+        run = _UNMATCHED.run(self, lambda r: (o := r.out) is out or (
+            o is not None and o.dtype == dtype and o.shape == shape and o.is_cpu and o.is_contiguous()))
         # inside wait_all (a sweep) the probe may spin a little in C: the caller waits anyway,
         # and a Python round over its requests before the next probe takes far longer
         polls = _SWEEP_POLLS if _UNMATCHED.swept() is not None else 0
@@ -1128,13 +1156,15 @@ class _RecvRequest(Request):
                 r._posted_raw(req, seen)
             raise
         reqs = [got for got in got_all if type(got) is MPI.Request]
-        if reqs and fast.testall(reqs, 1):  # (the usual case: the copies are done) complete them here
-            for r, req in zip(run, reqs):
-                r._posted_raw(req, seen)
-                r._value, r._done = r.out, True
-        else:
-            for r, req in zip(run, reqs):
-                r._posted_raw(req, seen)
+        if reqs:
+            matched = run[: len(reqs)]
+            _UNMATCHED.forget_run(matched)
+            meta = (seen.meta, seen.as_tuple)
+            done = fast.testall(reqs, 1)  # (the usual case: the copies are done) complete them here
+            for r, req in zip(matched, reqs):
+                r._meta, r._direct, r._req = meta, True, req
+                if done:
+                    r._value, r._done = r.out, True
         if len(reqs) < len(got_all):  # another size, after the raw repeats: matched, read as usual
             r, msg = run[len(reqs)], got_all[-1]
             if r is self:
@@ -1439,17 +1469,30 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
 def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[Tensors | None]:
     """Complete every request (driving all of them, so no ordering deadlock); return their results."""
     pending = list(requests)
-    posted = [r._req for r in pending if isinstance(r, (_MPIRequest, _RecvRequest))
-              and r._req is not None and not r._done]
-    if posted and len(posted) == len(pending):  # every request posted: drive them together in C
+    posted: list[MPI.Request] | None = []
+    for r in pending:
+        if not isinstance(r, (_MPIRequest, _RecvRequest)) or r._req is None or r._done:
+            posted = None  # (an unmatched receive, or another kind: the loop below drives them)
+            break
+        posted.append(r._req)  # type: ignore[union-attr]
+    if posted:  # every request posted: drive them together in C
         try:
             fast = _fast()
             if fast is not None:
-                fast.testall(posted, _TIGHT_POLLS)
+                done = fast.testall(posted, _TIGHT_POLLS)
             else:
                 for _ in range(_TIGHT_POLLS):
-                    if MPI.Request.Testall(posted):
+                    if done := MPI.Request.Testall(posted):
                         break
+            if done:  # each test() finishes its request (the MPI requests are complete)
+                results: list[Tensors | None] = []
+                for r in pending:
+                    if type(r) is _SendRequest:  # (its test() written out: nothing to finish)
+                        r._done, r._keep = True, None
+                        results.append(None)
+                    else:
+                        results.append(r.result() if r.test() else r.wait(timeout))
+                return results
         except MPI.Exception:
             pass  # test() below reports it, naming the request
     _wait_until(lambda: _test_all(pending),
