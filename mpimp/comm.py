@@ -1152,18 +1152,25 @@ class _RecvRequest(Request):
             got_all = fast.recv_run(self.comm, self.src, self.tag, [r.out.data_ptr() for r in run],  # type: ignore[union-attr]
                                     seen.nbytes, polls, self._status)
         except MPI.Exception as exc:  # the receives posted before the failure are in flight
-            for r, req in zip(run, getattr(exc, "mpimp_posted", ())):
-                r._posted_raw(req, seen)
+            posted = getattr(exc, "mpimp_posted", ())
+            if posted:
+                _UNMATCHED.forget_run(run[: len(posted)])
+            for r, req in zip(run, posted):
+                r._meta, r._direct, r._req = (seen.meta, seen.as_tuple), True, req
             raise
         reqs = [got for got in got_all if type(got) is MPI.Request]
         if reqs:
             matched = run[: len(reqs)]
             _UNMATCHED.forget_run(matched)
             meta = (seen.meta, seen.as_tuple)
-            done = fast.testall(reqs, 1)  # (the usual case: the copies are done) complete them here
-            for r, req in zip(matched, reqs):
+            for r, req in zip(matched, reqs):  # (each receive has its request before anything can raise)
                 r._meta, r._direct, r._req = meta, True, req
-                if done:
+            try:
+                done = fast.testall(reqs, 1)  # (the usual case: the copies are done) complete them here
+            except MPI.Exception:
+                done = False  # each test() reports its own receive's error
+            if done:
+                for r in matched:
                     r._value, r._done = r.out, True
         if len(reqs) < len(got_all):  # another size, after the raw repeats: matched, read as usual
             r, msg = run[len(reqs)], got_all[-1]
@@ -1176,7 +1183,7 @@ class _RecvRequest(Request):
 
     def _posted_raw(self, req: MPI.Request, seen: Seen) -> None:
         """This receive's raw repeat is matched and its receive into ``out`` posted."""
-        _UNMATCHED.forget(self)
+        _UNMATCHED.forget(self)  # (a run's receives: forget_run)
         self._meta = (seen.meta, seen.as_tuple)
         self._direct = True
         self._req = req
@@ -1418,8 +1425,9 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
             if type(seen) is Seen:
                 if out is None:
                     target = _RECV_POOL.take_array(seen.nbytes)
-                elif seen.fits(out):
-                    target = out.data_ptr() if fast is not None else MPI.buffer.fromaddress(out.data_ptr(), seen.nbytes)
+                elif seen.fits(out):  # (an address for the native call, a buffer for mpi4py)
+                    target = (out.data_ptr() if fast is not None and seen.nbytes <= _FAST_MAX
+                              else MPI.buffer.fromaddress(out.data_ptr(), seen.nbytes))
                 if target is not None:
                     spec = [target, seen.nbytes, MPI.BYTE]
             if spec is not None and fast is not None and seen.nbytes <= _FAST_MAX:  # type: ignore[union-attr]
@@ -1475,7 +1483,7 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
             posted = None  # (an unmatched receive, or another kind: the loop below drives them)
             break
         posted.append(r._req)  # type: ignore[union-attr]
-    if posted:  # every request posted: drive them together in C
+    if posted and len({id(q) for q in posted}) == len(posted):  # (MPI forbids a request twice in Testall)  # every request posted: drive them together in C
         try:
             fast = _fast()
             if fast is not None:

@@ -30,13 +30,14 @@ from pathlib import Path
 from types import ModuleType
 
 import mpi4py
+from mpi4py import MPI
 
 from .native_ops import NATIVE_DIR, NativeBuildError, build_library, find_mpicc
 
 __all__ = ["load", "status", "SOURCE", "enabled"]
 
 SOURCE = NATIVE_DIR / "mpimp_fast.c"
-_VERSION = "mpimp-fast 4"
+_VERSION = "mpimp-fast 5"
 _MODULE = "_mpimp_fast"  # (its PyInit_ name)
 
 
@@ -46,7 +47,8 @@ def enabled() -> bool:
 
 
 def _flags() -> tuple[str, ...]:
-    flags = [f"-I{sysconfig.get_paths()['include']}", f"-I{mpi4py.get_include()}"]
+    flags = [f"-I{sysconfig.get_paths()['include']}", f"-I{mpi4py.get_include()}",
+             "-Werror=implicit-function-declaration"]  # (an API this Python lacks: a build error, not an import error)
     if platform.system() == "Darwin":
         flags += ["-undefined", "dynamic_lookup"]
     return tuple(flags)
@@ -71,6 +73,10 @@ def _import(path: Path) -> ModuleType:
     loader.exec_module(module)
     if getattr(module, "VERSION", None) != _VERSION:
         raise NativeBuildError(f"{path} is version {getattr(module, 'VERSION', None)!r}, expected {_VERSION!r}")
+    ours, theirs = MPI.Get_library_version().strip(), str(getattr(module, "LIBRARY", "")).strip()
+    if ours != theirs:
+        raise NativeBuildError(f"{path} was linked against another MPI library ({theirs.splitlines()[0]!r}) "
+                               f"than mpi4py runs on ({ours.splitlines()[0]!r}); set MPIMP_MPICC to this MPI's mpicc")
     return module
 
 

@@ -205,6 +205,7 @@ def build_library(mpicc: str, source: Path, name: str, filename: str, flags: tup
             if done.returncode != 0:
                 os.unlink(tmp)
                 raise NativeBuildError(f"{' '.join(cmd)} failed ({done.returncode}):\n{done.stderr.strip()}")
+            os.chmod(tmp, 0o755)  # (mkstemp makes it private: a shared cache is read by others)
             os.replace(tmp, lib)
     except OSError as exc:
         raise NativeBuildError(f"cannot write to the cache directory {out_dir}: {exc}") from None

@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
+from . import fastpath
 from .errors import ConfigError
 from .watchdog import abort_on_uncaught_exception, guarded
 
@@ -178,6 +179,7 @@ def init(dp: int | None = None, pp: int = 1, tp: int = 1, comm: MPI.Comm | None 
     instead of leaving the others waiting (:func:`mpimp.watchdog.abort_on_uncaught_exception`).
     """
     abort_on_uncaught_exception(abort_on_error)
+    fastpath.load()  # build the native p2p fast path now, not inside the first timed transfer
     base = MPI.COMM_WORLD if comm is None else comm
     size, rank = base.Get_size(), base.Get_rank()
     requested = guarded("mpimp.init: allgather of every rank's (dp, pp, tp)", lambda: base.allgather((dp, pp, tp)))

@@ -25,7 +25,7 @@
 #include <Python.h>
 #include <mpi4py/mpi4py.h>
 
-#define MPIMP_FAST_VERSION "mpimp-fast 4"
+#define MPIMP_FAST_VERSION "mpimp-fast 5"
 
 static PyObject *mpi_exception; /* mpi4py.MPI.Exception */
 
@@ -138,6 +138,10 @@ done:
   return result;
 }
 
+/* The result objects are made before any MPI call that could match or post, and the MPI
+   calls write their handles straight into them: once a message is matched or a receive
+   posted, nothing can fail to hand it to Python. */
+
 /* recv_raw(comm, src, tag, buf, nbytes, polls, status)
  *
  * Matched probe of (src, tag), up to max(polls, 1) times; `status` (an MPI.Status) gets
@@ -149,38 +153,61 @@ done:
  *                polls tests);
  *   MPI.Request  a message of nbytes, its receive into buf posted, not complete yet
  *                (always so with polls = 0: the caller tests it).
+ * An MPI error raises MPI.Exception; a message matched before it comes back instead of
+ * the error when the error is its byte count's.
  */
 static PyObject *fast_recv_raw(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   MPI_Comm *comm;
   MPI_Status *status;
   void *addr;
-  int src, tag, nbytes, polls, ierr, flag = 0, count = -1, done = 0;
-  MPI_Message msg = MPI_MESSAGE_NULL;
-  MPI_Request req = MPI_REQUEST_NULL;
+  int src, tag, nbytes, polls, ierr, flag = 0, count = -1, done = 0, posted = 0;
   if (check_args("recv_raw", nargs, 7) < 0 || (comm = PyMPIComm_Get(args[0])) == NULL ||
       as_int(args[1], &src) < 0 || as_int(args[2], &tag) < 0 || address_of(args[3], &addr) < 0 ||
       as_int(args[4], &nbytes) < 0 || as_int(args[5], &polls) < 0 ||
       (status = PyMPIStatus_Get(args[6])) == NULL)
     return NULL;
+  PyObject *msgobj = PyMPIMessage_New(MPI_MESSAGE_NULL);
+  PyObject *reqobj = msgobj == NULL ? NULL : PyMPIRequest_New(MPI_REQUEST_NULL);
+  if (reqobj == NULL) {
+    Py_XDECREF(msgobj);
+    return NULL;
+  }
+  MPI_Message *msg = PyMPIMessage_Get(msgobj);
+  MPI_Request *req = PyMPIRequest_Get(reqobj);
   Py_BEGIN_ALLOW_THREADS
   int i = 0;
   do {
-    ierr = MPI_Improbe(src, tag, *comm, &flag, &msg, status);
+    ierr = MPI_Improbe(src, tag, *comm, &flag, msg, status);
   } while (ierr == MPI_SUCCESS && !flag && ++i < polls);
   if (ierr == MPI_SUCCESS && flag) {
     ierr = MPI_Get_count(status, MPI_BYTE, &count);
     if (ierr == MPI_SUCCESS && count == nbytes) {
-      ierr = MPI_Imrecv(addr, nbytes, MPI_BYTE, &msg, &req);
-      for (i = 0; ierr == MPI_SUCCESS && !done && i < polls; i++)
-        ierr = MPI_Test(&req, &done, MPI_STATUS_IGNORE);
+      ierr = MPI_Imrecv(addr, nbytes, MPI_BYTE, msg, req);
+      posted = ierr == MPI_SUCCESS;
+      for (i = 0; posted && ierr == MPI_SUCCESS && !done && i < polls; i++)
+        ierr = MPI_Test(req, &done, MPI_STATUS_IGNORE);
     }
   }
   Py_END_ALLOW_THREADS
-  if (ierr != MPI_SUCCESS) return raise_mpi(ierr);
-  if (!flag) Py_RETURN_NONE;
-  if (count != nbytes) return PyMPIMessage_New(msg);
-  if (done) Py_RETURN_TRUE;
-  return PyMPIRequest_New(req);
+  PyObject *result;
+  if (flag && !posted && count != nbytes) { /* another size (or no count): the caller reads it */
+    Py_INCREF(msgobj);
+    result = msgobj;
+  } else if (ierr != MPI_SUCCESS) {
+    result = raise_mpi(ierr);
+  } else if (!flag) {
+    Py_INCREF(Py_None);
+    result = Py_None;
+  } else if (done) {
+    Py_INCREF(Py_True);
+    result = Py_True;
+  } else {
+    Py_INCREF(reqobj);
+    result = reqobj;
+  }
+  Py_DECREF(msgobj);
+  Py_DECREF(reqobj);
+  return result;
 }
 
 /* recv_run(comm, src, tag, bufs, nbytes, polls, status) -> list
@@ -191,7 +218,8 @@ static PyObject *fast_recv_raw(PyObject *self, PyObject *const *args, Py_ssize_t
  * message of another size (matched, not received: it ends the list as an MPI.Message,
  * its envelope in `status`).  Returns the MPI.Request of each receive posted, in order.
  * One C call for a window of messages: the copies run back to back, without Python
- * between them.
+ * between them.  An MPI error raises MPI.Exception with the list so far (the receives
+ * posted before it are in flight) as its `mpimp_posted` attribute.
  */
 static PyObject *fast_recv_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   MPI_Comm *comm;
@@ -205,54 +233,58 @@ static PyObject *fast_recv_run(PyObject *self, PyObject *const *args, Py_ssize_t
   if (seq == NULL) return NULL;
   Py_ssize_t n = PySequence_Fast_GET_SIZE(seq), posted = 0;
   void **addrs = PyMem_Malloc(sizeof(void *) * (n ? n : 1));
-  MPI_Request *reqs = PyMem_Malloc(sizeof(MPI_Request) * (n ? n : 1));
+  MPI_Request **reqs = PyMem_Malloc(sizeof(MPI_Request *) * (n ? n : 1));
+  PyObject *list = PyList_New(n + 1); /* n requests, then the message of another size */
   PyObject *result = NULL;
   if (addrs == NULL || reqs == NULL) {
     PyErr_NoMemory();
     goto done;
   }
-  for (Py_ssize_t i = 0; i < n; i++)
-    if (address_of(PySequence_Fast_GET_ITEM(seq, i), &addrs[i]) < 0) goto done;
-  MPI_Message msg = MPI_MESSAGE_NULL;
+  if (list == NULL) goto done;
+  for (Py_ssize_t i = 0; i < n; i++) {
+    PyObject *r;
+    if (address_of(PySequence_Fast_GET_ITEM(seq, i), &addrs[i]) < 0 ||
+        (r = PyMPIRequest_New(MPI_REQUEST_NULL)) == NULL)
+      goto done;
+    PyList_SET_ITEM(list, i, r);
+    reqs[i] = PyMPIRequest_Get(r);
+  }
+  PyObject *msgobj = PyMPIMessage_New(MPI_MESSAGE_NULL);
+  if (msgobj == NULL) goto done;
+  PyList_SET_ITEM(list, n, msgobj);
+  MPI_Message *msg = PyMPIMessage_Get(msgobj);
   Py_BEGIN_ALLOW_THREADS
   while (posted < n) {
     int i = 0;
     do {
-      ierr = MPI_Improbe(src, tag, *comm, &flag, &msg, status);
+      ierr = MPI_Improbe(src, tag, *comm, &flag, msg, status);
     } while (ierr == MPI_SUCCESS && !flag && ++i < polls);
     if (ierr != MPI_SUCCESS || !flag) break;
     ierr = MPI_Get_count(status, MPI_BYTE, &count);
     if (ierr != MPI_SUCCESS || count != nbytes) break;
-    ierr = MPI_Imrecv(addrs[posted], nbytes, MPI_BYTE, &msg, &reqs[posted]);
+    ierr = MPI_Imrecv(addrs[posted], nbytes, MPI_BYTE, msg, reqs[posted]);
     if (ierr != MPI_SUCCESS) break;
     posted++;
     flag = 0;
   }
   Py_END_ALLOW_THREADS
-  /* the receives posted are handed back even when a later call failed: their buffers
-     are in use until they complete */
-  result = PyList_New(0);
-  for (Py_ssize_t i = 0; result != NULL && i < posted; i++) {
-    PyObject *r = PyMPIRequest_New(reqs[i]);
-    if (r == NULL || PyList_Append(result, r) < 0) Py_CLEAR(result);
-    Py_XDECREF(r);
-  }
-  if (result != NULL && ierr == MPI_SUCCESS && flag && count != nbytes) {
-    PyObject *m = PyMPIMessage_New(msg);
-    if (m == NULL || PyList_Append(result, m) < 0) Py_CLEAR(result);
-    Py_XDECREF(m);
-  }
-  if (result != NULL && ierr != MPI_SUCCESS) {
-    /* report the error; the requests posted so far are attached to it */
+  /* keep the posted requests, then the matched message of another size if any (deleting
+     list items allocates nothing) */
+  int other = flag && count != nbytes;
+  if (PyList_SetSlice(list, posted, n + (other ? 0 : 1), NULL) < 0) goto done;
+  if (ierr != MPI_SUCCESS && !other) {
     PyObject *exc = PyObject_CallFunction(mpi_exception, "i", ierr);
     if (exc != NULL) {
-      PyObject_SetAttrString(exc, "mpimp_posted", result);
+      PyObject_SetAttrString(exc, "mpimp_posted", list);
       PyErr_SetObject(mpi_exception, exc);
       Py_DECREF(exc);
     }
-    Py_CLEAR(result);
+    goto done;
   }
+  Py_INCREF(list);
+  result = list;
 done:
+  Py_XDECREF(list);
   PyMem_Free(addrs);
   PyMem_Free(reqs);
   Py_DECREF(seq);
@@ -283,7 +315,16 @@ PyMODINIT_FUNC PyInit__mpimp_fast(void) {
   Py_DECREF(mpi);
   if (mpi_exception == NULL) return NULL;
   PyObject *m = PyModule_Create(&module);
-  if (m != NULL && PyModule_AddStringConstant(m, "VERSION", MPIMP_FAST_VERSION) < 0) {
+  if (m == NULL) return NULL;
+  /* the MPI library this was compiled and linked against: mpimp/fastpath.py compares it
+     with the one mpi4py runs on, and refuses a mismatch */
+  char library[MPI_MAX_LIBRARY_VERSION_STRING];
+  int length = 0;
+  if (MPI_Get_library_version(library, &length) != MPI_SUCCESS) length = 0;
+  PyObject *lib = PyUnicode_DecodeLatin1(library, length, "replace");
+  if (lib == NULL || PyModule_AddStringConstant(m, "VERSION", MPIMP_FAST_VERSION) < 0 ||
+      PyModule_AddObject(m, "LIBRARY", lib) < 0) { /* (AddObject steals lib on success only) */
+    Py_XDECREF(lib);
     Py_DECREF(m);
     return NULL;
   }
