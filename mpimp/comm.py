@@ -851,7 +851,7 @@ class _Unmatched:
         constant-time answer that errs on the safe side (dropped receives still count
         until pruned; any wildcard counts)."""
         counts = self.counts.get(comm.handle)
-        return bool(counts) and bool(counts.get(None) or counts.get((src, tag)))
+        return bool(counts) and bool(counts.get((src, tag)) or _wild(counts, src, tag))
 
     def blocked(self, comm: MPI.Comm, src: int, tag: int) -> bool:
         """Whether an unmatched earlier receive could take the next message of (src, tag)."""
@@ -860,8 +860,9 @@ class _Unmatched:
             counts = self.counts.get(handle)
             if not counts:
                 return False
-            if src != _ANY_SOURCE and tag != _ANY_TAG and not counts.get(None) and not counts.get((src, tag)):
-                return False  # no wildcard pending, and none of this very pattern
+            if (src != _ANY_SOURCE and tag != _ANY_TAG and not counts.get((src, tag))
+                    and not _wild(counts, src, tag)):
+                return False  # none of this very pattern, and no wildcard that covers it
             for ref, s, t in self.pending.get(handle, ()):  # the first live one that could decides
                 if (s == src or _ANY_SOURCE in (s, src)) and (t == tag or _ANY_TAG in (t, tag)):
                     other = ref()
@@ -938,7 +939,7 @@ class _Unmatched:
         with the lock held)."""
         if r.src != _ANY_SOURCE and r.tag != _ANY_TAG:  # alone with its pattern, no wildcards?
             counts = self.counts.get(r.comm.handle, {})
-            if counts.get((r.src, r.tag), 0) <= 1 and not counts.get(None):
+            if counts.get((r.src, r.tag), 0) <= 1 and not _wild(counts, r.src, r.tag):
                 return [r]
         entries = self.pending.get(r.comm.handle)
         if entries and entries[0][0]() is r:  # the oldest unmatched receive: nothing before it
@@ -959,7 +960,7 @@ class _Unmatched:
         comm = r.comm
         handle = comm.handle
         counts = self.counts.get(handle)
-        if not counts or counts.get((r.src, r.tag), 0) <= 1 or counts.get(None):
+        if not counts or counts.get((r.src, r.tag), 0) <= 1 or _wild(counts, r.src, r.tag):
             return [r]
         run, after = [r], False
         for ref, src, tag in self.pending.get(handle, ()):
@@ -984,6 +985,15 @@ class _Unmatched:
 
 
 _ANY_SOURCE, _ANY_TAG = MPI.ANY_SOURCE, MPI.ANY_TAG
+
+
+def _wild(counts: dict[tuple[int, int] | None, int], src: int, tag: int) -> bool:
+    """Whether a pending wildcard receive could take a message of (src, tag) (counts
+    per pattern: (ANY_SOURCE, tag), (src, ANY_TAG), (ANY_SOURCE, ANY_TAG)).  A wildcard of
+    another tag does not: the pipeline's ANY_SOURCE error receive leaves its stage
+    messages' matching alone."""
+    return bool(counts.get(None)) and bool(
+        counts.get((_ANY_SOURCE, tag)) or counts.get((src, _ANY_TAG)) or counts.get((_ANY_SOURCE, _ANY_TAG)))
 
 
 def _count(counts: dict[tuple[int, int] | None, int], src: int, tag: int, delta: int) -> None:

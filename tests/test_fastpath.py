@@ -243,3 +243,29 @@ def test_an_error_testing_a_run_leaves_each_receive_its_own_message(
         assert all(torch.equal(o, make(A, k + 1)) for k, o in enumerate(outs))  # untouched since
     finally:
         comm.Free()
+
+
+def test_a_wildcard_receive_of_another_tag_leaves_runs_alone(
+        native: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An ANY_SOURCE receive of another tag (the pipeline's error channel) cannot take a
+    message of this pattern: runs still go, and it still gets its own message."""
+    spy = Spy(native)
+    monkeypatch.setattr(transport, "_fast", lambda: spy)
+    comm = MPI.COMM_SELF.Dup()
+    try:
+        first = mpimp.isend(make(A, 0), 0, comm, 4)
+        mpimp.recv(0, comm, 4)
+        first.wait()
+        errors = mpimp.irecv(MPI.ANY_SOURCE, comm, 99)
+        outs = [torch.full(A, -1.0) for _ in range(4)]
+        reqs = [mpimp.irecv(0, comm, 4, out=o) for o in outs]
+        sends = [mpimp.isend(make(A, k + 1), 0, comm, 4) for k in range(4)]
+        got = mpimp.wait_all(reqs + sends)
+        assert max(spy.runs) >= 2, spy.runs
+        assert all(g is o and torch.equal(o, make(A, k + 1)) for k, (g, o) in enumerate(zip(got, outs)))
+        assert not errors.test()
+        note = mpimp.isend(torch.tensor([7.0]), 0, comm, 99)
+        assert torch.equal(errors.wait(), torch.tensor([7.0]))
+        note.wait()
+    finally:
+        comm.Free()
