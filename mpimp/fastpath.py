@@ -34,7 +34,7 @@ from mpi4py import MPI
 
 from .native_ops import NATIVE_DIR, NativeBuildError, build_library, find_mpicc
 
-__all__ = ["load", "status", "SOURCE", "enabled"]
+__all__ = ["load", "status", "reset", "SOURCE", "enabled"]
 
 SOURCE = NATIVE_DIR / "mpimp_fast.c"
 _VERSION = "mpimp-fast 5"
@@ -94,10 +94,18 @@ def _loaded() -> tuple[ModuleType | None, str]:
         return None, f"off: it could not be built with {mpicc}: {exc}"
 
 
+@functools.lru_cache(maxsize=1)  # (cached itself: mpimp.comm calls it once per message)
 def load() -> ModuleType | None:
     """The fast-path extension module, built on the first call; None where it is off or
     cannot be built (the pure-Python path then runs; :func:`status` says why)."""
     return _loaded()[0]
+
+
+def reset() -> None:
+    """Forget the loaded state: the next :func:`load` reads ``MPIMP_FAST`` / ``MPIMP_MPICC``
+    again (tests)."""
+    load.cache_clear()
+    _loaded.cache_clear()
 
 
 def status() -> str:

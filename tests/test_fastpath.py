@@ -79,15 +79,15 @@ def test_status_names_the_library_or_the_reason() -> None:
 def test_without_a_compiler_it_is_off_with_the_reason_and_messages_still_flow(
         monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("MPIMP_MPICC", "none")
-    fastpath._loaded.cache_clear()
+    fastpath.reset()
     try:
         assert fastpath.load() is None
         assert "mpicc" in fastpath.status()
         monkeypatch.setenv("MPIMP_MPICC", "false")  # a compiler that fails
-        fastpath._loaded.cache_clear()
+        fastpath.reset()
         assert fastpath.load() is None and "could not be built" in fastpath.status()
         monkeypatch.setenv("MPIMP_FAST", "0")
-        fastpath._loaded.cache_clear()
+        fastpath.reset()
         assert fastpath.status() == "off (MPIMP_FAST=0)"
         comm = MPI.COMM_SELF.Dup()
         try:
@@ -99,7 +99,7 @@ def test_without_a_compiler_it_is_off_with_the_reason_and_messages_still_flow(
             comm.Free()
     finally:
         monkeypatch.undo()
-        fastpath._loaded.cache_clear()
+        fastpath.reset()
 
 
 def test_errors_are_mpi_exceptions_and_bad_arguments_type_errors(native: types.ModuleType) -> None:
