@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import types
 from collections import Counter
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -30,6 +31,22 @@ def make(shape: tuple[int, ...], seed: int) -> torch.Tensor:
 def ring(comm: MPI.Comm) -> tuple[int, int]:
     p, r = comm.Get_size(), comm.Get_rank()
     return (r + 1) % p, (r - 1) % p
+
+
+def teach(comm: MPI.Comm, dst: int, src: int, tag: int, mine: int, theirs: int) -> None:
+    """One framed message of shape A each way round the ring: the channel then knows A."""
+    first = mpimp.isend(make(A, mine), dst, comm, tag)
+    assert torch.equal(mpimp.recv(src, comm, tag), make(A, theirs))
+    first.wait()
+
+
+@pytest.fixture
+def self_comm() -> Iterator[MPI.Comm]:
+    """A duplicate of COMM_SELF whose channel (0, tag 4) knows A."""
+    comm = MPI.COMM_SELF.Dup()
+    teach(comm, 0, 0, 4, 0, 0)
+    yield comm
+    comm.Free()
 
 
 @pytest.fixture
@@ -133,9 +150,7 @@ def test_a_window_posted_before_its_messages_arrive_matches_in_order(
     monkeypatch.setattr(transport, "_fast", lambda: spy)
     dst, src = ring(comm)
     rank, tag = comm.Get_rank(), 7
-    first = mpimp.isend(make(A, 1000 * rank), dst, comm, tag)  # teaches the channel A
-    assert torch.equal(mpimp.recv(src, comm, tag), make(A, 1000 * src))
-    first.wait()
+    teach(comm, dst, src, tag, 1000 * rank, 1000 * src)
     shapes = [A] * 5 + [B] + [A] * 4
     seeds = [1000 * rank + k + 1 for k in range(len(shapes))]
     outs: list[torch.Tensor | None] = [torch.full(s, -1.0) for s in shapes]
@@ -173,9 +188,7 @@ def test_a_message_of_another_size_inside_a_run_goes_to_its_own_receive(
     monkeypatch.setattr(transport, "_fast", lambda: spy)
     dst, src = ring(comm)
     rank, tag = comm.Get_rank(), 8
-    first = mpimp.isend(make(A, 2000 * rank), dst, comm, tag)
-    assert torch.equal(mpimp.recv(src, comm, tag), make(A, 2000 * src))
-    first.wait()
+    teach(comm, dst, src, tag, 2000 * rank, 2000 * src)
     shapes = [A, A, B, A]
     outs = [torch.full(A, -1.0) for _ in shapes]
     reqs = [mpimp.irecv(src, comm, tag, out=o) for o in outs]
@@ -219,53 +232,41 @@ class FailingTestall(Spy):
 
 
 def test_an_error_testing_a_run_leaves_each_receive_its_own_message(
-        native: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        native: types.ModuleType, monkeypatch: pytest.MonkeyPatch, self_comm: MPI.Comm) -> None:
     """The receives a run posted keep their messages whatever testing them raises: later
     messages must not go to them (they did when testall ran before they had their requests)."""
     spy = FailingTestall(native)
     monkeypatch.setattr(transport, "_fast", lambda: spy)
-    comm = MPI.COMM_SELF.Dup()
-    try:
-        first = mpimp.isend(make(A, 0), 0, comm, 4)
-        mpimp.recv(0, comm, 4)
-        first.wait()
-        outs = [torch.full(A, -1.0) for _ in range(3)]
-        reqs = [mpimp.irecv(0, comm, 4, out=o) for o in outs]
-        sends = [mpimp.isend(make(A, k + 1), 0, comm, 4) for k in range(3)]
-        got = mpimp.wait_all(reqs + sends)
-        assert spy.failed and spy.runs and spy.runs[0] == 3, spy.runs
-        for k in range(3):
-            assert got[k] is outs[k] and torch.equal(outs[k], make(A, k + 1)), k
-        later = [mpimp.isend(make(A, k + 10), 0, comm, 4) for k in range(2)]
-        for k in range(2):
-            assert torch.equal(mpimp.recv(0, comm, 4), make(A, k + 10)), k
-        mpimp.wait_all(later)
-        assert all(torch.equal(o, make(A, k + 1)) for k, o in enumerate(outs))  # untouched since
-    finally:
-        comm.Free()
+    comm = self_comm
+    outs = [torch.full(A, -1.0) for _ in range(3)]
+    reqs = [mpimp.irecv(0, comm, 4, out=o) for o in outs]
+    sends = [mpimp.isend(make(A, k + 1), 0, comm, 4) for k in range(3)]
+    got = mpimp.wait_all(reqs + sends)
+    assert spy.failed and spy.runs and spy.runs[0] == 3, spy.runs
+    for k in range(3):
+        assert got[k] is outs[k] and torch.equal(outs[k], make(A, k + 1)), k
+    later = [mpimp.isend(make(A, k + 10), 0, comm, 4) for k in range(2)]
+    for k in range(2):
+        assert torch.equal(mpimp.recv(0, comm, 4), make(A, k + 10)), k
+    mpimp.wait_all(later)
+    assert all(torch.equal(o, make(A, k + 1)) for k, o in enumerate(outs))  # untouched since
 
 
 def test_a_wildcard_receive_of_another_tag_leaves_runs_alone(
-        native: types.ModuleType, monkeypatch: pytest.MonkeyPatch) -> None:
+        native: types.ModuleType, monkeypatch: pytest.MonkeyPatch, self_comm: MPI.Comm) -> None:
     """An ANY_SOURCE receive of another tag (the pipeline's error channel) cannot take a
     message of this pattern: runs still go, and it still gets its own message."""
     spy = Spy(native)
     monkeypatch.setattr(transport, "_fast", lambda: spy)
-    comm = MPI.COMM_SELF.Dup()
-    try:
-        first = mpimp.isend(make(A, 0), 0, comm, 4)
-        mpimp.recv(0, comm, 4)
-        first.wait()
-        errors = mpimp.irecv(MPI.ANY_SOURCE, comm, 99)
-        outs = [torch.full(A, -1.0) for _ in range(4)]
-        reqs = [mpimp.irecv(0, comm, 4, out=o) for o in outs]
-        sends = [mpimp.isend(make(A, k + 1), 0, comm, 4) for k in range(4)]
-        got = mpimp.wait_all(reqs + sends)
-        assert max(spy.runs) >= 2, spy.runs
-        assert all(g is o and torch.equal(o, make(A, k + 1)) for k, (g, o) in enumerate(zip(got, outs)))
-        assert not errors.test()
-        note = mpimp.isend(torch.tensor([7.0]), 0, comm, 99)
-        assert torch.equal(errors.wait(), torch.tensor([7.0]))
-        note.wait()
-    finally:
-        comm.Free()
+    comm = self_comm
+    errors = mpimp.irecv(MPI.ANY_SOURCE, comm, 99)
+    outs = [torch.full(A, -1.0) for _ in range(4)]
+    reqs = [mpimp.irecv(0, comm, 4, out=o) for o in outs]
+    sends = [mpimp.isend(make(A, k + 1), 0, comm, 4) for k in range(4)]
+    got = mpimp.wait_all(reqs + sends)
+    assert max(spy.runs) >= 2, spy.runs
+    assert all(g is o and torch.equal(o, make(A, k + 1)) for k, (g, o) in enumerate(zip(got, outs)))
+    assert not errors.test()
+    note = mpimp.isend(torch.tensor([7.0]), 0, comm, 99)
+    assert torch.equal(errors.wait(), torch.tensor([7.0]))
+    note.wait()
