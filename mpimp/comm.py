@@ -1370,9 +1370,8 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     dev = torch.device(device) if isinstance(device, str) else device
     if _ABANDONED:
         _reap()
-    fast = _fast()
-    if (out is not None and dev is None and fast is not None and src >= 0 and tag >= 0
-            and not (_UNMATCHED.pending and _UNMATCHED.busy(comm, src, tag))):
+    if (out is not None and dev is None and src >= 0 and tag >= 0
+            and not (_UNMATCHED.pending and _UNMATCHED.busy(comm, src, tag)) and (fast := _fast()) is not None):
         # the native fast path: a raw repeat that has arrived is matched and its receive
         # posted now, as MPI_Irecv does with a message already there (nothing earlier can take it)
         chan = channels(comm)
