@@ -912,7 +912,9 @@ class _Unmatched:
             r = run[0]
             handle, k = r.comm.handle, len(run)
             entries = self.pending.get(handle)
-            if entries and len(entries) >= k and all(e[0]() is o for e, o in zip(entries, run)):
+            # the run's receives sit at increasing places in the list: k of them in its
+            # first k places, if the first and the k-th are the run's ends
+            if entries and len(entries) >= k and entries[0][0]() is r and entries[k - 1][0]() is run[-1]:
                 del entries[:k]
                 if entries:
                     _count(self.counts[handle], r.src, r.tag, -k)
