@@ -1030,7 +1030,7 @@ class _RecvRequest(Request):
                  device: torch.device | None, msg: MPI.Message | None = None,
                  status: MPI.Status | None = None, posted: tuple[MPI.Request, Seen] | None = None) -> None:
         self.src, self.comm, self.tag, self.out = src, comm, tag, out
-        self.device = device if device is not None or out is None else out.device
+        self.device = device  # (None with out: out's device, looked up when a framed message needs it)
         self._status = MPI.Status() if status is None else status
         self._req: MPI.Request | None = None
         self._raw: bytearray | np.ndarray | torch.Tensor | None = None
@@ -1296,7 +1296,7 @@ class _RecvRequest(Request):
                     self._direct = True  # straight into out: one contiguous receive
                     self._req = msg.Irecv([MPI.buffer.fromaddress(out.data_ptr(), count), count, MPI.BYTE])
                     return
-        device = self.device
+        device = self.device if self.device is not None or out is None else out.device
         if count <= _PACK_LIMIT + 4096 and (device is None or device.type == "cpu"):
             self._raw = bytearray(count)  # small: one buffer, views (or a copy into out)
             self._req = msg.Irecv([self._raw, count, MPI.BYTE])
