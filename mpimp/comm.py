@@ -939,7 +939,7 @@ class _Unmatched:
         """``r`` and the unmatched receives posted before it that could take a message of
         its pattern, or of the pattern of one of those, in posting order, ``r`` last (call
         with the lock held)."""
-        if r.src != _ANY_SOURCE and r.tag != _ANY_TAG:  # alone with its pattern, no wildcards?
+        if r.src != _ANY_SOURCE and r.tag != _ANY_TAG:  # alone with its pattern, no wildcard covering it?
             counts = self.counts.get(r.comm.handle, {})
             if counts.get((r.src, r.tag), 0) <= 1 and not _wild(counts, r.src, r.tag):
                 return [r]
