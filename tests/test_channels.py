@@ -48,6 +48,8 @@ def same(a: object, b: object) -> bool:
 
 A = (300, 100)  # 120 000 bytes of float32: above ELIDE_MIN
 
+pytestmark = pytest.mark.usefixtures("path")  # every test here on both paths (below)
+
 
 @pytest.fixture(params=["native", "python"])
 def path(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
