@@ -1222,6 +1222,8 @@ class _RecvRequest(Request):
         chan = self._chan
         key = (self._status.Get_source(), self._status.Get_tag())
         seen = chan.seen.get(key)
+        if seen is self:  # posting again after a failure: this message decides the channel already
+            return None
         if type(seen) is _RecvRequest:  # the previous message is framed and still arriving:
             try:
                 seen._settle()  # its header decides how to read this one
@@ -1236,7 +1238,9 @@ class _RecvRequest(Request):
 
     def _settle(self) -> None:
         """Complete this framed message's transfer and learn its header (the next message on
-        its channel is read by it)."""
+        its channel is read by it).  A message whose posting failed earlier is posted now."""
+        if self._req is None and self._matched is not None:
+            self._post(self._matched)
         req = self._req
         assert req is not None
         _wait_until(req.Test, self.describe, None)
@@ -1260,17 +1264,14 @@ class _RecvRequest(Request):
                 self._decide(new)  # type: ignore[arg-type]
 
     def _post(self, msg: MPI.Message) -> None:
-        """Classify the matched message and post its receive.  Until the receive is posted
-        the message stays in ``_matched`` (a later test()/wait() resumes with it) and the
-        channel's state is as before it: settling an earlier message, or allocating the
-        buffer (MemoryError, a device out of memory), may raise."""
+        """Classify the matched message and post its receive.  Settling an earlier message,
+        or allocating the buffer (MemoryError, a device out of memory), may raise: until the
+        receive is posted the message stays in ``_matched`` (a later test()/wait() resumes
+        with it), and a framed one goes on deciding its channel's L (the channel's next
+        message posts it first, :meth:`_settle`: read by the L before it, a raw repeat of
+        this message's header of the same byte count would get the old shape)."""
         self._matched = msg
-        try:
-            self._post_matched(msg)
-        except BaseException:
-            if self._key is not None:  # the channel's L is as before this message
-                self._decide(self._prev)  # type: ignore[arg-type]
-            raise
+        self._post_matched(msg)
         self._matched = None
 
     def _decide(self, new: Seen | None) -> None:

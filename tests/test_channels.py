@@ -432,3 +432,37 @@ def test_a_receive_whose_buffer_fails_keeps_its_message_and_the_channel(
     sends.append(mpimp.isend(big + 1, dst, comm, tag=95))  # a raw repeat of its header
     assert torch.equal(mpimp.recv(src, comm, tag=95, timeout=10), big + 1)
     mpimp.wait_all(sends, timeout=10)
+
+
+def test_a_message_after_one_whose_buffer_failed_is_read_by_that_ones_header(
+        comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The channel knows shape (400, 100); a framed (200, 200) message (the same byte
+    count) fails its buffer; before its receive tries again, a raw repeat of (200, 200)
+    arrives and another receive takes it: it must be read as (200, 200), by the failed
+    message's header (it was read as (400, 100) when the failed receive handed the
+    channel back its old shape)."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    old = make(torch.float32, (400, 100), 7 * rank)
+    first = mpimp.isend(old, dst, comm, tag=96)
+    assert same(mpimp.recv(src, comm, tag=96, timeout=10), make(torch.float32, (400, 100), 7 * src))
+    first.wait()
+    big = make(torch.float32, (200, 200), 7 * rank + 1)
+    r1 = mpimp.irecv(src, comm, tag=96)
+    sends = [mpimp.isend(big, dst, comm, tag=96)]
+    take = transport._RECV_POOL.take_array
+    failed = []
+
+    def fail_once(n: int) -> object:
+        if not failed:
+            failed.append(n)
+            raise MemoryError(f"no room for {n} bytes")
+        return take(n)
+
+    monkeypatch.setattr(transport._RECV_POOL, "take_array", fail_once)
+    with pytest.raises(MemoryError):
+        r1.wait(timeout=10)
+    sends.append(mpimp.isend(big + 1, dst, comm, tag=96))  # raw: the sender's last was (200, 200)
+    assert same(mpimp.recv(src, comm, tag=96, timeout=10), make(torch.float32, (200, 200), 7 * src + 1) + 1)
+    assert same(r1.wait(timeout=10), make(torch.float32, (200, 200), 7 * src + 1))
+    mpimp.wait_all(sends, timeout=10)
