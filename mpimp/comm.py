@@ -998,6 +998,17 @@ def _wild(counts: dict[tuple[int, int] | None, int], src: int, tag: int) -> bool
         counts.get((_ANY_SOURCE, tag)) or counts.get((src, _ANY_TAG)) or counts.get((_ANY_SOURCE, _ANY_TAG)))
 
 
+def _posted_prefix(got: list) -> list[MPI.Request]:
+    """The requests of the receives a native run posted: the non-null ones at the head of
+    ``got`` (its last item is the message of another size, or MPI.MESSAGE_NULL)."""
+    reqs = []
+    for req in got[:-1]:
+        if not req:
+            break
+        reqs.append(req)
+    return reqs
+
+
 def _count(counts: dict[tuple[int, int] | None, int], src: int, tag: int, delta: int) -> None:
     """Add ``delta`` entries of pattern (src, tag) to ``counts`` (and to its wildcard total)."""
     key = (src, tag)
@@ -1007,6 +1018,13 @@ def _count(counts: dict[tuple[int, int] | None, int], src: int, tag: int, delta:
 
 
 _UNMATCHED = _Unmatched()  # mirrors MPI's own per-process queue of posted receives
+_UNCLASSIFIED = object()  # a receive whose message has not been classified yet
+
+
+class _ChannelLost(TransportError):
+    """A channel's state was lost (an earlier message on it could not be received)."""
+
+_BROKEN = object()  # a channel whose state was lost (ChannelState.seen): its receives raise
 
 
 class _RecvRequest(Request):
@@ -1024,7 +1042,7 @@ class _RecvRequest(Request):
 
     __slots__ = ("src", "comm", "tag", "out", "device", "_status", "_req", "_raw", "_staged",
                  "_direct", "_value", "_done", "_chan", "_key", "_prev", "_meta", "_matched", "_deferred",
-                 "__weakref__")
+                 "_classified", "__weakref__")
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
                  device: torch.device | None, msg: MPI.Message | None = None,
@@ -1044,6 +1062,7 @@ class _RecvRequest(Request):
         self._meta: tuple[tuple[tuple[torch.dtype, tuple[int, ...], int], ...], bool] | None = None
         self._matched: MPI.Message | None = None  # matched, receive not posted yet (posting it raised)
         self._deferred: BaseException | None = None  # what posting ``msg`` raised, for test()/wait()
+        self._classified: object = _UNCLASSIFIED  # raw (its Seen) or framed (None), decided once
         if _DEBUG:
             _trace(comm, f"Irecv <- {src} tag {tag}")
         if posted is not None:  # a raw repeat into out, matched and posted by the caller (irecv)
@@ -1084,7 +1103,8 @@ class _RecvRequest(Request):
     def _raise_deferred(self) -> None:
         exc = self._deferred
         if exc is not None:
-            self._deferred = None
+            if not isinstance(exc, _ChannelLost):  # (that one is final: its message is gone)
+                self._deferred = None
             raise exc
 
     def _probe(self) -> bool:
@@ -1164,13 +1184,14 @@ class _RecvRequest(Request):
             got_all = fast.recv_run(self.comm, self.src, self.tag, [r.out.data_ptr() for r in run],  # type: ignore[union-attr]
                                     seen.nbytes, polls, self._status)
         except MPI.Exception as exc:  # the receives posted before the failure are in flight
-            posted = getattr(exc, "mpimp_posted", ())
+            posted = _posted_prefix(getattr(exc, "mpimp_posted", [None]))
             if posted:
                 _UNMATCHED.forget_run(run[: len(posted)])
             for r, req in zip(run, posted):
                 r._meta, r._direct, r._req = (seen.meta, seen.as_tuple), True, req
             raise
-        reqs = [got for got in got_all if type(got) is MPI.Request]
+        reqs = _posted_prefix(got_all)
+        other = got_all[-1]  # the matched message of another size (MPI.MESSAGE_NULL: none)
         if reqs:
             matched = run[: len(reqs)]
             _UNMATCHED.forget_run(matched)
@@ -1184,8 +1205,8 @@ class _RecvRequest(Request):
             if done:
                 for r in matched:
                     r._value, r._done = r.out, True
-        if len(reqs) < len(got_all):  # another size, after the raw repeats: matched, read as usual
-            r, msg = run[len(reqs)], got_all[-1]
+        if other:  # another size, after the raw repeats: matched, read as usual
+            r, msg = run[len(reqs)], other
             if r is self:
                 return msg
             r._status, self._status = self._status, MPI.Status()  # (its envelope is in this one's status)
@@ -1222,13 +1243,22 @@ class _RecvRequest(Request):
         chan = self._chan
         key = (self._status.Get_source(), self._status.Get_tag())
         seen = chan.seen.get(key)
-        if seen is self:  # posting again after a failure: this message decides the channel already
-            return None
+        if seen is _BROKEN:
+            raise _ChannelLost(
+                f"rank {MPI.COMM_WORLD.Get_rank()}: the channel from rank {key[0]} (tag {key[1]}) lost its "
+                f"state: an earlier message on it could not be received (its receive buffer failed twice), "
+                f"so the messages after it cannot be read; receive on a new communicator (mpimp.init or Dup)")
         if type(seen) is _RecvRequest:  # the previous message is framed and still arriving:
             try:
                 seen._settle()  # its header decides how to read this one
             except TransportError:
                 pass  # it is foreign or corrupt: its own receive reports that; L is as before it
+            except BaseException:
+                # it could not be posted again (its buffer failed once more): this message
+                # cannot be classified before it, and none after it may be (they would be
+                # read by the wrong header): every later receive on the channel raises
+                chan.seen[key] = _BROKEN
+                raise
             seen = chan.seen.get(key)
         if seen is not None and count == seen.nbytes:
             return seen
@@ -1290,7 +1320,15 @@ class _RecvRequest(Request):
         count = self._status.Get_count(MPI.BYTE)
         out = self.out
         if count >= ELIDE_MIN:
-            seen = self._classify(count)
+            # classified once, in matching order: posting again after a failure must not read
+            # the message by whatever the channel has learned since
+            try:
+                seen = self._classify(count) if self._classified is _UNCLASSIFIED else self._classified
+            except _ChannelLost as exc:  # the message is drained (its sender completes) and lost
+                msg.Recv([bytearray(count), count, MPI.BYTE])
+                self._matched, self._deferred = None, exc  # (sticky: every wait() raises it)
+                raise
+            self._classified = seen
             if seen is not None:  # raw: the payload alone; dtype and shape from the channel
                 self._meta = (seen.meta, seen.as_tuple)
                 if out is not None and seen.fits(out):

@@ -37,7 +37,7 @@ from .native_ops import NATIVE_DIR, NativeBuildError, build_library, find_mpicc
 __all__ = ["load", "status", "reset", "SOURCE", "enabled"]
 
 SOURCE = NATIVE_DIR / "mpimp_fast.c"
-_VERSION = "mpimp-fast 5"
+_VERSION = "mpimp-fast 6"
 _MODULE = "_mpimp_fast"  # (its PyInit_ name)
 
 

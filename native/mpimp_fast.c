@@ -25,7 +25,7 @@
 #include <Python.h>
 #include <mpi4py/mpi4py.h>
 
-#define MPIMP_FAST_VERSION "mpimp-fast 5"
+#define MPIMP_FAST_VERSION "mpimp-fast 6"
 
 static PyObject *mpi_exception; /* mpi4py.MPI.Exception */
 
@@ -189,6 +189,7 @@ static PyObject *fast_recv_raw(PyObject *self, PyObject *const *args, Py_ssize_t
     }
   }
   Py_END_ALLOW_THREADS
+  if (!flag) *msg = MPI_MESSAGE_NULL; /* (undefined after a probe that found nothing) */
   PyObject *result;
   if (flag && !posted && count != nbytes) { /* another size (or no count): the caller reads it */
     Py_INCREF(msgobj);
@@ -215,11 +216,14 @@ static PyObject *fast_recv_raw(PyObject *self, PyObject *const *args, Py_ssize_t
  * Several receives of one (src, tag), in posting order: while a message of (src, tag) is
  * there (up to max(polls, 1) MPI_Improbe each), receive it into the next of `bufs` (a
  * sequence of addresses) when it has nbytes; stops at a probe that finds nothing, or after a
- * message of another size (matched, not received: it ends the list as an MPI.Message,
- * its envelope in `status`).  Returns the MPI.Request of each receive posted, in order.
- * One C call for a window of messages: the copies run back to back, without Python
- * between them.  An MPI error raises MPI.Exception with the list so far (the receives
- * posted before it are in flight) as its `mpimp_posted` attribute.
+ * message of another size (matched, not received; its envelope in `status`).  Returns a
+ * list of len(bufs) MPI.Request and one MPI.Message, made before the first probe: the
+ * requests of the receives posted come first, in order, the others are MPI.REQUEST_NULL
+ * (false), and the message is the matched one of another size or MPI.MESSAGE_NULL
+ * (nothing to allocate after a match, so nothing posted or matched can be lost).  One C
+ * call for a window of messages: the copies run back to back, without Python between
+ * them.  An MPI error raises MPI.Exception with that list (the receives posted before it
+ * are in flight) as its `mpimp_posted` attribute.
  */
 static PyObject *fast_recv_run(PyObject *self, PyObject *const *args, Py_ssize_t nargs) {
   MPI_Comm *comm;
@@ -260,6 +264,7 @@ static PyObject *fast_recv_run(PyObject *self, PyObject *const *args, Py_ssize_t
       ierr = MPI_Improbe(src, tag, *comm, &flag, msg, status);
     } while (ierr == MPI_SUCCESS && !flag && ++i < polls);
     if (ierr != MPI_SUCCESS || !flag) break;
+    count = -1;
     ierr = MPI_Get_count(status, MPI_BYTE, &count);
     if (ierr != MPI_SUCCESS || count != nbytes) break;
     ierr = MPI_Imrecv(addrs[posted], nbytes, MPI_BYTE, msg, reqs[posted]);
@@ -268,10 +273,8 @@ static PyObject *fast_recv_run(PyObject *self, PyObject *const *args, Py_ssize_t
     flag = 0;
   }
   Py_END_ALLOW_THREADS
-  /* keep the posted requests, then the matched message of another size if any (deleting
-     list items allocates nothing) */
-  int other = flag && count != nbytes;
-  if (PyList_SetSlice(list, posted, n + (other ? 0 : 1), NULL) < 0) goto done;
+  int other = flag && count != nbytes; /* (a message that could not be counted comes back too) */
+  if (!other) *msg = MPI_MESSAGE_NULL; /* (after a probe that found nothing it is undefined) */
   if (ierr != MPI_SUCCESS && !other) {
     PyObject *exc = PyObject_CallFunction(mpi_exception, "i", ierr);
     if (exc != NULL) {

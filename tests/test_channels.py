@@ -466,3 +466,68 @@ def test_a_message_after_one_whose_buffer_failed_is_read_by_that_ones_header(
     assert same(mpimp.recv(src, comm, tag=96, timeout=10), make(torch.float32, (200, 200), 7 * src + 1) + 1)
     assert same(r1.wait(timeout=10), make(torch.float32, (200, 200), 7 * src + 1))
     mpimp.wait_all(sends, timeout=10)
+
+
+def _fail_allocations(monkeypatch: pytest.MonkeyPatch, times: int) -> list[int]:
+    """Make the next ``times`` pooled receive buffers fail (MemoryError); the sizes asked."""
+    take = transport._RECV_POOL.take_array
+    failed: list[int] = []
+
+    def take_or_fail(n: int) -> object:
+        if len(failed) < times:
+            failed.append(n)
+            raise MemoryError(f"no room for {n} bytes")
+        return take(n)
+
+    monkeypatch.setattr(transport._RECV_POOL, "take_array", take_or_fail)
+    return failed
+
+
+def test_a_raw_repeat_whose_buffer_failed_keeps_its_shape_when_posted_later(
+        comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A raw repeat of (200, 200) fails its buffer; the next message, framed (400, 100) of
+    the same byte count, is received meanwhile; the raw repeat, posted again, is still
+    read as (200, 200) (it was classified again and read as (400, 100))."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    a, b = make(torch.float32, (200, 200), 11 * rank), make(torch.float32, (400, 100), 11 * rank + 1)
+    sends = [mpimp.isend(a, dst, comm, tag=97)]
+    assert same(mpimp.recv(src, comm, tag=97, timeout=10), make(torch.float32, (200, 200), 11 * src))
+    sends += [mpimp.isend(a + 1, dst, comm, tag=97), mpimp.isend(b, dst, comm, tag=97)]
+    failed = _fail_allocations(monkeypatch, 1)
+    r1 = mpimp.irecv(src, comm, tag=97)
+    with pytest.raises(MemoryError):
+        r1.wait(timeout=10)
+    assert failed == [160000]
+    assert same(mpimp.recv(src, comm, tag=97, timeout=10), make(torch.float32, (400, 100), 11 * src + 1))
+    assert same(r1.wait(timeout=10), make(torch.float32, (200, 200), 11 * src) + 1)
+    mpimp.wait_all(sends, timeout=10)
+
+
+def test_a_channel_whose_order_is_lost_says_so_instead_of_misreading(
+        comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """Framed (400, 100), framed (200, 200), then a raw repeat of (200, 200); the first
+    message's buffer fails, and again when the second message's receive posts it first.
+    The second message can then not be classified before the third: the third's receive
+    raises TransportError (it was read as (400, 100), silently), and so does the second's;
+    their messages are drained, so the sends complete; the first message is still
+    received by its own receive once memory is back."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    m0, m1 = make(torch.float32, (400, 100), 13 * rank), make(torch.float32, (200, 200), 13 * rank + 1)
+    r0, r1 = mpimp.irecv(src, comm, tag=98), mpimp.irecv(src, comm, tag=98)
+    sends = [mpimp.isend(m0, dst, comm, tag=98), mpimp.isend(m1, dst, comm, tag=98),
+             mpimp.isend(m1 + 1, dst, comm, tag=98)]
+    failed = _fail_allocations(monkeypatch, 2)
+    with pytest.raises(MemoryError):
+        r0.wait(timeout=10)
+    with pytest.raises(MemoryError):
+        r1.wait(timeout=10)  # its classification posts r0's message first, which fails again
+    assert len(failed) == 2
+    with pytest.raises(mpimp.TransportError, match="lost its state"):
+        mpimp.recv(src, comm, tag=98, timeout=10)
+    assert same(r0.wait(timeout=10), make(torch.float32, (400, 100), 13 * src))
+    for _ in range(2):  # its message was drained: every wait says so
+        with pytest.raises(mpimp.TransportError, match="lost its state"):
+            r1.wait(timeout=10)
+    mpimp.wait_all(sends, timeout=10)  # (every message was taken off the wire)
