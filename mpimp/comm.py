@@ -1100,6 +1100,15 @@ class _RecvRequest(Request):
             _spin(self._req, _TIGHT_POLLS)  # then test() below finishes it
         return Request.wait(self, timeout)
 
+    def _drain_if_lost(self) -> None:
+        """A message matched for this receive, never posted, on a channel whose state was
+        lost (:meth:`_classify`): take it off the wire (its sender completes) and drop it."""
+        msg = self._matched
+        if msg is not None and self._chan.seen.get((self._status.Get_source(), self._status.Get_tag())) is _BROKEN:
+            count = self._status.Get_count(MPI.BYTE)
+            msg.Recv([bytearray(count), count, MPI.BYTE])
+            self._matched = None
+
     def _raise_deferred(self) -> None:
         exc = self._deferred
         if exc is not None:
@@ -1519,7 +1528,11 @@ def recv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = None
                 _UNMATCHED.forget(rreq)
             raise
     else:
-        value = rreq._value if rreq.test() else rreq.wait(timeout)
+        try:
+            value = rreq._value if rreq.test() else rreq.wait(timeout)
+        except BaseException:
+            rreq._drain_if_lost()  # (no one can ask for its message again)
+            raise
     assert value is not None
     return value
 

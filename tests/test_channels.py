@@ -531,3 +531,25 @@ def test_a_channel_whose_order_is_lost_says_so_instead_of_misreading(
         with pytest.raises(mpimp.TransportError, match="lost its state"):
             r1.wait(timeout=10)
     mpimp.wait_all(sends, timeout=10)  # (every message was taken off the wire)
+
+
+def test_a_blocking_recv_that_fails_on_a_lost_channel_takes_its_message_off_the_wire(
+        comm: MPI.Comm, monkeypatch: pytest.MonkeyPatch) -> None:
+    """As above, with a blocking recv for the second message: it raises (the first
+    message's buffer failed again), and its message must not stay on the wire (its
+    sender waited until its deadline); the third receive raises TransportError."""
+    dst, src = ring(comm)
+    rank = comm.Get_rank()
+    m0, m1 = make(torch.float32, (400, 100), 17 * rank), make(torch.float32, (200, 200), 17 * rank + 1)
+    r0 = mpimp.irecv(src, comm, tag=99)
+    sends = [mpimp.isend(m0, dst, comm, tag=99), mpimp.isend(m1, dst, comm, tag=99),
+             mpimp.isend(m1 + 1, dst, comm, tag=99)]
+    _fail_allocations(monkeypatch, 2)
+    with pytest.raises(MemoryError):
+        r0.wait(timeout=10)
+    with pytest.raises(MemoryError):
+        mpimp.recv(src, comm, tag=99, timeout=10)
+    with pytest.raises(mpimp.TransportError, match="lost its state"):
+        mpimp.recv(src, comm, tag=99, timeout=10)
+    assert same(r0.wait(timeout=10), make(torch.float32, (400, 100), 17 * src))
+    mpimp.wait_all(sends, timeout=10)
