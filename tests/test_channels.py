@@ -414,16 +414,7 @@ def test_a_receive_whose_buffer_fails_keeps_its_message_and_the_channel(
     big = torch.arange(40_000, dtype=torch.float32).reshape(200, 200)  # 160 KB: a pooled buffer
     r1 = mpimp.irecv(src, comm, tag=95)
     sends = [mpimp.isend(big, dst, comm, tag=95)]
-    take = transport._RECV_POOL.take_array
-    failed = []
-
-    def fail_once(n: int) -> object:
-        if not failed:
-            failed.append(n)
-            raise MemoryError(f"no room for {n} bytes")
-        return take(n)
-
-    monkeypatch.setattr(transport._RECV_POOL, "take_array", fail_once)
+    failed = _fail_allocations(monkeypatch, 1)
     with pytest.raises(MemoryError):
         r1.wait(timeout=10)
     assert failed
@@ -450,16 +441,7 @@ def test_a_message_after_one_whose_buffer_failed_is_read_by_that_ones_header(
     big = make(torch.float32, (200, 200), 7 * rank + 1)
     r1 = mpimp.irecv(src, comm, tag=96)
     sends = [mpimp.isend(big, dst, comm, tag=96)]
-    take = transport._RECV_POOL.take_array
-    failed = []
-
-    def fail_once(n: int) -> object:
-        if not failed:
-            failed.append(n)
-            raise MemoryError(f"no room for {n} bytes")
-        return take(n)
-
-    monkeypatch.setattr(transport._RECV_POOL, "take_array", fail_once)
+    _fail_allocations(monkeypatch, 1)
     with pytest.raises(MemoryError):
         r1.wait(timeout=10)
     sends.append(mpimp.isend(big + 1, dst, comm, tag=96))  # raw: the sender's last was (200, 200)
