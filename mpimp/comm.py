@@ -708,8 +708,7 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
                 if req is not None:
                     if _DEBUG:
                         _trace(comm, f"Isend -> {dst} tag {tag} ({n} B, header elided)")
-                    if not fast.test(req, _TIGHT_POLLS):
-                        _wait_or_abandon(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, t)
+                    _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, keep=t)
                     return
             req, keep, _ = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))
             _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, keep=(t, keep))
@@ -863,11 +862,10 @@ class _Unmatched:
             if (src != _ANY_SOURCE and tag != _ANY_TAG and not counts.get((src, tag))
                     and not _wild(counts, src, tag)):
                 return False  # none of this very pattern, and no wildcard that covers it
-            for ref, s, t in self.pending.get(handle, ()):  # the first live one that could decides
-                if (s == src or _ANY_SOURCE in (s, src)) and (t == tag or _ANY_TAG in (t, tag)):
-                    other = ref()
-                    if other is not None and other.comm.handle == handle:
-                        return True
+            for ref, _, _ in self.pending.get(handle, ()):  # the first live one that could decides
+                other = ref()
+                if other is not None and other.comm.handle == handle and self.overlap(src, tag, other):
+                    return True
             return False
 
     def add(self, r: _RecvRequest, handle: int) -> None:
@@ -888,41 +886,33 @@ class _Unmatched:
                 counts[None] = counts.get(None, 0) + 1
             n = len(entries)
             if n >= 32 and n & (n - 1) == 0:  # at each doubling: drop the receives their owners dropped
-                self._keep(handle, lambda r: True)
+                self._live(handle)
 
     def forget(self, r: _RecvRequest) -> None:
-        """``r`` matched its message (or was abandoned by a blocking recv that raised);
-        dropped receives go too."""
-        with self.lock:
-            handle = r.comm.handle
-            entries = self.pending.get(handle)
-            if entries and entries[0][0]() is r:  # the usual case: the oldest receive matched
-                del entries[0]
-                if entries:
-                    _count(self.counts[handle], r.src, r.tag, -1)
-                else:
-                    del self.pending[handle], self.counts[handle]
-            elif entries:
-                self._keep(handle, lambda o: o is not r)
+        """``r`` matched its message (or was abandoned by a blocking recv that raised)."""
+        self.forget_run([r])
 
     def forget_run(self, run: list[_RecvRequest]) -> None:
-        """Forget the receives of a run (:meth:`run`) that matched, oldest first: when they
-        are the oldest entries of their communicator (the usual case), in one step."""
+        """Forget receives that matched, oldest first (one, or a :meth:`run`): when they are
+        the oldest entries of their communicator (the usual case), in one step; dropped
+        receives go too."""
         with self.lock:
             r = run[0]
             handle, k = r.comm.handle, len(run)
             entries = self.pending.get(handle)
-            # the run's receives sit at increasing places in the list: k of them in its
-            # first k places, if the first and the k-th are the run's ends
-            if entries and len(entries) >= k and entries[0][0]() is r and entries[k - 1][0]() is run[-1]:
+            if not entries:
+                return
+            # a run's receives sit at increasing places in the list: k of them in its first
+            # k places, if the first and the k-th are the run's ends
+            if len(entries) >= k and entries[0][0]() is r and entries[k - 1][0]() is run[-1]:
                 del entries[:k]
                 if entries:
                     _count(self.counts[handle], r.src, r.tag, -k)
                 else:
                     del self.pending[handle], self.counts[handle]
             else:
-                for o in run:
-                    self.forget(o)
+                gone = {id(o) for o in run}
+                self._keep(handle, lambda o: id(o) not in gone)
 
     def _earlier(self, r: _RecvRequest) -> list[_RecvRequest]:
         """The unmatched receives posted before ``r`` on its communicator, in order."""
@@ -998,6 +988,23 @@ def _wild(counts: dict[tuple[int, int] | None, int], src: int, tag: int) -> bool
         counts.get((_ANY_SOURCE, tag)) or counts.get((src, _ANY_TAG)) or counts.get((_ANY_SOURCE, _ANY_TAG)))
 
 
+def _fits_native(seen: object, out: torch.Tensor) -> bool:
+    """Whether the native fast path can receive the channel's raw repeat ``seen`` (a
+    :class:`Seen`, or another channel state) straight into ``out``."""
+    return type(seen) is Seen and seen.nbytes <= _FAST_MAX and seen.fits(out)
+
+
+def _posted_run(run: list[_RecvRequest], reqs: list[MPI.Request], meta: tuple) -> list[_RecvRequest]:
+    """The first ``len(reqs)`` receives of ``run`` are matched and posted (a native run):
+    forget them, give each its request; those receives."""
+    matched = run[: len(reqs)]
+    if matched:
+        _UNMATCHED.forget_run(matched)
+    for r, req in zip(matched, reqs):
+        r._posted_raw(req, meta)
+    return matched
+
+
 def _posted_prefix(got: list) -> list[MPI.Request]:
     """The requests of the receives a native run posted: the non-null ones at the head of
     ``got`` (its last item is the message of another size, or MPI.MESSAGE_NULL)."""
@@ -1066,9 +1073,7 @@ class _RecvRequest(Request):
         if _DEBUG:
             _trace(comm, f"Irecv <- {src} tag {tag}")
         if posted is not None:  # a raw repeat into out, matched and posted by the caller (irecv)
-            self._req, seen = posted
-            self._meta = (seen.meta, seen.as_tuple)
-            self._direct = True
+            self._posted_raw(posted[0], (posted[1].meta, posted[1].as_tuple))
         elif msg is not None:  # matched by the caller's probe, under the channel lock (status holds its size)
             try:
                 self._post(msg)
@@ -1102,12 +1107,16 @@ class _RecvRequest(Request):
 
     def _drain_if_lost(self) -> None:
         """A message matched for this receive, never posted, on a channel whose state was
-        lost (:meth:`_classify`): take it off the wire (its sender completes) and drop it."""
-        msg = self._matched
-        if msg is not None and self._chan.seen.get((self._status.Get_source(), self._status.Get_tag())) is _BROKEN:
-            count = self._status.Get_count(MPI.BYTE)
-            msg.Recv([bytearray(count), count, MPI.BYTE])
-            self._matched = None
+        lost (:meth:`_classify`): :meth:`_drain` it."""
+        if self._matched is not None and self._chan.seen.get(
+                (self._status.Get_source(), self._status.Get_tag())) is _BROKEN:
+            self._drain()
+
+    def _drain(self) -> None:
+        """Take the matched, unposted message off the wire (its sender completes) and drop it."""
+        count = self._status.Get_count(MPI.BYTE)
+        self._matched.Recv([bytearray(count), count, MPI.BYTE])  # type: ignore[union-attr]
+        self._matched = None
 
     def _raise_deferred(self) -> None:
         exc = self._deferred
@@ -1171,9 +1180,10 @@ class _RecvRequest(Request):
         if out is None or fast is None:
             return False
         seen = self._chan.seen.get((self.src, self.tag))
-        if type(seen) is not Seen or seen.nbytes > _FAST_MAX or not seen.fits(out):
+        if not _fits_native(seen, out):
             return False
-        dtype, shape, _ = seen.meta[0]
+        meta = (seen.meta, seen.as_tuple)  # type: ignore[union-attr]
+        dtype, shape, _ = seen.meta[0]  # type: ignore[union-attr]
         run = _UNMATCHED.run(self, lambda r: (o := r.out) is out or (
             o is not None and o.dtype == dtype and o.shape == shape and o.is_cpu and o.is_contiguous()))
         # inside wait_all (a sweep) the probe may spin a little in C: the caller waits anyway,
@@ -1185,7 +1195,7 @@ class _RecvRequest(Request):
                 got = MPI.Request()
             elif type(got) is not MPI.Request:
                 return got
-            self._posted_raw(got, seen)
+            _posted_run(run, [got], meta)
             return True
         # the later receives of this pattern too: what arrived goes to them in order, the
         # copies back to back in one C call
@@ -1193,20 +1203,12 @@ class _RecvRequest(Request):
             got_all = fast.recv_run(self.comm, self.src, self.tag, [r.out.data_ptr() for r in run],  # type: ignore[union-attr]
                                     seen.nbytes, polls, self._status)
         except MPI.Exception as exc:  # the receives posted before the failure are in flight
-            posted = _posted_prefix(getattr(exc, "mpimp_posted", [None]))
-            if posted:
-                _UNMATCHED.forget_run(run[: len(posted)])
-            for r, req in zip(run, posted):
-                r._meta, r._direct, r._req = (seen.meta, seen.as_tuple), True, req
+            _posted_run(run, _posted_prefix(getattr(exc, "mpimp_posted", [None])), meta)
             raise
         reqs = _posted_prefix(got_all)
         other = got_all[-1]  # the matched message of another size (MPI.MESSAGE_NULL: none)
         if reqs:
-            matched = run[: len(reqs)]
-            _UNMATCHED.forget_run(matched)
-            meta = (seen.meta, seen.as_tuple)
-            for r, req in zip(matched, reqs):  # (each receive has its request before anything can raise)
-                r._meta, r._direct, r._req = meta, True, req
+            matched = _posted_run(run, reqs, meta)  # (each has its request before anything can raise)
             try:
                 done = fast.testall(reqs, 1)  # (the usual case: the copies are done) complete them here
             except MPI.Exception:
@@ -1221,14 +1223,12 @@ class _RecvRequest(Request):
             r._status, self._status = self._status, MPI.Status()  # (its envelope is in this one's status)
             _UNMATCHED.forget(r)
             r._post(msg)
-        return self._req is not None or None
+        return True if reqs else None  # (self is the run's first)
 
-    def _posted_raw(self, req: MPI.Request, seen: Seen) -> None:
-        """This receive's raw repeat is matched and its receive into ``out`` posted."""
-        _UNMATCHED.forget(self)  # (a run's receives: forget_run)
-        self._meta = (seen.meta, seen.as_tuple)
-        self._direct = True
-        self._req = req
+    def _posted_raw(self, req: MPI.Request, meta: tuple) -> None:
+        """This receive's raw repeat is matched (and forgotten by the caller) and its
+        receive into ``out`` posted."""
+        self._meta, self._direct, self._req = meta, True, req
 
     def test(self) -> bool:
         """Poll; may wait (up to the deadline) for an earlier framed message on this
@@ -1334,8 +1334,8 @@ class _RecvRequest(Request):
             try:
                 seen = self._classify(count) if self._classified is _UNCLASSIFIED else self._classified
             except _ChannelLost as exc:  # the message is drained (its sender completes) and lost
-                msg.Recv([bytearray(count), count, MPI.BYTE])
-                self._matched, self._deferred = None, exc  # (sticky: every wait() raises it)
+                self._deferred = exc  # (sticky: every wait() raises it)
+                self._drain()
                 raise
             self._classified = seen
             if seen is not None:  # raw: the payload alone; dtype and shape from the channel
@@ -1427,7 +1427,7 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
         chan = channels(comm)
         with chan.recv_lock:
             seen = chan.seen.get((src, tag))
-            if type(seen) is Seen and seen.nbytes <= _FAST_MAX and seen.fits(out):
+            if _fits_native(seen, out):
                 got = fast.recv_raw(comm, src, tag, out.data_ptr(), seen.nbytes, 0, chan.status)
                 if type(got) is MPI.Request:
                     return _RecvRequest(src, comm, tag, out, dev, posted=(got, seen))
