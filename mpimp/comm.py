@@ -65,7 +65,7 @@ from .buffers import (
     mpi_datatype,
     to_wire,
 )
-from .channels import ELIDE_MIN, PAD, Seen, channels, elision_enabled
+from .channels import ELIDE_MIN, PAD, ChannelState, Seen, channels, elision_enabled
 from .errors import ConfigError, DeadlineError, TransportError
 from .fastpath import load as _fast
 from .watchdog import WATCHDOG
@@ -638,6 +638,25 @@ def _post_send(tensors: list[torch.Tensor], as_tuple: bool, dst: int, comm: MPI.
         return req, keep, payload
 
 
+def _isend_repeat(t: torch.Tensor, head: bytes, n: int, dst: int, comm: MPI.Comm, tag: int) -> MPI.Request | None:
+    """The native fast path of a host tensor's raw repeat (:mod:`mpimp.fastpath`): its
+    ``MPI_Isend`` from the tensor's memory when its header ``head`` repeats the channel's
+    last one (the decision of :func:`_post_send`, in one C call); None when the message
+    is not a raw repeat or the fast path is off (the caller goes through _post_send)."""
+    fast = _fast()
+    if fast is None or not _ELIDE or n > _FAST_MAX:
+        return None
+    chan = channels(comm)
+    with chan.send_lock:
+        last = chan.sent.get((dst, tag))
+        if last is None or last[0] != head:
+            return None
+        req = fast.isend(comm, t.data_ptr(), n, dst, tag)
+    if _DEBUG:
+        _trace(comm, f"Isend -> {dst} tag {tag} ({n} B, header elided)")
+    return req
+
+
 def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool = False) -> Request:
     """Start sending a tensor (or tuple of tensors) to rank ``dst`` of ``comm``: one MPI message.
 
@@ -669,6 +688,9 @@ def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool =
                 if _DEBUG:
                     _trace(comm, f"Isend -> {dst} tag {tag} ({payload} B)")
                 return _SendRequest(comm.Isend([msg, total, MPI.BYTE], dst, tag), (payload, dst, tag), msg)
+            req = _isend_repeat(t, head, payload, dst, comm, tag)
+            if req is not None:
+                return _SendRequest(req, (payload, dst, tag), t)
             req, keep, _ = _post_send([t], False, dst, comm, tag, pack, ((head, offsets, total), payload, True))
             return _SendRequest(req, (payload, dst, tag), keep)
         items, as_tuple = [t], False
@@ -699,17 +721,10 @@ def send(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, timeout: floa
             return
         if total >= ELIDE_MIN:  # large: raw or the cached zero-copy datatype, no request object
             n = total - offsets[0]
-            fast = _fast()
-            if fast is not None and _ELIDE and n <= _FAST_MAX:  # a raw repeat: two C calls (mpimp.fastpath)
-                chan = channels(comm)
-                with chan.send_lock:  # (the decision as in _post_send)
-                    last = chan.sent.get((dst, tag))
-                    req = fast.isend(comm, t.data_ptr(), n, dst, tag) if last is not None and last[0] == head else None
-                if req is not None:
-                    if _DEBUG:
-                        _trace(comm, f"Isend -> {dst} tag {tag} ({n} B, header elided)")
-                    _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, keep=t)
-                    return
+            req = _isend_repeat(t, head, n, dst, comm, tag)
+            if req is not None:
+                _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, keep=t)
+                return
             req, keep, _ = _post_send([t], False, dst, comm, tag, False, ((head, offsets, total), n, True))
             _complete(req, lambda: f"send of {n} B to rank {dst} (tag {tag})", timeout, keep=(t, keep))
             return
@@ -871,21 +886,19 @@ class _Unmatched:
     def add(self, r: _RecvRequest, handle: int) -> None:
         """Append ``r`` (posted on the communicator whose handle is ``handle``)."""
         src, tag = r.src, r.tag
-        entry = (weakref.ref(r), src, tag)
         key = (src, tag)
         with self.lock:
             entries = self.pending.get(handle)
             if entries is None:
                 entries = self.pending[handle] = []
-                counts = self.counts[handle] = {}
-            else:
-                counts = self.counts[handle]
-            entries.append(entry)
+                self.counts[handle] = {}
+            entries.append((weakref.ref(r), src, tag))
+            counts = self.counts[handle]
             counts[key] = counts.get(key, 0) + 1  # (_count, written out: once per irecv)
             if src == _ANY_SOURCE or tag == _ANY_TAG:
                 counts[None] = counts.get(None, 0) + 1
             n = len(entries)
-            if n >= 32 and n & (n - 1) == 0:  # at each doubling: drop the receives their owners dropped
+            if n >= 32 and not n & (n - 1):  # at each doubling: drop the receives their owners dropped
                 self._live(handle)
 
     def forget(self, r: _RecvRequest) -> None:
@@ -994,25 +1007,19 @@ def _fits_native(seen: object, out: torch.Tensor) -> bool:
     return type(seen) is Seen and seen.nbytes <= _FAST_MAX and seen.fits(out)
 
 
-def _posted_run(run: list[_RecvRequest], reqs: list[MPI.Request], meta: tuple) -> list[_RecvRequest]:
-    """The first ``len(reqs)`` receives of ``run`` are matched and posted (a native run):
-    forget them, give each its request; those receives."""
-    matched = run[: len(reqs)]
-    if matched:
-        _UNMATCHED.forget_run(matched)
-    for r, req in zip(matched, reqs):
-        r._posted_raw(req, meta)
-    return matched
-
-
-def _posted_prefix(got: list) -> list[MPI.Request]:
-    """The requests of the receives a native run posted: the non-null ones at the head of
-    ``got`` (its last item is the message of another size, or MPI.MESSAGE_NULL)."""
+def _posted_run(run: list[_RecvRequest], got: list, meta: tuple) -> list[MPI.Request]:
+    """The receives of ``run`` that a native call matched and posted get their requests:
+    ``got`` holds them in order, then MPI.REQUEST_NULL for those not posted (and after
+    ``run``'s length anything: recv_run's message of another size).  Gives each its
+    request, then forgets them (nothing can raise in between); their requests."""
     reqs = []
-    for req in got[:-1]:
+    for r, req in zip(run, got):
         if not req:
             break
+        r._meta, r._direct, r._req = meta, True, req  # (_posted_raw, written out: once per message)
         reqs.append(req)
+    if reqs:
+        _UNMATCHED.forget_run(run[: len(reqs)] if len(reqs) < len(run) else run)
     return reqs
 
 
@@ -1048,7 +1055,7 @@ class _RecvRequest(Request):
     """
 
     __slots__ = ("src", "comm", "tag", "out", "device", "_status", "_req", "_raw", "_staged",
-                 "_direct", "_value", "_done", "_chan", "_key", "_prev", "_meta", "_matched", "_deferred",
+                 "_direct", "_value", "_done", "_channel", "_key", "_prev", "_meta", "_matched", "_deferred",
                  "_classified", "__weakref__")
 
     def __init__(self, src: int, comm: MPI.Comm, tag: int, out: torch.Tensor | None,
@@ -1056,14 +1063,14 @@ class _RecvRequest(Request):
                  status: MPI.Status | None = None, posted: tuple[MPI.Request, Seen] | None = None) -> None:
         self.src, self.comm, self.tag, self.out = src, comm, tag, out
         self.device = device  # (None with out: out's device, looked up when a framed message needs it)
-        self._status = MPI.Status() if status is None else status
+        self._status = status  # (made at the first probe: most receives of a native run never need one)
         self._req: MPI.Request | None = None
         self._raw: bytearray | np.ndarray | torch.Tensor | None = None
         self._staged: torch.Tensor | None = None
         self._direct = False  # True when receiving straight into out
         self._value: Tensors | None = None
         self._done = False
-        self._chan = channels(comm)
+        self._channel: ChannelState | None = None  # (looked up when first needed: _chan)
         self._key: tuple[int, int] | None = None  # the channel whose L this framed message decides
         self._prev: object = None  # that channel's L before it
         self._meta: tuple[tuple[tuple[torch.dtype, tuple[int, ...], int], ...], bool] | None = None
@@ -1081,6 +1088,14 @@ class _RecvRequest(Request):
                 self._deferred = exc
         else:
             _UNMATCHED.add(self, comm.handle)
+
+    @property
+    def _chan(self) -> ChannelState:
+        """The channel state of this receive's communicator (:mod:`mpimp.channels`)."""
+        chan = self._channel
+        if chan is None:
+            chan = self._channel = channels(self.comm)
+        return chan
 
     def describe(self) -> str:
         return f"recv from rank {self.src} (tag {self.tag})"
@@ -1156,6 +1171,8 @@ class _RecvRequest(Request):
                 if msg is True:
                     return
                 if msg is False:
+                    if self._status is None:
+                        self._status = MPI.Status()
                     msg = self.comm.Improbe(self.src, self.tag, self._status)
                 if msg is None:
                     if empty is not None:
@@ -1184,6 +1201,8 @@ class _RecvRequest(Request):
             return False
         meta = (seen.meta, seen.as_tuple)  # type: ignore[union-attr]
         dtype, shape, _ = seen.meta[0]  # type: ignore[union-attr]
+        if self._status is None:
+            self._status = MPI.Status()
         run = _UNMATCHED.run(self, lambda r: (o := r.out) is out or (
             o is not None and o.dtype == dtype and o.shape == shape and o.is_cpu and o.is_contiguous()))
         # inside wait_all (a sweep) the probe may spin a little in C: the caller waits anyway,
@@ -1195,7 +1214,8 @@ class _RecvRequest(Request):
                 got = MPI.Request()
             elif type(got) is not MPI.Request:
                 return got
-            _posted_run(run, [got], meta)
+            self._posted_raw(got, meta)
+            _UNMATCHED.forget(self)
             return True
         # the later receives of this pattern too: what arrived goes to them in order, the
         # copies back to back in one C call
@@ -1203,18 +1223,17 @@ class _RecvRequest(Request):
             got_all = fast.recv_run(self.comm, self.src, self.tag, [r.out.data_ptr() for r in run],  # type: ignore[union-attr]
                                     seen.nbytes, polls, self._status)
         except MPI.Exception as exc:  # the receives posted before the failure are in flight
-            _posted_run(run, _posted_prefix(getattr(exc, "mpimp_posted", [None])), meta)
+            _posted_run(run, getattr(exc, "mpimp_posted", []), meta)
             raise
-        reqs = _posted_prefix(got_all)
+        reqs = _posted_run(run, got_all, meta)  # (each has its request before anything can raise)
         other = got_all[-1]  # the matched message of another size (MPI.MESSAGE_NULL: none)
         if reqs:
-            matched = _posted_run(run, reqs, meta)  # (each has its request before anything can raise)
             try:
                 done = fast.testall(reqs, 1)  # (the usual case: the copies are done) complete them here
             except MPI.Exception:
                 done = False  # each test() reports its own receive's error
             if done:
-                for r in matched:
+                for r in run[: len(reqs)] if len(reqs) < len(run) else run:
                     r._value, r._done = r.out, True
         if other:  # another size, after the raw repeats: matched, read as usual
             r, msg = run[len(reqs)], other
@@ -1236,9 +1255,13 @@ class _RecvRequest(Request):
         how to read this one; :meth:`_classify`)."""
         if self._done:
             return True
-        self._raise_deferred()
-        if self._req is None and not self._probe():
-            return False
+        if self._deferred is not None:
+            self._raise_deferred()
+        if self._req is None:
+            if not self._probe():
+                return False
+            if self._done:  # (a native run completed it with its probe)
+                return True
         assert self._req is not None
         if not self._req.Test():
             return False
@@ -1417,11 +1440,14 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     both, and the message is consumed).  ``device`` places the result (default:
     ``out``'s, else CPU).
     """
-    dev = torch.device(device) if isinstance(device, str) else device
+    dev = None if device is None else torch.device(device) if isinstance(device, str) else device
     if _ABANDONED:
         _reap()
-    if (out is not None and dev is None and src >= 0 and tag >= 0
-            and not (_UNMATCHED.pending and _UNMATCHED.busy(comm, src, tag)) and (fast := _fast()) is not None):
+    if out is None or dev is not None or src < 0 or tag < 0:
+        return _RecvRequest(src, comm, tag, out, dev)
+    if _UNMATCHED.pending and _UNMATCHED.busy(comm, src, tag):  # (a receive of a window: the usual case)
+        return _RecvRequest(src, comm, tag, out, None)
+    if (fast := _fast()) is not None:
         # the native fast path: a raw repeat that has arrived is matched and its receive
         # posted now, as MPI_Irecv does with a message already there (nothing earlier can take it)
         chan = channels(comm)
@@ -1566,8 +1592,9 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
                 return results
         except MPI.Exception:
             pass  # test() below reports it, naming the request
-    _wait_until(lambda: _test_all(pending),
-                lambda: "; ".join(r.describe() for r in pending if not r.test()), timeout)
+    if not _test_all(pending):  # (the usual case: one sweep, a native run, completes them)
+        _wait_until(lambda: _test_all(pending),
+                    lambda: "; ".join(r.describe() for r in pending if not r.test()), timeout)
     return [r.result() for r in pending]
 
 

@@ -81,7 +81,7 @@ class Spy:
 
     def recv_run(self, *args: object) -> object:
         got = self.module.recv_run(*args)
-        posted = len(transport._posted_prefix(got))
+        posted = next((i for i, req in enumerate(got[:-1]) if not req), len(got) - 1)
         self.calls["raw posted"] += posted
         self.runs.append(posted)
         return got

@@ -545,7 +545,16 @@ def test_stage_messages_repeat_raw_and_stay_exact(pp_world: mpimp.Topology | Non
         kinds.append("raw" if isinstance(keep, torch.Tensor) else "framed")  # raw keeps the tensor itself
         return req, keep, payload
 
+    repeat = transport._isend_repeat
+
+    def spy_repeat(*args):  # noqa: ANN002, ANN202 - the native fast path's raw repeats
+        req = repeat(*args)
+        if req is not None:
+            kinds.append("raw")
+        return req
+
     monkeypatch.setattr(transport, "_post_send", spy)
+    monkeypatch.setattr(transport, "_isend_repeat", spy_repeat)
     ref = _layers(seed=3, width=512)
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=2, loss_fn=nn.MSELoss(), schedule=schedule,
                           **({"virtual_stages": 2} if schedule == "interleaved-1f1b" else {}))
