@@ -240,7 +240,8 @@ def test_simulator_shares_cores_between_ranks() -> None:
     # two ranks on one core, both computing: each at half speed (processor sharing), or
     # alternating time slices (round robin: within one slice of that)
     for quantum in (0.0, 0.003, 0.25):
-        rep = simulate(build("gpipe", 2, 2), CostModel(f=1.0, b=1.0, w=0.0, cores=1, quantum=quantum), 2)
+        rep = simulate(build("gpipe", 2, 2), CostModel(f=1.0, b=1.0, w=0.0, cores=1, quantum=quantum,
+                                                       yields=False), 2)
         f1_on_rank0 = [e for e in rep.events[0] if str(e[0]) == "0F1"][0]
         assert f1_on_rank0[2] - f1_on_rank0[1] == pytest.approx(2.0, abs=quantum + 1e-9)  # shared with 1F0
         assert rep.step_time == pytest.approx(8.0)  # one core, never idle
@@ -250,3 +251,20 @@ def test_simulator_shares_cores_between_ranks() -> None:
     assert rr.bubble > ps.bubble - 1e-9
     with pytest.raises(ConfigError, match="cores=0"):
         simulate(build("gpipe", 2, 2), CostModel(cores=0), 2)
+
+
+def test_simulated_ranks_on_shared_cores_yield_at_the_end_of_an_action() -> None:
+    """``yields``: a rank that ends an action while another waits for the core hands it
+    over then (the executor's idle MPI polls yield on an oversubscribed node); without it
+    the running rank keeps the core for its whole time slice."""
+    table = build("gpipe", 2, 2)
+    for yields, first in ((True, 1.0), (False, 2.0)):
+        rep = simulate(table, CostModel(f=1.0, b=1.0, w=0.0, cores=1, quantum=10.0, yields=yields), 2)
+        recv_on_rank1 = [e for e in rep.events[1] if str(e[0]) == "1RECV_F0"][0]
+        # rank 1 is woken by 0F0's message at t = 1: it gets the core at once, or after 0F1
+        assert recv_on_rank1[2] == pytest.approx(first), (yields, rep.events)
+        assert rep.step_time == pytest.approx(8.0)  # one core, never idle either way
+    # processor sharing (quantum 0) runs every ready rank at once: nothing to yield
+    ps = simulate(table, CostModel(f=1.0, b=1.0, w=0.0, cores=1, quantum=0.0), 2)
+    assert ps.step_time == pytest.approx(simulate(table, CostModel(f=1.0, b=1.0, w=0.0, cores=1, quantum=0.0,
+                                                                    yields=False), 2).step_time)

@@ -66,7 +66,12 @@ class CostModel:
     queue for a core and hold it for up to ``quantum`` seconds (the scheduler's time
     slice; 0 = processor sharing, every ready rank at ``min(1, cores / k)`` of its
     speed), so the times above are then CPU seconds, not wall-clock seconds; a rank
-    waiting for a message takes no core.
+    waiting for a message takes no core.  With ``yields`` a rank also gives its core to
+    a waiting rank at the end of every action: between actions the executor polls MPI,
+    and an idle poll yields the core on an oversubscribed node (Open MPI's
+    yield-when-idle; mpimp's waits nap).  Measured with 4 ranks on 2 cores, the wall
+    time between two actions of a rank was ~2 ms against ~0.1 ms of CPU: the ranks
+    change places there, not in the middle of an action (docs/benchmarks.md).
     """
 
     f: Seconds = 1.0
@@ -81,6 +86,7 @@ class CostModel:
     overhead: float = 0.0
     cores: int | None = None
     quantum: float = 0.003
+    yields: bool = True
     jitter: tuple[float, ...] = ()
     samples: int = 64
     seed: int = 0
@@ -273,9 +279,11 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
     blocks (on no core) until it arrives (the matching send's end + message time), then
     joins the run queue; a free core takes the first rank of the queue and runs it for up
     to ``cost.quantum`` seconds (then, if others wait, the rank goes to the back of the
-    queue).  ``quantum = 0`` is processor sharing: the k ranks ready to run all advance at
-    ``min(1, cores / k)``.  As in the executor's timeline, an action starts when its rank
-    first gets a core for it, and a receive lasts from the end of the previous action.
+    queue).  With ``cost.yields`` a rank that ends an action while others wait goes to the
+    back of the queue too.  ``quantum = 0`` is processor sharing: the k ranks ready to run
+    all advance at ``min(1, cores / k)``.  As in the executor's timeline, an action starts
+    when its rank first gets a core for it, and a receive lasts from the end of the
+    previous action.
     """
     p, cores = len(table), int(cost.cores or len(table))
     has_w = {(a.stage, a.mb) for row in table for a in row if a.kind == "W"}
@@ -288,6 +296,8 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
     queue: list[int] = []  # ranks ready to run, in arrival order
     on_core: dict[int, float] = {}  # running rank -> end of its time slice
     blocked: set[int] = set()
+    yielded: set[int] = set()  # ranks that ended an action in the current interval
+    yields = cost.yields and quantum > 0
     now = 0.0
 
     def can_run(r: int) -> bool:
@@ -325,6 +335,8 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             pos[r] += 1
             left[r] = -1.0
             reached[r] = end
+            if yields:
+                yielded.add(r)
 
     for r in range(p):
         if can_run(r):
@@ -349,6 +361,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             nxt = min([*ends, *on_core.values(), *[t for t in wakes if t > now]])
             dt, now = nxt - now, nxt
             for r in list(on_core):
+                yielded.discard(r)
                 advance(r, dt * share, share)
                 if pos[r] >= len(table[r]) or r in blocked:
                     del on_core[r]
@@ -360,6 +373,10 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
         for r in sorted(blocked):  # messages that have arrived wake their ranks
             if arrival.get(table[r][pos[r]].matching_send(), float("inf")) <= now + 1e-12:
                 blocked.discard(r)
+                queue.append(r)
+        for r in [r for r in on_core if r in yielded]:  # an action ended, others wait: they get the core
+            if queue:
+                del on_core[r]
                 queue.append(r)
     return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
                   step_time=now, busy=busy, events=events)
