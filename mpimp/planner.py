@@ -114,7 +114,8 @@ def _add(p: argparse.ArgumentParser) -> None:
                    help="activation memory held per in-flight micro-batch per stage (B)")
     p.add_argument("--cores", type=int, default=None,
                    help="CPU cores the ranks share (default: one per rank); fewer cores than "
-                        "ranks are scheduled round-robin, times then being CPU seconds")
+                        "ranks are scheduled round-robin, a rank handing its core to a waiting one at "
+                        "the end of each action; times are then CPU seconds")
     p.add_argument("--quantum", type=float, default=0.003,
                    help="with --cores: the scheduler's time slice (s); 0 = processor sharing")
     p.add_argument("--cv", type=float, default=0.0,
