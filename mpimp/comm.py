@@ -651,10 +651,9 @@ def _isend_repeat(t: torch.Tensor, head: bytes, n: int, dst: int, comm: MPI.Comm
         last = chan.sent.get((dst, tag))
         if last is None or last[0] != head:
             return None
-        req = fast.isend(comm, t.data_ptr(), n, dst, tag)
-    if _DEBUG:
-        _trace(comm, f"Isend -> {dst} tag {tag} ({n} B, header elided)")
-    return req
+        if _DEBUG:
+            _trace(comm, f"Isend -> {dst} tag {tag} ({n} B, header elided)")
+        return fast.isend(comm, t.data_ptr(), n, dst, tag)
 
 
 def isend(tensors: Tensors, dst: int, comm: MPI.Comm, tag: int = 0, pack: bool = False) -> Request:
@@ -1087,6 +1086,8 @@ class _RecvRequest(Request):
             except Exception as exc:  # keep the message: a later wait() resumes with it
                 self._deferred = exc
         else:
+            if not comm:  # a freed communicator fails here, as MPI_Irecv would (nothing else touches it yet)
+                raise MPI.Exception(MPI.ERR_COMM)
             _UNMATCHED.add(self, comm.handle)
 
     @property
@@ -1592,9 +1593,8 @@ def wait_all(requests: Sequence[Request], timeout: float | None = None) -> list[
                 return results
         except MPI.Exception:
             pass  # test() below reports it, naming the request
-    if not _test_all(pending):  # (the usual case: one sweep, a native run, completes them)
-        _wait_until(lambda: _test_all(pending),
-                    lambda: "; ".join(r.describe() for r in pending if not r.test()), timeout)
+    _wait_until(lambda: _test_all(pending),
+                lambda: "; ".join(r.describe() for r in pending if not r.test()), timeout)
     return [r.result() for r in pending]
 
 

@@ -772,3 +772,17 @@ def test_foreign_or_corrupt_messages_raise_transport_error(comm: MPI.Comm) -> No
     sent = mpimp.isend(torch.arange(5.0), dst, comm, tag=121)
     assert mpimp.recv(src, comm, tag=121, timeout=10).tolist() == [0.0, 1.0, 2.0, 3.0, 4.0]  # intact
     sent.wait()
+
+
+@pytest.mark.parametrize("with_out", [False, True])
+def test_irecv_on_a_freed_communicator_raises_at_once(with_out: bool) -> None:
+    """As MPI_Irecv does: the error comes from irecv, and no pending receive is left behind
+    (the receive's channel state is looked up only when it first probes)."""
+    from mpimp import comm as transport
+
+    c = MPI.COMM_SELF.Dup()
+    c.Free()
+    before = {h: len(v) for h, v in transport._UNMATCHED.pending.items()}
+    with pytest.raises(MPI.Exception):
+        mpimp.irecv(0, c, 3, out=torch.empty(8192) if with_out else None)
+    assert {h: len(v) for h, v in transport._UNMATCHED.pending.items()} == before
