@@ -1018,7 +1018,7 @@ def _posted_run(run: list[_RecvRequest], got: list, meta: tuple) -> list[MPI.Req
         r._meta, r._direct, r._req = meta, True, req  # (_posted_raw, written out: once per message)
         reqs.append(req)
     if reqs:
-        _UNMATCHED.forget_run(run[: len(reqs)] if len(reqs) < len(run) else run)
+        _UNMATCHED.forget_run(run[: len(reqs)])
     return reqs
 
 
@@ -1234,7 +1234,7 @@ class _RecvRequest(Request):
             except MPI.Exception:
                 done = False  # each test() reports its own receive's error
             if done:
-                for r in run[: len(reqs)] if len(reqs) < len(run) else run:
+                for r in run[: len(reqs)]:
                     r._value, r._done = r.out, True
         if other:  # another size, after the raw repeats: matched, read as usual
             r, msg = run[len(reqs)], other
@@ -1441,7 +1441,7 @@ def irecv(src: int, comm: MPI.Comm, tag: int = 0, out: torch.Tensor | None = Non
     both, and the message is consumed).  ``device`` places the result (default:
     ``out``'s, else CPU).
     """
-    dev = None if device is None else torch.device(device) if isinstance(device, str) else device
+    dev = torch.device(device) if isinstance(device, str) else device
     if _ABANDONED:
         _reap()
     if out is None or dev is not None or src < 0 or tag < 0:

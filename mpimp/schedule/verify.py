@@ -360,8 +360,8 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
                 ends.append(now + need / share)
             nxt = min([*ends, *on_core.values(), *[t for t in wakes if t > now]])
             dt, now = nxt - now, nxt
+            yielded.clear()
             for r in list(on_core):
-                yielded.discard(r)
                 advance(r, dt * share, share)
                 if pos[r] >= len(table[r]) or r in blocked:
                     del on_core[r]
