@@ -14,7 +14,9 @@ Speed of light: 2 x the tokens/s of the whole model on one rank (1 thread) over 
 8 micro-batches.  Then, for each schedule and m, the measured bubble of a step (from
 the executor's timeline) against the simulator's prediction on a cost model calibrated
 from that timeline (with more ranks than the node's cores, e.g. p = 4 on 2 cores, from
-the actions' CPU times, the simulator sharing the cores between the ranks).
+the actions' CPU times, the simulator sharing the cores between the ranks; the ranks are
+then bound to cores, rank r to core r % cores, so adjacent stages run on different cores
+and the model knows which ranks share one).
 """
 
 from __future__ import annotations
@@ -200,29 +202,43 @@ def throughput(world: MPI.Comm, rounds: int, steps: int, framed_peer: bool = Fal
     return out
 
 
-def fit_quantum(world: MPI.Comm, topo: mpimp.Topology, cores: int) -> float:
+def fit_quantum(world: MPI.Comm, topo: mpimp.Topology, cores: int, placement: tuple[int, ...]) -> float:
     """With more ranks than cores: the scheduler's effective time slice, fitted once on a
-    1F1B step with m = 8 (a calibration step, not one of the measured points)."""
-    m = 8
+    GPipe step with m = 12 (a calibration step, not one of the measured points; GPipe's
+    bubble depends on the slice, 1F1B's hardly above 12 ms)."""
+    m = 12
     x, y = batch(2 * m, seed=99)
-    pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, schedule="1f1b")
+    pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, schedule="gpipe")
     pipe.train_step(x, y)
     mpimp.barrier(world)
     pipe.train_step(x, y)
     tls = trace.gather(pipe)
-    q = trace.fit_quantum(tls, pipe.compute_table, pipe.num_stages, m, cores) if world.Get_rank() == 0 else 0.0
+    q = trace.fit_quantum(tls, pipe.compute_table, pipe.num_stages, m, cores, placement) if world.Get_rank() == 0 else 0.0
     pipe.close()
     return world.bcast(q)
+
+
+def bind_to_cores(world: MPI.Comm) -> tuple[int, tuple[int, ...]]:
+    """With more ranks than cores, bind rank r to core r % cores (adjacent pipeline stages on
+    different cores); returns the cores and every rank's core index (empty: not bound).
+    Unbound, the operating system moves ranks between cores and the measured bubble moves
+    by several points from run to run; bound, two runs agree within 1-2 points."""
+    allowed = sorted(os.sched_getaffinity(0))
+    cores, p = len(allowed), world.Get_size()
+    if p <= cores:
+        return cores, ()
+    os.sched_setaffinity(0, {allowed[world.Get_rank() % cores]})
+    return cores, tuple(r % cores for r in range(p))
 
 
 def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
     p = world.Get_size()
     topo = mpimp.init(pp=p, comm=world)
-    cores = os.cpu_count() or p
-    quantum = fit_quantum(world, topo, cores) if p > cores else 0.0
+    cores, placement = bind_to_cores(world)
+    quantum = fit_quantum(world, topo, cores, placement) if p > cores else 0.0
     if world.Get_rank() == 0 and p > cores:
-        print(f"  {p} ranks on {cores} cores: effective time slice fitted on a calibration step "
-              f"(1f1b, m=8): {quantum * 1e3:g} ms", flush=True)
+        print(f"  {p} ranks on {cores} cores, rank r bound to core r % {cores}: effective time slice "
+              f"fitted on a calibration step (gpipe, m=12): {quantum * 1e3:g} ms", flush=True)
     rows = []
     for schedule in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
         for m in ms:
@@ -240,7 +256,7 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                 tls = trace.gather(pipe)
                 if world.Get_rank() == 0:
                     measured.append(trace.bubble_fraction(tls)[0])
-                    cost = trace.calibrate(tls, pipe.num_stages, cores=cores)  # shared when p > cores
+                    cost = trace.calibrate(tls, pipe.num_stages, cores=cores, placement=placement)  # shared when p > cores
                     if p > cores:
                         cost = dataclasses.replace(cost, quantum=quantum)
                     predicted.append(simulate(pipe.compute_table, cost, m).bubble)
@@ -251,7 +267,7 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                                          title=f"{schedule}, p={p}, m={m}")
             if world.Get_rank() == 0:
                 meas, pred = statistics.median(measured), statistics.median(predicted)
-                rows.append({"schedule": schedule, "p": p, "m": m, "v": v, "measured": meas, "predicted": pred, "quantum": quantum,
+                rows.append({"schedule": schedule, "p": p, "m": m, "v": v, "measured": meas, "predicted": pred, "quantum": quantum, "placement": list(placement),
                              "rel_error": abs(pred - meas) / meas if meas else math.nan})
                 print(f"  {schedule:<17} m={m:<3} measured bubble {meas:6.1%}  predicted {pred:6.1%}  "
                       f"rel. error {rows[-1]['rel_error']:5.1%}", flush=True)

@@ -38,11 +38,12 @@ __all__ = ["COMMANDS", "plan", "format_plan"]
 
 
 def plan(schedule: str, pp: int, chunks: int, virtual_stages: int = 1,
-         cost: CostModel | None = None, table: Table | None = None) -> dict[str, object]:
+         cost: CostModel | None = None, table: Table | None = None, bind: bool = False) -> dict[str, object]:
     """Simulate one schedule; returns step time, bubble, ideal time and peak memory.
 
     ``table``: a user's action table (``schedule`` is then only its label; p, m and v are
-    read from the table)."""
+    read from the table).  ``bind``: with ``cost.cores``, rank r is bound to core
+    r % cores (its own queue; ``CostModel.placement``)."""
     cost = cost or CostModel()
     if table is None:
         table = build(schedule, pp, chunks, virtual_stages)
@@ -57,6 +58,8 @@ def plan(schedule: str, pp: int, chunks: int, virtual_stages: int = 1,
     v = virtual_stages
     # a virtual stage holds 1/v of the rank's layers: 1/v of its time and activation memory
     per_stage = replace(cost, f=cost.f / v, b=cost.b / v, w=cost.w / v, activation_bytes=cost.activation_bytes / v)
+    if bind and cost.cores:
+        per_stage = replace(per_stage, placement=tuple(r % cost.cores for r in range(pp)))
     report = simulate(table, per_stage, chunks)
     ideal = chunks * (cost.f + cost.b + cost.w)  # one rank's compute with no idle time
     return {
@@ -76,9 +79,13 @@ def _bytes(n: float) -> str:
     return f"{n:.1f} TiB"  # pragma: no cover
 
 
-def format_plan(rows: list[dict[str, object]], cost: CostModel) -> str:
+def format_plan(rows: list[dict[str, object]], cost: CostModel, bind: bool = False) -> str:
     varied = "" if not cost.jitter else (f"; action times varying by {statistics.pstdev(cost.jitter):.0%} "
                                           f"(mean of {cost.samples} runs)")
+    if cost.cores:
+        varied += (f"; {cost.cores} shared cores (time slice {cost.quantum:g} s"
+                   f"{f', rank r bound to core r % {cost.cores}' if bind else ''}"
+                   f"{f', waiting ranks poll at {cost.poll:g} of a core' if cost.poll else ''})")
     lines = [f"cost model: F {cost.f:g} s, B {cost.b:g} s, W {cost.w:g} s per micro-batch per rank; "
              f"message {cost.message_time():g} s; activations {_bytes(cost.activation_bytes)} per micro-batch"
              f"{varied}",
@@ -118,6 +125,12 @@ def _add(p: argparse.ArgumentParser) -> None:
                         "the end of each action; times are then CPU seconds")
     p.add_argument("--quantum", type=float, default=0.003,
                    help="with --cores: the scheduler's time slice (s); 0 = processor sharing")
+    p.add_argument("--bind", action="store_true",
+                   help="with --cores: rank r is bound to core r %% cores (each core its own queue) "
+                        "instead of any rank running on any core")
+    p.add_argument("--poll", type=float, default=0.0,
+                   help="with --cores: share of a core a rank takes while it waits for a message "
+                        "(its polls; ~0.1 measured for mpimp on an oversubscribed node)")
     p.add_argument("--cv", type=float, default=0.0,
                    help="spread of the action times (standard deviation over mean, e.g. 0.1): the "
                         "prediction is then the mean over --samples runs with times drawn around F, B, W")
@@ -132,14 +145,14 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("pp", "chunks", "cores", "virtual_stages", "samples"):
         if getattr(args, name) is not None and getattr(args, name) < 1:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 1")
-    for name in ("f", "b", "w", "latency", "message_bytes", "activation_bytes", "quantum", "cv"):
+    for name in ("f", "b", "w", "latency", "message_bytes", "activation_bytes", "quantum", "cv", "poll"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
     if args.bandwidth <= 0:
         raise ConfigError(f"--bandwidth {args.bandwidth} must be > 0 bytes/s (default: infinite)")
     cost = CostModel(f=args.f, b=args.b, w=args.w, latency=args.latency, bandwidth=args.bandwidth,
                      message_bytes=args.message_bytes, activation_bytes=args.activation_bytes,
-                     cores=args.cores, quantum=args.quantum,
+                     cores=args.cores, quantum=args.quantum, poll=args.poll,
                      jitter=spread(args.cv) if args.cv > 0 else (), samples=args.samples)
     names = [args.schedule] if args.schedule else list(BUILDERS)
     rows, skipped = [], []
@@ -150,18 +163,18 @@ def _run(args: argparse.Namespace) -> int:
                 text = fh.read()
         except OSError as exc:
             raise ConfigError(f"--table {args.table}: cannot read it ({exc.strerror})") from None
-        rows.append(plan(os.path.basename(args.table), 0, 0, 1, cost, table=text))
+        rows.append(plan(os.path.basename(args.table), 0, 0, 1, cost, table=text, bind=args.bind))
         names = []
     for name in names:
         v = args.virtual_stages or (2 if name == "interleaved-1f1b" else 1)
         try:
-            rows.append(plan(name, args.pp, args.chunks, v, cost))
+            rows.append(plan(name, args.pp, args.chunks, v, cost, bind=args.bind))
         except ConfigError as exc:
             if args.schedule:
                 raise
             skipped.append(f"{name}: {exc}")
     if MPI.COMM_WORLD.Get_rank() == 0:
-        print(format_plan(rows, cost))
+        print(format_plan(rows, cost, args.bind))
         for s in skipped:
             print(f"skipped {s}")
         print(f"(simulated {len(rows)} schedule(s) of {rows[0]['pp'] if rows else args.pp} ranks x "

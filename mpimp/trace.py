@@ -153,7 +153,7 @@ def plot_gantt(timelines: Sequence[Timeline], path: str | Path, title: str = "")
 
 
 def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None = None,
-              jitter: bool = True) -> CostModel:
+              jitter: bool = True, placement: Sequence[int] = ()) -> CostModel:
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
 
     With ``jitter`` the model also carries the step's relative action times (each F, B, W
@@ -166,13 +166,17 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     ``cores``: the CPU cores the ranks shared while measured.  When fewer than the ranks,
     every cost (F, B, W, send, receive and the gaps between actions) is the CPU time the
     executor recorded (wall-clock durations then include the time other ranks held the
-    core) and the model shares ``cores`` between the ranks like the operating system did.
+    core) and the model shares ``cores`` between the ranks like the operating system did;
+    ``poll`` is then the CPU the ranks used per second of waiting for a message (the
+    receives that waited: their CPU over their wall time).  ``placement``: the core each
+    rank was bound to while measured (empty: not bound).
     """
-    shared = cores is not None and cores < len(timelines)
+    shared = cores is not None and (cores < len(timelines) or bool(placement))
     per: dict[tuple[str, int], list[float]] = defaultdict(list)
     sends: list[float] = []
     recvs: list[float] = []
     pure: list[float] = []  # receives whose message was there when they started
+    polled = [0.0, 0.0]  # CPU and wall seconds of the receives that waited
     gaps: list[float] = []
     sent = {Action(e["stage"], e["kind"], e["mb"]): e["end"] for tl in timelines for e in tl
             if e["kind"] in ("SEND_F", "SEND_B")}
@@ -192,6 +196,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
                 src = Action(e["stage"], e["kind"], e["mb"]).matching_send()
                 if sent.get(src, float("inf")) <= e["start"]:
                     pure.append(d)
+                elif shared and "cpu" in e:
+                    polled[0] += e["cpu"]
+                    polled[1] += e["end"] - e["start"]
 
     means = {key: sum(xs) / len(xs) for key, xs in per.items()}
 
@@ -207,7 +214,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     recv = sum(pure) / len(pure) if pure else (min(recvs) if recvs else 0.0)
     return CostModel(f=f, b=b, w=w, send=sum(sends) / len(sends) if sends else 0.0,
                      recv=recv, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
-                     cores=cores if shared else None, jitter=tuple(factors))
+                     cores=cores if shared else None, jitter=tuple(factors),
+                     poll=min(0.9, polled[0] / polled[1]) if shared and polled[1] > 0 else 0.0,
+                     placement=tuple(placement) if shared else ())
 
 
 def predict(table: Sequence[Sequence[Any]], cost: CostModel, num_microbatches: int) -> float:
@@ -215,11 +224,12 @@ def predict(table: Sequence[Sequence[Any]], cost: CostModel, num_microbatches: i
     return simulate(table, cost, num_microbatches).bubble
 
 
-QUANTA = (0.0, 0.001, 0.002, 0.003, 0.005, 0.01, 0.015, 0.02, 0.03, 0.04, 0.05, 0.06, 0.08, 0.1, 0.15, 0.2)
+QUANTA = tuple(ms / 1000 for ms in (0, 1, 2, 3, 4, 5, 6, 8, 10, 12, 14, 16, 18, 20, 25, 30, 40, 50, 60, 80,
+                                    100, 150, 200))
 
 
 def fit_quantum(timelines: Sequence[Timeline], table: Sequence[Sequence[Any]], num_stages: int,
-                num_microbatches: int, cores: int) -> float:
+                num_microbatches: int, cores: int, placement: Sequence[int] = ()) -> float:
     """The operating system's effective time slice, fitted on one measured step.
 
     With more ranks than cores the measured bubble depends on how long a running rank
@@ -227,9 +237,12 @@ def fit_quantum(timelines: Sequence[Timeline], table: Sequence[Sequence[Any]], n
     pipeline action, tens of milliseconds, far longer than the scheduler's nominal slice).
     Fit it once on a calibration step (the ``quantum`` in :data:`QUANTA` whose simulated
     bubble is closest to the measured one), then predict other schedules and
-    micro-batch counts with it: a machine constant, like latency and bandwidth.
+    micro-batch counts with it: a machine constant, like latency and bandwidth.  Fit it
+    on a step whose bubble depends on it (GPipe with m >= 2p: at 1F1B with m = 2p the
+    simulated bubble hardly moves between slices of 12 and 200 ms, so the fit there is
+    the noise's).  ``placement`` as in :func:`calibrate`.
     """
-    cost = calibrate(timelines, num_stages, cores=cores)
+    cost = calibrate(timelines, num_stages, cores=cores, placement=placement)
     measured = bubble_fraction(timelines)[0]
     return min(QUANTA, key=lambda q: abs(simulate(table, dataclasses.replace(cost, quantum=q),
                                                   num_microbatches).bubble - measured))

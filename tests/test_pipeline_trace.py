@@ -90,8 +90,8 @@ def test_timeline_of_a_real_step(comm: MPI.Comm, tmp_path_factory: pytest.TempPa
 def test_fit_quantum_recovers_the_time_slice_of_a_simulated_machine() -> None:
     """Timelines of 4 ranks on 2 cores simulated with a known time slice: the fit finds it."""
     table = build("1f1b", 4, 8)
-    for quantum in (0.0, 0.05):
-        cost = CostModel(f=0.02, b=0.04, w=0.0, cores=2, quantum=quantum)
+    for quantum, placement in ((0.0, ()), (0.05, ()), (0.012, (0, 1, 0, 1))):
+        cost = CostModel(f=0.02, b=0.04, w=0.0, cores=2, quantum=quantum, placement=placement)
         rep = simulate(table, cost, 8)
         timelines = []
         for r, events in enumerate(rep.events):
@@ -104,7 +104,25 @@ def test_fit_quantum_recovers_the_time_slice_of_a_simulated_machine() -> None:
                 used += cpu
             timelines.append(tl)
         assert trace.bubble_fraction(timelines)[0] == pytest.approx(rep.bubble)
-        assert trace.fit_quantum(timelines, table, 4, 8, cores=2) == pytest.approx(quantum)
+        assert trace.fit_quantum(timelines, table, 4, 8, cores=2, placement=placement) == pytest.approx(quantum)
+
+
+def test_calibration_measures_the_cpu_of_waiting_ranks() -> None:
+    """On shared cores, ``poll`` is the CPU a rank used per second of waiting for a message:
+    the receives that waited, their CPU over their wall time; ``placement`` is kept."""
+    def ev(rank: int, stage: int, kind: str, start: float, end: float, cpu: float) -> dict:
+        return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}0", "stage": stage, "kind": kind,
+                "mb": 0, "start": start, "end": end, "cpu": cpu, "cpu_start": start, "cpu_end": start + cpu}
+    timelines = [
+        [ev(0, 0, "F", 0.0, 1.0, 1.0), ev(0, 0, "SEND_F", 1.0, 1.0, 0.0),
+         ev(0, 0, "RECV_B", 1.0, 3.0, 0.3), ev(0, 0, "B", 3.0, 4.0, 1.0)],
+        [ev(1, 1, "RECV_F", 0.0, 1.0, 0.1), ev(1, 1, "F", 1.0, 2.0, 1.0), ev(1, 1, "B", 2.0, 3.0, 1.0),
+         ev(1, 1, "SEND_B", 3.0, 3.0, 0.0)],
+    ]
+    cost = trace.calibrate(timelines, 2, cores=1, placement=(0, 0))
+    assert cost.poll == pytest.approx((0.1 + 0.3) / (1.0 + 2.0))
+    assert cost.placement == (0, 0) and cost.cores == 1
+    assert trace.calibrate(timelines, 2).poll == 0.0  # one core each: waiting costs no one anything
 
 
 def test_calibration_round_trips_message_and_executor_costs() -> None:

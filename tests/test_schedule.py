@@ -253,6 +253,47 @@ def test_simulator_shares_cores_between_ranks() -> None:
         simulate(build("gpipe", 2, 2), CostModel(cores=0), 2)
 
 
+def test_ranks_bound_to_cores_queue_for_their_own_core() -> None:
+    """``placement``: two ranks bound to one core of two run like two ranks on one core;
+    bound to different cores, like ranks with a core each."""
+    table = build("gpipe", 2, 3)
+    one_core = simulate(table, CostModel(f=1.0, b=2.0, w=0.0, cores=1, quantum=0.5), 3)
+    same = simulate(table, CostModel(f=1.0, b=2.0, w=0.0, cores=2, quantum=0.5, placement=(1, 1)), 3)
+    assert same.step_time == pytest.approx(one_core.step_time) and same.events == one_core.events
+    assert same.step_time == pytest.approx(3 * 2 * (1.0 + 2.0))  # one core, never idle
+    apart = simulate(table, CostModel(f=1.0, b=2.0, w=0.0, cores=2, quantum=0.5, placement=(0, 1)), 3)
+    dedicated = simulate(table, CostModel(f=1.0, b=2.0, w=0.0), 3)
+    assert apart.step_time == pytest.approx(dedicated.step_time) and apart.step_time < same.step_time
+    # 4 ranks on 2 cores: the model tells a placement with neighbours on one core from one without
+    four = build("gpipe", 4, 8)
+    steps = {pl: simulate(four, CostModel(f=1.0, b=2.0, w=0.0, cores=2, quantum=0.5, placement=pl), 8).step_time
+             for pl in ((0, 1, 0, 1), (0, 0, 1, 1))}
+    assert steps[(0, 1, 0, 1)] < steps[(0, 0, 1, 1)]
+
+
+def test_waiting_ranks_polls_take_cpu_from_a_shared_core() -> None:
+    """``poll``: a rank waiting for a message polls at that share of a core; on a core it
+    shares with a computing rank that slows the computing one, a free core absorbs it."""
+    table = build("gpipe", 2, 1)  # 0F0, 1F0, 1B0, 0B0, each 1 s; the other rank waits meanwhile
+    for poll in (0.0, 0.5):
+        rep = simulate(table, CostModel(f=1.0, b=1.0, w=0.0, cores=1, quantum=10.0, poll=poll), 1)
+        # with polls, 0F0, 1F0 and 1B0 run at half speed (the other rank waits on the core);
+        # 0B0 runs alone (rank 1 has finished)
+        assert rep.step_time == pytest.approx(4.0 if poll == 0 else 2.0 + 2.0 + 2.0 + 1.0)
+        apart = simulate(table, CostModel(f=1.0, b=1.0, w=0.0, cores=2, quantum=10.0, poll=poll,
+                                          placement=(0, 1)), 1)
+        assert apart.step_time == pytest.approx(4.0)
+
+
+def test_a_bad_placement_or_poll_names_the_numbers() -> None:
+    table = build("1f1b", 4, 4)
+    for bad in ((0, 1), (0, 1, 2, 0), (0, -1, 0, 1)):
+        with pytest.raises(ConfigError, match=r"placement=.*4 ranks.*cores=2"):
+            simulate(table, CostModel(cores=2, placement=bad), 4)
+    with pytest.raises(ConfigError, match=r"poll=1.5"):
+        simulate(table, CostModel(cores=2, poll=1.5), 4)
+
+
 def test_simulated_ranks_on_shared_cores_yield_at_the_end_of_an_action() -> None:
     """``yields``: a rank that ends an action while another waits for the core hands it
     over then (the executor's idle MPI polls yield on an oversubscribed node); without it

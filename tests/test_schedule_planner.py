@@ -86,6 +86,29 @@ def test_plan_with_ranks_sharing_cores(capsys: pytest.CaptureFixture[str]) -> No
     assert ("--cores 0 must be >= 1" in err) == (MPI.COMM_WORLD.Get_rank() == 0)  # rank 0 reports
 
 
+def test_plan_with_ranks_bound_to_cores(capsys: pytest.CaptureFixture[str]) -> None:
+    """--bind: rank r on core r % cores, each core its own queue (as ``CostModel.placement``);
+    --poll: waiting ranks take that share of a core."""
+    from mpi4py import MPI
+
+    from mpimp.planner import plan
+    from mpimp.schedule import CostModel, build, simulate
+
+    cost = CostModel(f=1.0, b=1.0, w=1.0, cores=2, quantum=0.5, poll=0.1)
+    bound = plan("gpipe", 4, 8, 1, cost, bind=True)
+    direct = simulate(build("gpipe", 4, 8), CostModel(f=1.0, b=1.0, w=1.0, cores=2, quantum=0.5, poll=0.1,
+                                                      placement=(0, 1, 0, 1)), 8)
+    assert bound["step_time"] == pytest.approx(direct.step_time)
+    assert bound["step_time"] != pytest.approx(plan("gpipe", 4, 8, 1, cost)["step_time"])
+    assert main(["plan", "--pp", "4", "--chunks", "8", "--schedule", "gpipe", "--cores", "2", "--quantum", "0.5",
+                 "--poll", "0.1", "--bind"]) == 0
+    out = capsys.readouterr().out
+    if MPI.COMM_WORLD.Get_rank() == 0:
+        assert "rank r bound to core r % 2" in out and "poll at 0.1 of a core" in out
+        row = next(line for line in out.splitlines() if line.startswith("gpipe"))
+        assert float(row.split()[4]) == pytest.approx(direct.step_time, rel=1e-3)
+
+
 def test_spread_and_plan_with_varying_action_times(capsys: pytest.CaptureFixture[str]) -> None:
     """--cv: action times drawn around F, B, W; the expected bubble grows with the spread
     (a step waits for the slowest neighbour), deterministically."""

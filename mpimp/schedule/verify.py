@@ -65,8 +65,12 @@ class CostModel:
     the simulator schedules them like the operating system does: ranks ready to run
     queue for a core and hold it for up to ``quantum`` seconds (the scheduler's time
     slice; 0 = processor sharing, every ready rank at ``min(1, cores / k)`` of its
-    speed), so the times above are then CPU seconds, not wall-clock seconds; a rank
-    waiting for a message takes no core.  With ``yields`` a rank also gives its core to
+    speed), so the times above are then CPU seconds, not wall-clock seconds.  A rank
+    waiting for a message holds no core, but its polls take ``poll`` of a core (CPU
+    seconds per second of waiting; measured ~0.1 for mpimp's napping waits): beyond the
+    free cores that CPU slows the running ranks.  ``placement``: the core of each rank
+    (ranks bound to cores, ``os.sched_setaffinity``; entries in ``range(cores)``), then
+    each core has its own queue; empty: any rank runs on any core.  With ``yields`` a rank also gives its core to
     a waiting rank at the end of every action: between actions the executor polls MPI,
     and an idle poll yields the core on an oversubscribed node (Open MPI's
     yield-when-idle; mpimp's waits nap).  Measured with 4 ranks on 2 cores, the wall
@@ -87,6 +91,8 @@ class CostModel:
     cores: int | None = None
     quantum: float = 0.003
     yields: bool = True
+    poll: float = 0.0
+    placement: tuple[int, ...] = ()
     jitter: tuple[float, ...] = ()
     samples: int = 64
     seed: int = 0
@@ -213,9 +219,16 @@ def verify(table: str | Sequence[Sequence[object]], num_microbatches: int | None
                             f"numbered 0..{num_stages - 1})\n{format_grid(lowered, {})}")
     m = num_microbatches if num_microbatches is not None else 1 + max(a.mb for row in lowered for a in row)
     _check_counts(lowered, owner, num_stages, m)
-    shared = cost is not None and cost.cores is not None and cost.cores < len(lowered)
+    shared = cost is not None and cost.cores is not None and (cost.cores < len(lowered) or bool(cost.placement))
     if cost is not None and cost.cores is not None and cost.cores < 1:
         raise ConfigError(f"CostModel.cores={cost.cores} must be >= 1 (or None: one core per rank)")
+    if cost is not None and cost.placement and (
+            cost.cores is None or len(cost.placement) != len(lowered)
+            or not all(0 <= c < cost.cores for c in cost.placement)):
+        raise ConfigError(f"CostModel.placement={cost.placement}: give one core per rank ({len(lowered)} ranks), "
+                          f"each in range(cores) with cores={cost.cores}")
+    if cost is not None and not 0 <= cost.poll < 1:
+        raise ConfigError(f"CostModel.poll={cost.poll}: a waiting rank's share of a core must be in [0, 1)")
     if cost is None or not (shared or cost.jitter):
         return _run(lowered, owner, num_stages, m, cost)
     checked = _run(lowered, owner, num_stages, m, None)  # validity and peak memory
@@ -281,11 +294,18 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
     to ``cost.quantum`` seconds (then, if others wait, the rank goes to the back of the
     queue).  With ``cost.yields`` a rank that ends an action while others wait goes to the
     back of the queue too.  ``quantum = 0`` is processor sharing: the k ranks ready to run
-    all advance at ``min(1, cores / k)``.  As in the executor's timeline, an action starts
-    when its rank first gets a core for it, and a receive lasts from the end of the
-    previous action.
+    all advance at ``min(1, cores / k)``.  With ``cost.placement`` every core has its own
+    queue of the ranks bound to it.  Waiting ranks' polls (``cost.poll`` of a core each)
+    first fill their group's free cores, then slow its running ranks.  As in the
+    executor's timeline, an action starts when its rank first gets a core for it, and a
+    receive lasts from the end of the previous action.
     """
     p, cores = len(table), int(cost.cores or len(table))
+    if cost.placement:  # rank r runs only on core placement[r]: one queue per core
+        core_of = list(cost.placement)
+        capacity = dict.fromkeys(core_of, 1)
+    else:  # any rank on any of the cores: one queue
+        core_of, capacity = [0] * p, {0: cores}
     has_w = {(a.stage, a.mb) for row in table for a in row if a.kind == "W"}
     msg, quantum = cost.message_time(), cost.quantum
     arrival: dict[tuple[int, str, int], float] = {}  # (stage, SEND_F|SEND_B, mb) -> arrival time
@@ -293,7 +313,7 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
     began, reached = [0.0] * p, [0.0] * p  # when the action first ran; when the rank got to it
     busy = [0.0] * p
     events: list[list[tuple[Action, float, float]]] = [[] for _ in range(p)]
-    queue: list[int] = []  # ranks ready to run, in arrival order
+    queues: dict[int, list[int]] = {c: [] for c in capacity}  # ranks ready to run, in arrival order
     on_core: dict[int, float] = {}  # running rank -> end of its time slice
     blocked: set[int] = set()
     yielded: set[int] = set()  # ranks that ended an action in the current interval
@@ -338,16 +358,32 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             if yields:
                 yielded.add(r)
 
+    def shares() -> dict[int, float]:
+        """Each running rank's share of a core: processor sharing divides a group's cores
+        among its ready ranks; waiting ranks' polls take CPU beyond their group's free cores."""
+        out = {}
+        for c, cap in capacity.items():
+            running = [r for r in on_core if core_of[r] == c]
+            if not running:
+                continue
+            share = min(1.0, cap / len(running)) if quantum <= 0 else 1.0
+            excess = cost.poll * sum(core_of[r] == c for r in blocked) - max(0, cap - len(running))
+            if excess > 0:
+                share *= max(0.05, 1.0 - excess / min(cap, len(running)))
+            out.update(dict.fromkeys(running, share))
+        return out
+
     for r in range(p):
         if can_run(r):
-            queue.append(r)
-    while queue or on_core or blocked:
+            queues[core_of[r]].append(r)
+    while any(queues.values()) or on_core or blocked:
         # hand free cores to waiting ranks; processor sharing: every ready rank runs, at cores / k
-        while queue and (quantum <= 0 or len(on_core) < cores):
-            r = queue.pop(0)
-            on_core[r] = now + quantum if quantum > 0 else float("inf")
+        for c, queue in queues.items():
+            while queue and (quantum <= 0 or sum(core_of[r] == c for r in on_core) < capacity[c]):
+                r = queue.pop(0)
+                on_core[r] = now + quantum if quantum > 0 else float("inf")
         wakes = [arrival[table[r][pos[r]].matching_send()] for r in blocked if table[r][pos[r]].matching_send() in arrival]
-        share = min(1.0, cores / len(on_core)) if quantum <= 0 and on_core else 1.0
+        share = shares()
         if not on_core:
             if not wakes:  # pragma: no cover - verified tables finish
                 raise _fail(table, {r: pos[r] for r in range(p) if pos[r] < len(table[r])}, "stuck")
@@ -357,12 +393,13 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
             for r in on_core:
                 a = table[r][pos[r]]
                 need = left[r] if left[r] >= 0 else _duration(cost, a, has_w, scale) + cost.overhead
-                ends.append(now + need / share)
+                ends.append(now + need / share[r])
             nxt = min([*ends, *on_core.values(), *[t for t in wakes if t > now]])
             dt, now = nxt - now, nxt
             yielded.clear()
             for r in list(on_core):
-                advance(r, dt * share, share)
+                advance(r, dt * share[r], share[r])
+                queue = queues[core_of[r]]
                 if pos[r] >= len(table[r]) or r in blocked:
                     del on_core[r]
                 elif on_core[r] <= now + 1e-12 and queue:  # time slice over, others wait
@@ -373,11 +410,11 @@ def _run_shared(table: Table, owner: dict[int, int], num_stages: int, m: int, co
         for r in sorted(blocked):  # messages that have arrived wake their ranks
             if arrival.get(table[r][pos[r]].matching_send(), float("inf")) <= now + 1e-12:
                 blocked.discard(r)
-                queue.append(r)
+                queues[core_of[r]].append(r)
         for r in [r for r in on_core if r in yielded]:  # an action ended, others wait: they get the core
-            if queue:
+            if queues[core_of[r]]:
                 del on_core[r]
-                queue.append(r)
+                queues[core_of[r]].append(r)
     return Report(num_ranks=p, num_stages=num_stages, num_microbatches=m, peak_inflight=peak,
                   step_time=now, busy=busy, events=events)
 
