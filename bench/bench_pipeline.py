@@ -222,12 +222,17 @@ def fit_quantum(world: MPI.Comm, topo: mpimp.Topology, cores: int, placement: tu
 def bind_to_cores(world: MPI.Comm) -> tuple[int, tuple[int, ...]]:
     """With more ranks than cores, bind rank r to core r % cores (adjacent pipeline stages on
     different cores); returns the cores and every rank's core index (empty: not bound).
-    Unbound, the operating system moves ranks between cores and the measured bubble moves
-    by several points from run to run; bound, two runs agree within 1-2 points."""
-    allowed = sorted(os.sched_getaffinity(0))
+    The cores are the union of the ranks' CPU masks, so every rank agrees on them; ranks
+    the launcher already bound to one core each keep their binding.  Unbound, the operating
+    system moves ranks between cores and the measured p = 4 bubble moved by up to 7 points
+    between runs (docs/benchmarks.md)."""
+    masks = world.allgather(sorted(os.sched_getaffinity(0)))
+    allowed = sorted(set().union(*masks))
     cores, p = len(allowed), world.Get_size()
     if p <= cores:
         return cores, ()
+    if all(len(mask) == 1 for mask in masks):
+        return cores, tuple(allowed.index(mask[0]) for mask in masks)
     os.sched_setaffinity(0, {allowed[world.Get_rank() % cores]})
     return cores, tuple(r % cores for r in range(p))
 
@@ -238,7 +243,7 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
     cores, placement = bind_to_cores(world)
     quantum = fit_quantum(world, topo, cores, placement) if p > cores else 0.0
     if world.Get_rank() == 0 and p > cores:
-        print(f"  {p} ranks on {cores} cores, rank r bound to core r % {cores}: effective time slice "
+        print(f"  {p} ranks on {cores} cores, bound to cores {list(placement)}: effective time slice "
               f"fitted on a calibration step (gpipe, m=12): {quantum * 1e3:g} ms", flush=True)
     rows = []
     for schedule in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):

@@ -82,7 +82,7 @@ def _bytes(n: float) -> str:
 def format_plan(rows: list[dict[str, object]], cost: CostModel, bind: bool = False) -> str:
     varied = "" if not cost.jitter else (f"; action times varying by {statistics.pstdev(cost.jitter):.0%} "
                                           f"(mean of {cost.samples} runs)")
-    if cost.cores:
+    if cost.cores and (bind or any(int(str(r["pp"])) > cost.cores for r in rows)):
         varied += (f"; {cost.cores} shared cores (time slice {cost.quantum:g} s"
                    f"{f', rank r bound to core r % {cost.cores}' if bind else ''}"
                    f"{f', waiting ranks poll at {cost.poll:g} of a core' if cost.poll else ''})")
@@ -148,6 +148,10 @@ def _run(args: argparse.Namespace) -> int:
     for name in ("f", "b", "w", "latency", "message_bytes", "activation_bytes", "quantum", "cv", "poll"):
         if getattr(args, name) < 0:
             raise ConfigError(f"--{name.replace('_', '-')} {getattr(args, name)} must be >= 0")
+    if args.poll >= 1:
+        raise ConfigError(f"--poll {args.poll}: a waiting rank's share of a core must be below 1")
+    if (args.bind or args.poll) and args.cores is None:
+        raise ConfigError("--bind and --poll describe ranks sharing cores: give --cores C as well")
     if args.bandwidth <= 0:
         raise ConfigError(f"--bandwidth {args.bandwidth} must be > 0 bytes/s (default: infinite)")
     cost = CostModel(f=args.f, b=args.b, w=args.w, latency=args.latency, bandwidth=args.bandwidth,

@@ -163,15 +163,16 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     A receive's own cost is the mean duration of the receives that did not wait: those
     whose matching send had ended before they started (their shortest duration if none
     did); the executor's time between actions (the mean gap) becomes the ``overhead``.
-    ``cores``: the CPU cores the ranks shared while measured.  When fewer than the ranks,
-    every cost (F, B, W, send, receive and the gaps between actions) is the CPU time the
+    ``cores``: the CPU cores the ranks shared while measured.  When fewer than the ranks
+    (or ``placement``, the core each rank was bound to, puts two ranks on one), every cost (F, B, W, send, receive and the gaps between actions) is the CPU time the
     executor recorded (wall-clock durations then include the time other ranks held the
     core) and the model shares ``cores`` between the ranks like the operating system did;
     ``poll`` is then the CPU the ranks used per second of waiting for a message (the
-    receives that waited: their CPU over their wall time).  ``placement``: the core each
-    rank was bound to while measured (empty: not bound).
+    receives that waited: their CPU over their wall time; it includes the receives' own
+    small cost).  Without ``cores`` every cost is wall-clock time: with ranks sharing
+    cores each action's time then includes its share of waiting for the core.
     """
-    shared = cores is not None and (cores < len(timelines) or bool(placement))
+    shared = cores is not None and (len(set(placement)) < len(placement) if placement else cores < len(timelines))
     per: dict[tuple[str, int], list[float]] = defaultdict(list)
     sends: list[float] = []
     recvs: list[float] = []

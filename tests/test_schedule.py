@@ -261,9 +261,11 @@ def test_ranks_bound_to_cores_queue_for_their_own_core() -> None:
     same = simulate(table, CostModel(f=1.0, b=2.0, w=0.0, cores=2, quantum=0.5, placement=(1, 1)), 3)
     assert same.step_time == pytest.approx(one_core.step_time) and same.events == one_core.events
     assert same.step_time == pytest.approx(3 * 2 * (1.0 + 2.0))  # one core, never idle
-    apart = simulate(table, CostModel(f=1.0, b=2.0, w=0.0, cores=2, quantum=0.5, placement=(0, 1)), 3)
-    dedicated = simulate(table, CostModel(f=1.0, b=2.0, w=0.0), 3)
-    assert apart.step_time == pytest.approx(dedicated.step_time) and apart.step_time < same.step_time
+    costs = dict(f=1.0, b=2.0, w=0.0, send=0.01, recv=0.02, overhead=0.05)
+    apart = simulate(table, CostModel(**costs, cores=2, quantum=0.5, placement=(0, 1)), 3)
+    dedicated = simulate(table, CostModel(**costs), 3)
+    assert apart.step_time == dedicated.step_time and apart.events == dedicated.events
+    assert apart.step_time < same.step_time
     # 4 ranks on 2 cores: the model tells a placement with neighbours on one core from one without
     four = build("gpipe", 4, 8)
     steps = {pl: simulate(four, CostModel(f=1.0, b=2.0, w=0.0, cores=2, quantum=0.5, placement=pl), 8).step_time
@@ -287,7 +289,7 @@ def test_waiting_ranks_polls_take_cpu_from_a_shared_core() -> None:
 
 def test_a_bad_placement_or_poll_names_the_numbers() -> None:
     table = build("1f1b", 4, 4)
-    for bad in ((0, 1), (0, 1, 2, 0), (0, -1, 0, 1)):
+    for bad in ((0, 1), (0, 1, 2, 0), (0, -1, 0, 1), (0.5, 1, 0, 1)):
         with pytest.raises(ConfigError, match=r"placement=.*4 ranks.*cores=2"):
             simulate(table, CostModel(cores=2, placement=bad), 4)
     with pytest.raises(ConfigError, match=r"poll=1.5"):

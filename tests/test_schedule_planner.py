@@ -107,6 +107,10 @@ def test_plan_with_ranks_bound_to_cores(capsys: pytest.CaptureFixture[str]) -> N
         assert "rank r bound to core r % 2" in out and "poll at 0.1 of a core" in out
         row = next(line for line in out.splitlines() if line.startswith("gpipe"))
         assert float(row.split()[4]) == pytest.approx(direct.step_time, rel=1e-3)
+    for bad, why in ((["--cores", "2", "--poll", "1.5"], "--poll 1.5"), (["--bind"], "give --cores C")):
+        assert main(["plan", "--pp", "4", "--chunks", "8", *bad]) == 2
+        err = capsys.readouterr().err
+        assert (why in err) == (MPI.COMM_WORLD.Get_rank() == 0), err
 
 
 def test_spread_and_plan_with_varying_action_times(capsys: pytest.CaptureFixture[str]) -> None:

@@ -62,17 +62,18 @@ class CostModel:
     noisy machine, docs/benchmarks.md).
 
     ``cores``: CPU cores the ranks share (None: one each).  With fewer cores than ranks
-    the simulator schedules them like the operating system does: ranks ready to run
-    queue for a core and hold it for up to ``quantum`` seconds (the scheduler's time
-    slice; 0 = processor sharing, every ready rank at ``min(1, cores / k)`` of its
-    speed), so the times above are then CPU seconds, not wall-clock seconds.  A rank
-    waiting for a message holds no core, but its polls take ``poll`` of a core (CPU
-    seconds per second of waiting; measured ~0.1 for mpimp's napping waits): beyond the
-    free cores that CPU slows the running ranks.  ``placement``: the core of each rank
-    (ranks bound to cores, ``os.sched_setaffinity``; entries in ``range(cores)``), then
-    each core has its own queue; empty: any rank runs on any core.  With ``yields`` a rank also gives its core to
-    a waiting rank at the end of every action: between actions the executor polls MPI,
-    and an idle poll yields the core on an oversubscribed node (Open MPI's
+    (or a ``placement`` that binds two ranks to one core) the simulator schedules them
+    like the operating system does: ranks ready to run queue for a core and hold it for
+    up to ``quantum`` seconds (the scheduler's time slice; 0 = processor sharing, every
+    ready rank at ``min(1, cores / k)`` of its speed), so the times above are then CPU
+    seconds, not wall-clock seconds.  A rank waiting for a message holds no core, but its
+    polls take ``poll`` of a core (CPU seconds per second of waiting; measured ~0.1 for
+    mpimp's napping waits): beyond the free cores that CPU slows the running ranks (each
+    keeps at least 5% of its speed).  ``placement``: the core of each rank (ranks bound
+    to cores, ``os.sched_setaffinity``; ints in ``range(cores)``), then each core has its
+    own queue; empty: any rank runs on any core.  With ``yields`` a rank also gives its
+    core to a waiting rank at the end of every action: between actions the executor
+    polls MPI, and an idle poll yields the core on an oversubscribed node (Open MPI's
     yield-when-idle; mpimp's waits nap).  Measured with 4 ranks on 2 cores, the wall
     time between two actions of a rank was ~2 ms against ~0.1 ms of CPU: the ranks
     change places there, not in the middle of an action (docs/benchmarks.md).
@@ -219,16 +220,18 @@ def verify(table: str | Sequence[Sequence[object]], num_microbatches: int | None
                             f"numbered 0..{num_stages - 1})\n{format_grid(lowered, {})}")
     m = num_microbatches if num_microbatches is not None else 1 + max(a.mb for row in lowered for a in row)
     _check_counts(lowered, owner, num_stages, m)
-    shared = cost is not None and cost.cores is not None and (cost.cores < len(lowered) or bool(cost.placement))
     if cost is not None and cost.cores is not None and cost.cores < 1:
         raise ConfigError(f"CostModel.cores={cost.cores} must be >= 1 (or None: one core per rank)")
     if cost is not None and cost.placement and (
             cost.cores is None or len(cost.placement) != len(lowered)
-            or not all(0 <= c < cost.cores for c in cost.placement)):
+            or not all(isinstance(c, int) and 0 <= c < cost.cores for c in cost.placement)):
         raise ConfigError(f"CostModel.placement={cost.placement}: give one core per rank ({len(lowered)} ranks), "
                           f"each in range(cores) with cores={cost.cores}")
     if cost is not None and not 0 <= cost.poll < 1:
         raise ConfigError(f"CostModel.poll={cost.poll}: a waiting rank's share of a core must be in [0, 1)")
+    # ranks share cores when there are fewer than ranks, or when the placement puts two on one
+    shared = cost is not None and cost.cores is not None and (
+        len(set(cost.placement)) < len(cost.placement) if cost.placement else cost.cores < len(lowered))
     if cost is None or not (shared or cost.jitter):
         return _run(lowered, owner, num_stages, m, cost)
     checked = _run(lowered, owner, num_stages, m, None)  # validity and peak memory
