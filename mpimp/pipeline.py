@@ -78,9 +78,11 @@ class Pipeline(StageExecutor):
         checkpoint: ``"always"``, ``"except_last"`` (every micro-batch but the last) or
             ``"never"``: a checkpointed micro-batch keeps only its stage input and reruns
             the forward just before its backward, with the random state of the first run
-            (CPU and, for a stage on a GPU, the device's: the same dropout masks).  As with
-            ``torch.utils.checkpoint``, a layer that updates state in its forward
-            (BatchNorm's running statistics) updates it again in the rerun.
+            (CPU and, for a stage on a GPU, the device's: the same dropout masks).  Unlike
+            ``torch.utils.checkpoint``, the rerun leaves the running statistics of batch
+            and instance norms (``track_running_stats``) as the first run left them, so
+            each micro-batch counts once; other state a layer updates in its forward is
+            updated again in the rerun.
         after_backward: called as ``after_backward(pipe)`` after the last backward of a
             step, before the data-parallel gradient average.
         sample: one micro-batch of input, needed only for ``balance="time"``.

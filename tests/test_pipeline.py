@@ -122,6 +122,50 @@ def test_checkpointing_is_transparent(pp_world: mpimp.Topology | None, schedule:
     pipe.close()
 
 
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", SCHEDULES)
+@pytest.mark.parametrize("checkpoint", ["never", "always", "except_last"])
+@pytest.mark.parametrize("p", [1, 2, 4])
+def test_checkpoint_recompute_leaves_batchnorm_statistics_alone(pp_world: mpimp.Topology | None, checkpoint: str,
+                                                                 p: int, schedule: str) -> None:
+    """A recomputed forward must not update running statistics a second time: BatchNorm's
+    running mean and variance (and its batch count) after a step equal a single-process
+    run of the same micro-batches in order, with or without checkpointing; so do the loss
+    and the gradients (each micro-batch normalised over itself)."""
+    if pp_world is None:
+        return
+    m = 3
+    torch.manual_seed(7)
+    mods: list[nn.Module] = []
+    for _ in range(2):
+        mods += [nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh()]
+    mods += [nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 3)]
+    ref = nn.Sequential(*mods)
+    v = 2 if schedule == "interleaved-1f1b" else 1
+    if p * v > len(ref):
+        pytest.skip(f"{p} x {v} stages for {len(ref)} layers")
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), checkpoint=checkpoint,
+                          schedule=schedule, virtual_stages=v)
+    x, y = _data(4 * m, seed=8)
+    first, last = pipe.owner[0] == pp_world.pp_rank, pipe.owner[pipe.num_stages - 1] == pp_world.pp_rank
+    loss = pipe.train_step(x if first else None, y if last else None)
+    ref_loss = sum(nn.MSELoss()(ref(xi), yi) for xi, yi in zip(x.chunk(m), y.chunk(m))) / m
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) <= TOL
+    layers = dict(zip(pipe.layer_indices, (layer for s in sorted(pipe.stages) for layer in pipe.stages[s])))
+    compared = 0
+    for i, layer in layers.items():
+        assert type(layer) is type(ref[i])
+        for name, buf in layer.named_buffers():
+            torch.testing.assert_close(buf, dict(ref[i].named_buffers())[name], atol=TOL, rtol=0,
+                                       msg=lambda text, i=i, name=name: f"layer {i} {name}: {text}")
+            compared += 1
+        for name, q in layer.named_parameters():
+            torch.testing.assert_close(q.grad, dict(ref[i].named_parameters())[name].grad, atol=TOL, rtol=0)
+    assert sum(pp_world.pp_comm.allgather(compared)) == 3 * 3  # every BatchNorm's mean, variance and count
+    pipe.close()
+
+
 _UNEVEN = {  # 9 layers; interleaved: p x 2 virtual stages
     (2, 1): [[1, 8], [7, 2]], (4, 1): [[1, 1, 2, 5], [5, 2, 1, 1]],
     (2, 2): [[1, 3, 4, 1], [4, 1, 1, 3]], (4, 2): [[1, 1, 1, 1, 1, 1, 1, 2], [2, 1, 1, 1, 1, 1, 1, 1]],

@@ -274,9 +274,17 @@ class StageExecutor:
                 ex._hook(module, args, output)
 
         self._hook_handles: list[Any] = []
+        # running statistics a training-mode forward updates (BatchNorm, InstanceNorm with
+        # track_running_stats): a checkpointed micro-batch's recompute restores them, so each
+        # forward counts once, as in plain torch
+        self._running_stats: dict[int, list[torch.Tensor]] = {}
         for s, mods in self.stages.items():
             owners = [mod for mod in mods.modules() if any(True for _ in mod.parameters(recurse=False))]
             self._owners_of_params[s] = owners
+            self._running_stats[s] = [b for mod in mods.modules()
+                                      if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats
+                                      for b in (mod.running_mean, mod.running_var, mod.num_batches_tracked)
+                                      if b is not None]
             for mod in owners:  # the output before users' hooks
                 self._hook_handles.append(mod.register_forward_hook(hook, prepend=True))
         weakref.finalize(self, _remove_hooks, self._hook_handles)
@@ -539,12 +547,18 @@ class StageExecutor:
         st = self._state[(s, i)]
         if st.ckpt:
             on_gpu = st.device_rng is not None
+            stats = [(b, b.clone()) for b in self._running_stats[s]]  # the forward has counted them
             with torch.random.fork_rng(devices=[self.device] if on_gpu else []):
                 assert st.rng is not None
                 torch.set_rng_state(st.rng)
                 if on_gpu:
                     torch.cuda.set_rng_state(st.device_rng, self.device)
                 self._run_forward(s, st)
+            # through .data: the recomputed graph saved these buffers (a training-mode batch
+            # norm's backward does not read them), so a tracked in-place copy would fail its
+            # version check at backward
+            for b, saved in stats:
+                b.data.copy_(saved)
         last = s == self.num_stages - 1
         if last:
             outs, grads = [st.out], [None]
