@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from .schedule import Action, CostModel, simulate
+from .schedule.verify import cores_shared
 
 __all__ = ["gather", "bubble_fraction", "chrome_trace", "write_chrome_trace", "plot_gantt",
            "calibrate", "predict", "fit_quantum"]
@@ -172,7 +173,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     small cost).  Without ``cores`` every cost is wall-clock time: with ranks sharing
     cores each action's time then includes its share of waiting for the core.
     """
-    shared = cores is not None and (len(set(placement)) < len(placement) if placement else cores < len(timelines))
+    shared = cores_shared(cores, placement, len(timelines))
     per: dict[tuple[str, int], list[float]] = defaultdict(list)
     sends: list[float] = []
     recvs: list[float] = []

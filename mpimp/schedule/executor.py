@@ -274,17 +274,15 @@ class StageExecutor:
                 ex._hook(module, args, output)
 
         self._hook_handles: list[Any] = []
-        # running statistics a training-mode forward updates (BatchNorm, InstanceNorm with
-        # track_running_stats): a checkpointed micro-batch's recompute restores them, so each
-        # forward counts once, as in plain torch
-        self._running_stats: dict[int, list[torch.Tensor]] = {}
+        # norms whose training-mode forward updates running statistics (BatchNorm, InstanceNorm
+        # with track_running_stats): a checkpointed micro-batch's recompute restores them, so
+        # each forward counts once, as in plain torch
+        self._norms: dict[int, list[nn.Module]] = {}
         for s, mods in self.stages.items():
             owners = [mod for mod in mods.modules() if any(True for _ in mod.parameters(recurse=False))]
             self._owners_of_params[s] = owners
-            self._running_stats[s] = [b for mod in mods.modules()
-                                      if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats
-                                      for b in (mod.running_mean, mod.running_var, mod.num_batches_tracked)
-                                      if b is not None]
+            self._norms[s] = [mod for mod in mods.modules()
+                              if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats]
             for mod in owners:  # the output before users' hooks
                 self._hook_handles.append(mod.register_forward_hook(hook, prepend=True))
         weakref.finalize(self, _remove_hooks, self._hook_handles)
@@ -547,7 +545,10 @@ class StageExecutor:
         st = self._state[(s, i)]
         if st.ckpt:
             on_gpu = st.device_rng is not None
-            stats = [(b, b.clone()) for b in self._running_stats[s]]  # the forward has counted them
+            # the forward has counted them (read now: moving a module to a device or dtype
+            # replaces its buffers)
+            stats = [(b, b.clone()) for mod in self._norms[s]
+                     for b in (mod.running_mean, mod.running_var, mod.num_batches_tracked) if b is not None]
             with torch.random.fork_rng(devices=[self.device] if on_gpu else []):
                 assert st.rng is not None
                 torch.set_rng_state(st.rng)

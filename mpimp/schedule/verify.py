@@ -229,9 +229,7 @@ def verify(table: str | Sequence[Sequence[object]], num_microbatches: int | None
                           f"each in range(cores) with cores={cost.cores}")
     if cost is not None and not 0 <= cost.poll < 1:
         raise ConfigError(f"CostModel.poll={cost.poll}: a waiting rank's share of a core must be in [0, 1)")
-    # ranks share cores when there are fewer than ranks, or when the placement puts two on one
-    shared = cost is not None and cost.cores is not None and (
-        len(set(cost.placement)) < len(cost.placement) if cost.placement else cost.cores < len(lowered))
+    shared = cost is not None and cores_shared(cost.cores, cost.placement, len(lowered))
     if cost is None or not (shared or cost.jitter):
         return _run(lowered, owner, num_stages, m, cost)
     checked = _run(lowered, owner, num_stages, m, None)  # validity and peak memory
@@ -253,6 +251,14 @@ def verify(table: str | Sequence[Sequence[object]], num_microbatches: int | None
     return Report(num_ranks=len(lowered), num_stages=num_stages, num_microbatches=m,
                   peak_inflight=checked.peak_inflight, step_time=sum(r.step_time for r in runs) / n,
                   busy=[sum(r.busy[k] for r in runs) / n for k in range(len(lowered))], events=runs[0].events)
+
+
+def cores_shared(cores: int | None, placement: Sequence[int], ranks: int) -> bool:
+    """Whether ranks share cores: fewer cores than ranks, or a placement that binds two
+    ranks to one core (None cores: one each)."""
+    if cores is None:
+        return False
+    return len(set(placement)) < len(placement) if placement else cores < ranks
 
 
 def simulate(table: str | Sequence[Sequence[object]], cost: CostModel,
