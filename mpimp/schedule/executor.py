@@ -198,9 +198,11 @@ def _linear_weight_grad(module: nn.Module, x: torch.Tensor, g: torch.Tensor) -> 
 def _split_is_exact(out: Any, captured: list[Capture], inputs: list[torch.Tensor]) -> bool:
     """Whether splitting this stage's backward into B and W gives every parameter its whole gradient.
 
-    B computes the gradients of the stage inputs and of each captured module output; W
-    then computes, for each module M, ``grad(M's outputs, M's own parameters)``, which
-    follows every path below M's outputs.  That is exact when each parameter enters the
+    B computes the gradients of the stage inputs, of each plain Linear's output and of
+    every other module's parameters (those in the same backward, always whole); W then
+    computes each plain Linear M's weight gradient from its output gradient, ``g^T x``, or
+    ``grad(M's outputs, M's own parameters)`` if its call stopped being plain (an in-place
+    change), which follows every path below M's outputs.  That is exact when each parameter enters the
     graph only in its owner's *region* (the ops between M's outputs and the next captured
     outputs or stage inputs below them): a parameter read in another region (a tied
     weight read by another layer of the stage, a functional use) would lose that share,
@@ -234,6 +236,18 @@ def _split_is_exact(out: Any, captured: list[Capture], inputs: list[torch.Tensor
                 return False
             stack.extend(n for n, _ in node.next_functions if n is not None)
     return True
+
+
+def _accumulate(params: Sequence[torch.Tensor], grads: Sequence[torch.Tensor | None]) -> None:
+    """``q.grad += g`` for each pair, as autograd's own accumulation does."""
+    with torch.no_grad():
+        for q, g in zip(params, grads):
+            if g is None:
+                continue
+            if q.grad is None:  # a copy: g may be another tensor's gradient passed through
+                q.grad = g.clone()
+            else:
+                q.grad.add_(g)
 
 
 def _remove_hooks(handles: list[Any]) -> None:
@@ -571,11 +585,25 @@ class StageExecutor:
         xs = flat_tensors(st.x)
         need = [t for t in xs if t.requires_grad]
         if st.split and st.captures is not None:
-            caps = [t for c in st.captures for t in c.outputs]
-            res = torch.autograd.grad(outs, need + caps, grads, retain_graph=True, allow_unused=True) \
-                if outs and (need or caps) else [None] * (len(need) + len(caps))
+            # W keeps only the plain linears' weight passes (g^T x, the deferrable matmul
+            # half); every other module's parameters get their gradient here, in the same
+            # backward (a layer norm's costs nothing extra there, a separate pass per
+            # module later cost more than the whole B)
+            direct: list[Capture] = []
+            params: list[torch.Tensor] = []
+            for c in st.captures:
+                if _still_direct(c):
+                    direct.append(c)
+                else:
+                    params += [q for q in c.module.parameters(recurse=False) if q.requires_grad]
+            caps = [t for c in direct for t in c.outputs]
+            wanted = need + caps + params
+            res = torch.autograd.grad(outs, wanted, grads, retain_graph=True, allow_unused=True) \
+                if outs and wanted else [None] * len(wanted)
             dx = dict(zip(map(id, need), res[: len(need)]))
-            st.cap_grads = res[len(need):]
+            st.captures = direct
+            st.cap_grads = res[len(need): len(need) + len(caps)]
+            _accumulate(params, res[len(need) + len(caps):])
         else:
             if outs:
                 torch.autograd.backward(outs, grads)
@@ -610,16 +638,8 @@ class StageExecutor:
             params = [q for q in module.parameters(recurse=False) if q.requires_grad]
             if not pairs or not params:
                 continue
-            res = torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs],
-                                      retain_graph=True, allow_unused=True)
-            with torch.no_grad():
-                for q, g in zip(params, res):
-                    if g is None:
-                        continue
-                    if q.grad is None:  # a copy: g may be another tensor's gradient passed through
-                        q.grad = g.clone()
-                    else:
-                        q.grad.add_(g)
+            _accumulate(params, torch.autograd.grad([o for o, _ in pairs], params, [g for _, g in pairs],
+                                                    retain_graph=True, allow_unused=True))
         self._release(s, i)
 
     def _release(self, s: int, i: int) -> None:
