@@ -143,6 +143,8 @@ def throughput(world: MPI.Comm, rounds: int, steps: int, framed_peer: bool = Fal
                      ("mpimp zb-h1", dict(schedule="zb-h1", balance=balance)),
                      ("mpimp interleaved-1f1b v=2", dict(schedule="interleaved-1f1b", virtual_stages=2,
                                                          balance=[3, 2, 2, 3])),
+                     ("mpimp interleaved-zb v=2", dict(schedule="interleaved-zb", virtual_stages=2,
+                                                       balance=[3, 2, 2, 3])),
                      # rank 0: embedding + 4 blocks, rank 1: 4 blocks + head, as for v = 2
                      ("mpimp interleaved-1f1b v=4", dict(schedule="interleaved-1f1b", virtual_stages=4,
                                                          balance=[2, 1, 1, 1, 1, 1, 1, 2])),

@@ -13,8 +13,8 @@ local layers' ``.grad`` exactly as one plain-torch backward over the whole batch
 are split by stage; nothing is replicated (parameters of stage s live only on the ranks
 of stage s, activations and their gradients travel between neighbouring stages).
 
-Execution.  The schedule (``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"`` or
-a user table, see :mod:`mpimp.schedule`) is verified offline on every rank, lowered, and
+Execution.  The schedule (``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``,
+``"interleaved-zb"`` or a user table, see :mod:`mpimp.schedule`) is verified offline on every rank, lowered, and
 this rank's row is run by one loop: all receives are posted (as matched probes) at the
 start of the step and tested between computations, sends are ``isend`` and overlap the
 following compute, every wait has the transport's deadline.  Tags encode (direction,
@@ -53,7 +53,7 @@ from .watchdog import guarded
 __all__ = ["Pipeline", "CHECKPOINT_MODES", "SCHEDULES"]
 
 CHECKPOINT_MODES = ("always", "except_last", "never")
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb")
 LayerSpec = Union[nn.Module, Callable[[], nn.Module]]
 
 
@@ -69,12 +69,12 @@ class Pipeline(StageExecutor):
         topo: the :class:`~mpimp.Topology`; this rank runs the stages of ``topo.pp_rank``.
         chunks: number of micro-batches per batch (the batch dim 0 must divide by it).
         loss_fn: ``loss_fn(output, target) -> scalar tensor`` (a mean over the micro-batch).
-        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"`` or an
-            action table (text or one list of actions per rank, see :mod:`mpimp.schedule`).
+        schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``,
+            ``"interleaved-zb"`` or an action table (text or one list of actions per rank, see :mod:`mpimp.schedule`).
         balance: layers per stage (p x v entries, model order), ``None`` to balance by
             parameter count, or ``"time"`` to balance by forward+backward time measured on
             ``sample`` (then every rank builds and times every layer once).
-        virtual_stages: v; rank s holds virtual stages s, s + p, ... (interleaved).
+        virtual_stages: v; rank s holds virtual stages s, s + p, ... (the interleaved schedules).
         checkpoint: ``"always"``, ``"except_last"`` (every micro-batch but the last) or
             ``"never"``: a checkpointed micro-batch keeps only its stage input and reruns
             the forward just before its backward, with the random state of the first run

@@ -70,9 +70,9 @@ class TrainConfig:
     dp: int | None = _f(None, "data-parallel replicas (default: world size / (pp*tp))", "layout")
     pp: int = _f(1, "pipeline stages", "layout")
     tp: int = _f(1, "tensor-parallel ranks per stage", "layout")
-    schedule: str = _f("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1", "layout")
+    schedule: str = _f("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, interleaved-zb", "layout")
     chunks: int = _f(1, "micro-batches per data-parallel replica and step", "layout")
-    virtual_stages: int = _f(1, "model chunks per pipeline rank (interleaved-1f1b)", "layout")
+    virtual_stages: int = _f(1, "model chunks per pipeline rank (interleaved-1f1b, interleaved-zb)", "layout")
     # model
     layers: int = _f(2, "transformer blocks", "model")
     d_model: int = _f(64, "model width", "model")
