@@ -157,6 +157,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
               jitter: bool = True, placement: Sequence[int] = ()) -> CostModel:
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
 
+    Backwards with a W of their own are split halves; the others are whole backwards
+    (``CostModel.full`` when a stage has both kinds).
+
     With ``jitter`` the model also carries the step's relative action times (each F, B, W
     over the mean of its kind and stage), which the simulator draws from: the waits that
     variable times cause at every cross-rank dependency are part of the measured bubble.
@@ -182,6 +185,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     gaps: list[float] = []
     sent = {Action(e["stage"], e["kind"], e["mb"]): e["end"] for tl in timelines for e in tl
             if e["kind"] in ("SEND_F", "SEND_B")}
+    split = {(e["stage"], e["mb"]) for tl in timelines for e in tl if e["kind"] == "W"}
     for tl in timelines:
         if shared and all("cpu_start" in e for e in tl):  # the executor's own CPU between actions
             gaps += [max(0.0, b["cpu_start"] - a["cpu_end"]) for a, b in zip(tl, tl[1:])]
@@ -189,8 +193,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
             gaps += [max(0.0, b["start"] - a["end"]) for a, b in zip(tl, tl[1:])]
         for e in tl:
             d = e.get("cpu", e["end"] - e["start"]) if shared else e["end"] - e["start"]
-            if _compute(e):
-                per[(e["kind"], e["stage"])].append(d)
+            if _compute(e):  # an unsplit backward apart from a split one's B half
+                kind = "full" if e["kind"] == "B" and (e["stage"], e["mb"]) not in split else e["kind"]
+                per[(kind, e["stage"])].append(d)
             elif e["kind"].startswith("SEND"):
                 sends.append(d)
             else:
@@ -209,12 +214,16 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
 
     factors = [x / means[key] for key, xs in per.items() if jitter and len(xs) > 1 and means[key] > 0
                for x in xs]
-    has_w = any(k == "W" for k, _ in per)
     f = tuple(mean("F", s) for s in range(num_stages))
-    b = tuple(mean("B", s) for s in range(num_stages))
-    w = tuple(mean("W", s) for s in range(num_stages)) if has_w else (0.0,) * num_stages
+    w = tuple(mean("W", s) for s in range(num_stages))
+    # a stage with only unsplit backwards: b is one backward (and w 0); with only split ones,
+    # b and w are the halves; with both (interleaved-zb), ``full`` keeps the unsplit cost
+    b = tuple(mean("B", s) if ("B", s) in means else mean("full", s) for s in range(num_stages))
+    mixed = any(("B", s) in means and ("full", s) in means for s in range(num_stages))
+    full = tuple(mean("full", s) if ("full", s) in means else b[s] + w[s] for s in range(num_stages)) \
+        if mixed else None
     recv = sum(pure) / len(pure) if pure else (min(recvs) if recvs else 0.0)
-    return CostModel(f=f, b=b, w=w, send=sum(sends) / len(sends) if sends else 0.0,
+    return CostModel(f=f, b=b, w=w, full=full, send=sum(sends) / len(sends) if sends else 0.0,
                      recv=recv, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
                      cores=cores if shared else None, jitter=tuple(factors),
                      poll=min(0.9, polled[0] / polled[1]) if shared and polled[1] > 0 else 0.0,

@@ -49,6 +49,20 @@ def test_calibrated_model_reproduces_the_timeline() -> None:
     assert trace.predict(build("1f1b", 2, 2), cost, 2) == pytest.approx(trace.bubble_fraction(tl)[0])
 
 
+def test_calibrate_keeps_unsplit_backwards_apart_from_split_halves() -> None:
+    """interleaved-zb splits only some backwards: an unsplit one (1.5 here) is not B + W (2)."""
+    table = build("interleaved-zb", 2, 4, 2)
+    truth = CostModel(f=1, b=1, w=1, full=1.5)
+    rep = simulate(table, truth, 4)
+    tl = [[{"rank": r, "stage": a.stage, "kind": a.kind, "mb": a.mb, "start": t0, "end": t1}
+           for a, t0, t1 in events] for r, events in enumerate(rep.events)]
+    cost = trace.calibrate(tl, 4, jitter=False)
+    assert cost.full is not None and [cost.full_backward(s) for s in range(4)] == [1.5] * 4
+    assert [cost.time("B", s) for s in (1, 3)] == [1, 1]  # rank 1's stages split their last backwards
+    assert trace.predict(table, cost, 4) == pytest.approx(trace.bubble_fraction(tl)[0])
+    assert simulate(table, CostModel(f=1, b=1, w=1), 4).step_time > rep.step_time  # b + w would over-count
+
+
 @pytest.mark.mpi(min_size=2)
 def test_timeline_of_a_real_step(comm: MPI.Comm, tmp_path_factory: pytest.TempPathFactory) -> None:
     sub = comm.Split(0 if comm.Get_rank() < 2 else MPI.UNDEFINED, comm.Get_rank())

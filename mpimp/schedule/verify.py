@@ -45,7 +45,9 @@ class CostModel:
     """Seconds per action and per message: ``B`` is the input-gradient half when W is split.
 
     ``f``, ``b``, ``w`` are one number for every stage or one per (virtual) stage.  A B
-    without a matching W costs ``b + w`` (a full backward).  A message costs
+    without a matching W costs ``full`` (an unsplit backward; None: ``b + w``, which is
+    more than one backward when splitting costs extra, as measured for a schedule that
+    splits only some backwards, ``interleaved-zb``).  A message costs
     ``latency + message_bytes / bandwidth`` between the send and the earliest matching
     receive; ``send`` and ``recv`` are the sender's and receiver's own time per message
     (packing, posting); ``overhead`` is the executor's own time after every action (idle
@@ -82,6 +84,7 @@ class CostModel:
     f: Seconds = 1.0
     b: Seconds = 1.0
     w: Seconds = 1.0
+    full: Seconds | None = None
     latency: float = 0.0
     bandwidth: float = float("inf")
     message_bytes: float = 0.0
@@ -109,6 +112,12 @@ class CostModel:
             return self.recv
         value = {"F": self.f, "B": self.b, "W": self.w}[kind]
         return float(value) if isinstance(value, (int, float)) else float(value[stage])
+
+    def full_backward(self, stage: int) -> float:
+        """Seconds of one unsplit backward of ``stage``."""
+        if self.full is None:
+            return self.time("B", stage) + self.time("W", stage)
+        return float(self.full) if isinstance(self.full, (int, float)) else float(self.full[stage])
 
 
 @dataclass
@@ -286,7 +295,7 @@ def _duration(cost: CostModel, a: Action, has_w: set[tuple[int, int]],
     actions (idle time, as in a measured timeline): a B without its own W is a full
     backward; ``scale``: this sample's factor per compute action (jitter)."""
     if a.kind == "B" and (a.stage, a.mb) not in has_w:
-        t = cost.time("B", a.stage) + cost.time("W", a.stage)
+        t = cost.full_backward(a.stage)
     else:
         t = cost.time(a.kind, a.stage)
     return t * scale.get(a, 1.0) if scale is not None else t
