@@ -45,6 +45,7 @@ from mpimp.schedule import simulate  # noqa: E402
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
+BUBBLE_SCHEDULES = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "interleaved-zb")
 VOCAB, SEQ, D, HEADS, BLOCKS = 256, 128, 256, 4, 8
 
 
@@ -248,9 +249,9 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
         print(f"  {p} ranks on {cores} cores, bound to cores {list(placement)}: effective time slice "
               f"fitted on a calibration step (gpipe, m=12): {quantum * 1e3:g} ms", flush=True)
     rows = []
-    for schedule in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b"):
+    for schedule in BUBBLE_SCHEDULES:
         for m in ms:
-            v = 2 if schedule == "interleaved-1f1b" else 1
+            v = 2 if schedule.startswith("interleaved") else 1
             if v > 1 and m % p:
                 continue
             x, y = batch(2 * m, seed=m)  # micro-batches of 2 sequences
@@ -304,7 +305,7 @@ def plot() -> None:
     fig, axes = plt.subplots(1, len(files), figsize=(5.5 * len(files), 4), squeeze=False)
     for ax, path in zip(axes[0], files):
         data = json.loads(path.read_text())
-        for i, schedule in enumerate(("gpipe", "1f1b", "zb-h1", "interleaved-1f1b")):
+        for i, schedule in enumerate(BUBBLE_SCHEDULES):
             rows = [r for r in data["bubbles"] if r["schedule"] == schedule]
             if not rows:
                 continue
