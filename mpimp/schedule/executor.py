@@ -297,8 +297,10 @@ class StageExecutor:
             self._owners_of_params[s] = owners
             self._norms[s] = [mod for mod in mods.modules()
                               if isinstance(mod, nn.modules.batchnorm._NormBase) and mod.track_running_stats]
-            for mod in owners:  # the output before users' hooks
-                self._hook_handles.append(mod.register_forward_hook(hook, prepend=True))
+            if any(stage == s for stage, _ in has_w):  # capture only where W is split off: a
+                # module with a hook leaves torch's hook-free fast path on every call
+                for mod in owners:  # the output before users' hooks
+                    self._hook_handles.append(mod.register_forward_hook(hook, prepend=True))
         weakref.finalize(self, _remove_hooks, self._hook_handles)
         p = self.topo.pp
         self._err_req: Request | None = irecv(MPI.ANY_SOURCE, self.comm, ERR_TAG) if p > 1 else None
