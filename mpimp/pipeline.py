@@ -121,7 +121,7 @@ class Pipeline(StageExecutor):
             raise ConfigError(f"virtual_stages={virtual_stages!r} must be an integer >= 1")
         if not callable(loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(output, target) -> scalar tensor")
-        specs = list(model.children()) if isinstance(model, nn.Sequential) else list(model)
+        specs = list(model)  # a Sequential's children in order, repeats included (children() lists each once)
         bad = [i for i, s in enumerate(specs) if not callable(s)]
         if not specs or bad:
             raise ConfigError("model must be an nn.Sequential or a non-empty list of modules / zero-argument "

@@ -57,11 +57,12 @@ def plan(schedule: str, pp: int, chunks: int, virtual_stages: int = 1,
         virtual_stages = stages // pp
     v = virtual_stages
     # a virtual stage holds 1/v of the rank's layers: 1/v of its time and activation memory
-    per_stage = replace(cost, f=cost.f / v, b=cost.b / v, w=cost.w / v, activation_bytes=cost.activation_bytes / v)
+    per_stage = replace(cost, f=cost.f / v, b=cost.b / v, w=cost.w / v, activation_bytes=cost.activation_bytes / v,
+                        full=None if cost.full is None else cost.full / v)
     if bind and cost.cores:
         per_stage = replace(per_stage, placement=tuple(r % cost.cores for r in range(pp)))
     report = simulate(table, per_stage, chunks)
-    ideal = chunks * (cost.f + cost.b + cost.w)  # one rank's compute with no idle time
+    ideal = max(report.busy)  # the busiest rank's compute with no idle time
     return {
         "schedule": schedule, "pp": pp, "chunks": chunks, "virtual_stages": v,
         "step_time": report.step_time, "ideal_time": ideal, "bubble": report.bubble,

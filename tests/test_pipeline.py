@@ -622,3 +622,24 @@ def test_stage_messages_repeat_raw_and_stay_exact(pp_world: mpimp.Topology | Non
     assert set(per_step[1]) == set(per_step[2]) == {"raw"}, per_step
     assert all(type(v) is Seen for v in channels(pipe.comm).seen.values())  # nothing left half-read
     pipe.close()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("schedule", ["1f1b", "zb-h1"])
+def test_a_module_repeated_in_the_sequential_runs_at_each_place(schedule: str) -> None:
+    """``nn.Sequential(a, shared, act, shared, b)`` runs ``shared`` twice, as torch does
+    (``children()`` lists a repeated module once: the pipeline had 4 layers and a wrong loss)."""
+    with mpimp.init(pp=1, comm=MPI.COMM_SELF) as topo:
+        torch.manual_seed(41)
+        shared = nn.Linear(12, 12)
+        ref = nn.Sequential(nn.Linear(8, 12), shared, nn.Tanh(), shared, nn.Linear(12, 3))
+        pipe = mpimp.Pipeline(copy.deepcopy(ref), topo, chunks=2, loss_fn=nn.MSELoss(), schedule=schedule)
+        assert pipe.balance == [5]
+        x, y = _data(4, seed=42)
+        loss = pipe.train_step(x, y)
+        ref_loss = nn.MSELoss()(ref(x), y)
+        ref_loss.backward()
+        assert abs(loss - ref_loss.item()) <= TOL
+        for (name, q), (_, r) in zip(pipe.named_parameters(), ref.named_parameters()):
+            torch.testing.assert_close(q.grad, r.grad, atol=TOL, rtol=0, msg=name)
+        pipe.close()

@@ -21,6 +21,18 @@ def test_plan_matches_the_closed_forms() -> None:
     assert plan("interleaved-1f1b", 8, 32, 2, cost)["step_time"] == pytest.approx(3 * 32 + 3 * 7 / 2)
     gp, one = plan("gpipe", 8, 32, 1, cost), plan("1f1b", 8, 32, 1, cost)
     assert max(gp["peak_inflight"]) == 32 and max(one["peak_inflight"]) == 8
+    assert one["ideal_time"] == 3 * 32 and plan("interleaved-1f1b", 8, 32, 2, cost)["ideal_time"] == 3 * 32
+
+
+def test_plan_scales_an_unsplit_backward_with_the_virtual_stages() -> None:
+    """``CostModel.full`` is a rank's cost like f, b, w: split over v virtual stages too."""
+    same = CostModel(f=1.0, b=1.0, w=1.0, full=2.0)
+    for name in ("interleaved-1f1b", "interleaved-zb"):
+        got, want = plan(name, 2, 8, 2, same), plan(name, 2, 8, 2, CostModel(f=1.0, b=1.0, w=1.0))
+        assert got["step_time"] == want["step_time"] and got["ideal_time"] == want["ideal_time"] == 24
+    # a split costing 10% more than one backward: interleaved-zb's rank 1 pays it on 4 backwards
+    dear = plan("interleaved-zb", 2, 8, 2, CostModel(f=1.0, b=1.1, w=1.1, full=2.0))
+    assert dear["ideal_time"] == pytest.approx(24 + 4 * 0.2 / 2)
 
 
 @pytest.mark.mpi(min_size=1)

@@ -20,7 +20,7 @@ from .actions import (
     parse_table,
     stage_owners,
 )
-from .builders import BUILDERS, build, gpipe, interleaved_1f1b, one_f_one_b, zb_h1
+from .builders import BUILDERS, build, gpipe, interleaved_1f1b, interleaved_zb, one_f_one_b, zb_h1
 from .verify import CostModel, Report, ScheduleError, format_grid, simulate, spread, verify
 
 __all__ = [
@@ -38,6 +38,7 @@ __all__ = [
     "build",
     "gpipe",
     "one_f_one_b",
+    "interleaved_zb",
     "interleaved_1f1b",
     "zb_h1",
     "CostModel",
