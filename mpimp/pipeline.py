@@ -73,7 +73,8 @@ class Pipeline(StageExecutor):
             ``"interleaved-zb"`` or an action table (text or one list of actions per rank, see :mod:`mpimp.schedule`).
         balance: layers per stage (p x v entries, model order), ``None`` to balance by
             parameter count, or ``"time"`` to balance by forward+backward time measured on
-            ``sample`` (then every rank builds and times every layer once).
+            ``sample`` (then every rank builds every layer once and times its forward + backward,
+            the fastest of 3 runs).
         virtual_stages: v; rank s holds virtual stages s, s + p, ... (the interleaved schedules).
         checkpoint: ``"always"``, ``"except_last"`` (every micro-batch but the last) or
             ``"never"``: a checkpointed micro-batch keeps only its stage input and reruns

@@ -47,7 +47,7 @@ def test_every_builder_verifies(name: str, p: int, m: int, v: int) -> None:
     assert len(table) == p
     report = verify(table, m)
     assert report.num_stages == p * v
-    # every (stage, micro-batch) has one F and one B; W only in zb-h1, one per B
+    # every (stage, micro-batch) has one F and one B; W only in zb-h1 (one per B) and interleaved-zb
     for kind in ("F", "B"):
         got = sorted((a.stage, a.mb) for row in table for a in row if a.kind == kind)
         assert got == [(s, i) for s in range(p * v) for i in range(m)]
@@ -236,8 +236,9 @@ def test_balance_by_cost_and_checks() -> None:
 def test_simulator_shares_cores_between_ranks() -> None:
     """With fewer cores than ranks, running actions split the cores (processor sharing)."""
     base = CostModel(f=1.0, b=2.0, w=0.5)
-    for name, p, m in (("gpipe", 2, 4), ("1f1b", 4, 8), ("zb-h1", 4, 8), ("interleaved-1f1b", 2, 4)):
-        v = 2 if name == "interleaved-1f1b" else 1
+    for name, p, m in (("gpipe", 2, 4), ("1f1b", 4, 8), ("zb-h1", 4, 8), ("interleaved-1f1b", 2, 4),
+                       ("interleaved-zb", 2, 8)):
+        v = 2 if name.startswith("interleaved") else 1
         table = build(name, p, m, v)
         alone = simulate(table, base, m)
         same = simulate(table, CostModel(f=1.0, b=2.0, w=0.5, cores=p), m)  # a core each: unchanged

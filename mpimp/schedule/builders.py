@@ -8,8 +8,10 @@ ranks; here each is a short pure function whose output the verifier can check of
 Pictures for p = 4 ranks, m = 8 micro-batches (digits: F of that micro-batch, letters
 a..h: B of micro-batch 0..7, w: weight gradient, . idle; one column = one time unit)::
 
-    gpipe   r0  01234567........hgfedcba     peak in-flight activations: m
-    1f1b    r0  0123...a4.b5.c6.d7.e.f.g.h   peak: p - r on rank r (<= p)
+    gpipe   r0  01234567......abcdefgh       peak in-flight activations: m
+    1f1b    r0  0123...a4b5c6d7e.f.g.h       peak: p - r on rank r (<= p)
+
+(F = B = 1 here; the simulator prints these rows.)
 
 * ``gpipe``: all forwards, then all backwards (fill-drain; Huang et al., 2019).
 * ``1f1b``: ``p - r - 1`` warm-up forwards on rank r, then alternate one forward and one
@@ -89,7 +91,7 @@ def interleaved_1f1b(p: int, m: int, v: int = 2) -> Table:
     all m micro-batches, so rank 0 keeps all ``m v`` in flight, as GPipe does (p = 8,
     v = 4: 60 at m = 15, 39 at m = 16).  The groups are never smaller than p because
     groups of p with a smaller last group (Megatron-core's layout for any m) fail the
-    verifier's blocking-send deadlock check in 212 of the 840 tables for p in 2..8,
+    verifier's deadlock check in 212 of the 840 tables for p in 2..8,
     v in 2..4, m in 1..40 (a review experiment, not kept in the repository).
     """
     _check("interleaved-1f1b", p, m, v)
@@ -121,8 +123,9 @@ def zb_h1(p: int, m: int, v: int = 1) -> Table:
     Rank r runs ``p - r - 1`` warm-up forwards, then F/B pairs; the W of the oldest
     micro-batch follows each pair from the r-th pair on (so rank r holds r extra W's
     back), each drain B is followed by a W, and the held-back W's fill the tail.  With
-    equal F, B, W costs the bubble is ``(p - 1)`` units instead of 1F1B's ``3 (p - 1)``
-    and no rank holds more than p micro-batches (1F1B's peak, on rank 0).
+    equal F, B, W costs and m >= p the bubble is ``(p - 1)`` units instead of 1F1B's
+    ``3 (p - 1)`` (``(p - 1) + (p - m)`` for m < p) and no rank holds more than
+    ``min(p, m)`` micro-batches (1F1B's peak, on rank 0).
     """
     _check("zb-h1", p, m, v)
     _only_v1("zb-h1", v)
