@@ -83,7 +83,7 @@ def _bytes(n: float) -> str:
 def format_plan(rows: list[dict[str, object]], cost: CostModel, bind: bool = False) -> str:
     varied = "" if not cost.jitter else (f"; action times varying by {statistics.pstdev(cost.jitter):.0%} "
                                           f"(mean of {cost.samples} runs)")
-    if cost.cores and (bind or any(int(str(r["pp"])) > cost.cores for r in rows)):
+    if cost.cores and any(int(str(r["pp"])) > cost.cores for r in rows):  # ranks share cores (bound or not)
         varied += (f"; {cost.cores} shared cores (time slice {cost.quantum:g} s"
                    f"{f', rank r bound to core r % {cost.cores}' if bind else ''}"
                    f"{f', waiting ranks poll at {cost.poll:g} of a core' if cost.poll else ''})")

@@ -157,8 +157,8 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
               jitter: bool = True, placement: Sequence[int] = ()) -> CostModel:
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
 
-    Backwards with a W of their own are split halves; the others are whole backwards
-    (``CostModel.full`` when a stage has both kinds).
+    Backwards with a W of their own are split halves (``b``, ``w``); the others are whole
+    backwards (``CostModel.full``).
 
     With ``jitter`` the model also carries the step's relative action times (each F, B, W
     over the mean of its kind and stage), which the simulator draws from: the waits that
@@ -217,11 +217,10 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     f = tuple(mean("F", s) for s in range(num_stages))
     w = tuple(mean("W", s) for s in range(num_stages))
     # a stage with only unsplit backwards: b is one backward (and w 0); with only split ones,
-    # b and w are the halves; with both (interleaved-zb), ``full`` keeps the unsplit cost
+    # b and w are the halves; ``full`` is the unsplit cost (with both kinds, interleaved-zb,
+    # not b + w)
     b = tuple(mean("B", s) if ("B", s) in means else mean("full", s) for s in range(num_stages))
-    mixed = any(("B", s) in means and ("full", s) in means for s in range(num_stages))
-    full = tuple(mean("full", s) if ("full", s) in means else b[s] + w[s] for s in range(num_stages)) \
-        if mixed else None
+    full = tuple(mean("full", s) if ("full", s) in means else b[s] + w[s] for s in range(num_stages))
     recv = sum(pure) / len(pure) if pure else (min(recvs) if recvs else 0.0)
     return CostModel(f=f, b=b, w=w, full=full, send=sum(sends) / len(sends) if sends else 0.0,
                      recv=recv, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
