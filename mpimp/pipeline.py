@@ -254,9 +254,7 @@ class Pipeline(StageExecutor):
                         yield f"{lo + j}.{name}", q
 
     def close(self) -> None:
-        """Free the pipeline's private communicator (collective over ``topo.pp_comm``) and
-        take its hooks off the layers (they can then serve a new Pipeline)."""
-        self._remove_layer_hooks()
+        """Free the pipeline's private communicator (collective over ``topo.pp_comm``)."""
         if self.comm != MPI.COMM_NULL:
             self.comm.Free()
             self.comm = MPI.COMM_NULL

@@ -252,9 +252,10 @@ def test_weight_used_outside_its_layer_gets_its_full_gradient(pp_world: mpimp.To
 @pytest.mark.mpi(min_size=2)
 @pytest.mark.parametrize("p", [2])
 def test_a_pipeline_leaves_its_layers_when_closed_or_dropped(pp_world: mpimp.Topology | None, p: int) -> None:
-    """The executor's forward hooks (only where a W is split off) go with close(), or
-    with the pipeline when it is dropped: a pipeline rebuilt on the same layers (after a failed step, or for
-    evaluation) neither keeps the old one alive nor stacks its hooks."""
+    """The executor's forward hooks are on the layers only while a split forward (one with a
+    W) runs: a plain forward keeps torch's hook-free fast path, and a pipeline rebuilt on
+    the same layers (after a failed step, or for evaluation) neither keeps the old one
+    alive nor stacks its hooks."""
     if pp_world is None:
         return
     import gc
@@ -263,28 +264,36 @@ def test_a_pipeline_leaves_its_layers_when_closed_or_dropped(pp_world: mpimp.Top
     ref = _layers(5)
     layers = copy.deepcopy(ref)
     x, y = _data(4, seed=6)
+    seen: list[int] = []  # the hooks on the first Linear while each of its forwards runs
 
     def hooks() -> int:
         return sum(len(m._forward_hooks) for m in layers.modules())
 
+    probe = layers[0].register_forward_pre_hook(lambda mod, args: seen.append(len(mod._forward_hooks)))
     plain = mpimp.Pipeline(layers, pp_world, chunks=2, loss_fn=nn.MSELoss(), schedule="1f1b")
-    assert hooks() == 0  # nothing to capture without a split W: torch's hook-free fast path
+    _check_step(pp_world, plain, ref, x, y, nn.MSELoss())
+    assert hooks() == 0 and seen in ([], [0, 0])  # nothing to capture without a split W
     plain.close()
     for closing in (True, False, True):
         pipe = mpimp.Pipeline(layers, pp_world, chunks=2, loss_fn=nn.MSELoss(), schedule="zb-h1")
-        assert hooks() == len([i for i in pipe.layer_indices if any(True for _ in layers[i].parameters())])
+        assert hooks() == 0
         ref.zero_grad()
         for q in layers.parameters():
             q.grad = None
+        seen.clear()
         _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+        assert hooks() == 0
+        # zb-h1 at p = 2, m = 2 splits every backward: each forward ran with the capture hook
+        assert seen == ([1, 1] if pipe.owner[0] == pp_world.pp_rank else []), seen
+        assert pipe.split_weight_passes == 2
         gone = weakref.ref(pipe)
         if closing:
             pipe.close()
-            assert hooks() == 0
         del pipe
         gc.collect()
         assert gone() is None, "the pipeline outlived its last reference"
         assert hooks() == 0
+    probe.remove()
 
 
 class _Split(nn.Module):

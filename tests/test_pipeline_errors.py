@@ -135,6 +135,36 @@ def test_non_scalar_loss_fails_every_rank_without_hanging(pp2: mpimp.Topology | 
     pipe.close()
 
 
+class _Fails(nn.Linear):
+    """A Linear whose forward raises while ``on``."""
+
+    on = False
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.on:
+            raise RuntimeError("layer failed in forward")
+        return super().forward(x)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_layer_failing_in_a_split_forward_leaves_no_hooks(pp2: mpimp.Topology | None) -> None:
+    """zb-h1 captures the layers' outputs with forward hooks during its split forwards; a
+    layer raising there fails every rank and takes those hooks off every layer."""
+    if pp2 is None:
+        return
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 6), nn.Tanh(), _Fails(6, 6), nn.Linear(6, 2))
+    pipe = mpimp.Pipeline(model, pp2, chunks=2, loss_fn=nn.MSELoss(), schedule="zb-h1")
+    model[2].on = True
+    x, y = torch.randn(4, 4), torch.randn(4, 2)
+    with pytest.raises(Exception, match="layer failed in forward") as info:
+        pipe.train_step(x, y)
+    owns_it = 2 in pipe.layer_indices
+    assert isinstance(info.value, RuntimeError if owns_it else ConfigError), repr(info.value)
+    assert all(not m._forward_hooks for m in model.modules())
+    pipe.close()
+
+
 class _Stall(nn.Module):
     """Identity that sleeps ``delay`` seconds in forward while ``on`` (a stage that stops answering)."""
 
