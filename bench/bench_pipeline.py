@@ -10,6 +10,9 @@ vocabulary 256, as 10 layers (embedding, 8 blocks, head) split 5/5 over 2 ranks:
     16 sequences x 128 tokens = 2,048 tokens per step, in 8 micro-batches of 2 sequences.
 Contenders run side by side in one invocation, in alternating rounds, 1 torch thread
 per rank; each step is forward + backward (no optimizer, identical for all).
+All contenders share each rank's process, so ``mpimp.init``'s kept heap (``mpimp.hostmem``:
+no page faults from memory glibc trimmed and hands out again) holds for the torch peer and
+the single process as well (``MPIMP_KEEP_HEAP=0`` runs every contender without it).
 Speed of light: 2 x the tokens/s of the whole model on one rank (1 thread) over the same
 8 micro-batches.  Then, for each schedule and m, the measured bubble of a step (from
 the executor's timeline) against the simulator's prediction on a cost model calibrated

@@ -15,7 +15,7 @@ import numpy
 import torch
 from mpi4py import MPI
 
-from . import fastpath
+from . import fastpath, hostmem
 from .buffers import cuda_aware
 from .watchdog import guarded
 
@@ -56,6 +56,7 @@ def environment() -> dict[str, str]:
         "cupy": cupy_version,
         "numpy": numpy.__version__,
         "p2p fast path": fastpath.status(),
+        "host heap": hostmem.status(),
     }
 
 

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 
 from mpi4py import MPI
 
-from . import fastpath
+from . import fastpath, hostmem
 from .errors import ConfigError
 from .watchdog import abort_on_uncaught_exception, guarded
 
@@ -168,7 +168,7 @@ class Topology:
 
 
 def init(dp: int | None = None, pp: int = 1, tp: int = 1, comm: MPI.Comm | None = None, *,
-         abort_on_error: bool | None = None) -> Topology:
+         abort_on_error: bool | None = None, keep_heap: bool | None = None) -> Topology:
     """Build the dp x pp x tp grid over a private duplicate of ``comm`` (default COMM_WORLD).
 
     Collective over ``comm``.  Every rank must call it; a layout that does not fit the
@@ -177,8 +177,12 @@ def init(dp: int | None = None, pp: int = 1, tp: int = 1, comm: MPI.Comm | None 
     first), so nothing hangs.  ``abort_on_error`` (None: ``MPIMP_ABORT_ON_ERROR``, on by
     default): an uncaught exception on any rank aborts the job after its traceback
     instead of leaving the others waiting (:func:`mpimp.watchdog.abort_on_uncaught_exception`).
+    ``keep_heap`` (None: ``MPIMP_KEEP_HEAP``, on by default): glibc keeps the pages a
+    step has touched for the next step instead of trimming and faulting them in again
+    (:func:`mpimp.hostmem.keep_heap`; process-wide).
     """
     abort_on_uncaught_exception(abort_on_error)
+    hostmem.keep_heap(keep_heap)
     fastpath.load()  # build the native p2p fast path now, not inside the first timed transfer
     base = MPI.COMM_WORLD if comm is None else comm
     size, rank = base.Get_size(), base.Get_rank()

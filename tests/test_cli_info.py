@@ -11,6 +11,7 @@ from conftest import mpirun
 from mpi4py import MPI
 
 import mpimp
+from mpimp import hostmem
 from mpimp.info import environment, format_info
 
 BIN = Path(sys.executable).parent
@@ -41,6 +42,8 @@ def test_info_under_mpirun_reports_the_environment_and_every_rank() -> None:
     rows = [ln.split() for ln in out.splitlines() if ln.strip()[:1].isdigit()]
     assert [r[:4] for r in rows] == [["0", "0", "0", "0"], ["1", "1", "0", "0"]]
     assert out.count("mpimp environment") == 1  # printed by rank 0 only
+    heap = next(ln for ln in out.splitlines() if ln.strip().startswith("host heap"))
+    assert ("kept (glibc mallopt" in heap) == (hostmem._glibc() is not None), heap  # init kept it
 
 
 def test_info_with_a_layout_that_does_not_fit_exits_2_with_one_message() -> None:

@@ -1,0 +1,75 @@
+"""keep_heap: pages a step touched stay mapped for the next step (glibc), and the opt-outs.
+
+Each case runs in a fresh interpreter: the setting is process-wide and decided once.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from mpimp import hostmem
+
+# A step-like pattern: a 1 MiB block freed first (glibc serves it by mmap; freeing it sets
+# the dynamic thresholds to 1 MiB for mmap and 2 MiB for trimming), then eight rounds of
+# four 768 KiB tensors from the heap's top, touched and freed: 3 MiB free at the top, above
+# the trim threshold, so glibc hands it back to the kernel and the next round faults it
+# in again.  Reported: minor faults per round after the first two.
+_STEPS = r"""
+import json, resource, sys
+import torch
+from mpimp import hostmem
+arg = sys.argv[1]
+kept = hostmem.keep_heap(None if arg == "env" else arg == "on")
+torch.ones(1 << 18).sum()
+per_round = []
+for r in range(8):
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    blocks = [torch.ones(3 << 16) for _ in range(4)]
+    del blocks
+    per_round.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+print(json.dumps({"kept": kept, "status": hostmem.status(), "faults": per_round[2:]}))
+"""
+
+
+def _run(arg: str, **env: str) -> dict:
+    done = subprocess.run([sys.executable, "-c", _STEPS, arg], capture_output=True, text=True, timeout=120,
+                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+    assert done.returncode == 0, done.stderr
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+needs_glibc = pytest.mark.skipif(hostmem._glibc() is None, reason="keep_heap sets glibc's mallopt thresholds; "
+                                 "this C library is not glibc")
+
+
+@needs_glibc
+def test_a_kept_heap_serves_each_round_from_pages_already_mapped() -> None:
+    kept = _run("on")
+    assert kept["kept"] is True and kept["status"].startswith("kept (glibc mallopt"), kept
+    # 3 MiB touched per round (768 pages): kept, they fault in the first rounds only
+    assert max(kept["faults"]) < 50, kept
+    default = _run("off")  # the same rounds under glibc's dynamic thresholds
+    assert default["kept"] is False and "MPIMP_KEEP_HEAP=0" in default["status"], default
+    assert min(default["faults"]) > 256, default  # trimmed and faulted in again every round
+
+
+@needs_glibc
+def test_the_environment_decides_when_the_caller_does_not() -> None:
+    assert _run("env")["kept"] is True
+    off = _run("env", MPIMP_KEEP_HEAP="0")
+    assert off["kept"] is False and "MPIMP_KEEP_HEAP=0" in off["status"], off
+
+
+def test_init_keeps_the_heap_unless_told_not_to() -> None:
+    code = ("import mpimp, json; from mpimp import hostmem; from mpi4py import MPI\n"
+            "t = mpimp.init(comm=MPI.COMM_SELF, keep_heap={}); print(json.dumps(hostmem.status())); t.free()")
+    for arg, want in (("None", "kept (glibc" if hostmem._glibc() is not None else "C library default"),
+                      ("False", "C library default (MPIMP_KEEP_HEAP=0")):
+        done = subprocess.run([sys.executable, "-c", code.format(arg)], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stderr
+        assert json.loads(done.stdout.strip().splitlines()[-1]).startswith(want), done.stdout
