@@ -2,8 +2,9 @@
 
 Problem: torch's CPU tensors come from the C library's ``malloc``.  glibc hands freed
 memory at the top of its heap back to the kernel once that free space exceeds a trim
-threshold (dynamic: twice the mmap threshold, which itself follows the largest freed
-block), and serves blocks above the mmap threshold from fresh ``mmap`` s.  The next
+threshold (dynamic: twice the mmap threshold, which itself rises to the size of the
+largest mmapped block freed so far, up to 32 MiB), and serves blocks above the mmap
+threshold from fresh ``mmap`` s.  The next
 step then touches those pages again, and every first touch is a page fault with the
 kernel zeroing 4 KiB.  A pipeline step frees its memory in the schedule's order
 (activations held across micro-batches, input gradients kept until their send
@@ -14,11 +15,14 @@ third, slower than its peers), against none for the same model in one process.
 
 :func:`keep_heap` fixes both thresholds for the process (glibc ``mallopt``): blocks
 below 32 MiB (glibc's own ceiling for its dynamic threshold) come from the heap, and
-free space at its top is kept up to 1 GiB.  Pages a step has touched stay mapped for
-the next step, as torch's CUDA caching allocator keeps device memory; the resident
-size stays at the step's high-water mark instead of following it down and up again.
-:func:`mpimp.init` calls it unless ``keep_heap=False`` or ``MPIMP_KEEP_HEAP=0``; it does
-nothing where the C library is not glibc.
+free space at its top is kept up to 1 GiB.  Pages a step has touched in blocks below
+32 MiB stay mapped for the next step, as torch's CUDA caching allocator keeps device
+memory (larger blocks are still mapped and unmapped each time, as glibc does anyway):
+the resident size stays at the step's high-water mark instead of following it down and
+up again, which costs up to 1 GiB of free heap kept mapped.  :func:`mpimp.init` calls
+it unless ``keep_heap=False`` or ``MPIMP_KEEP_HEAP=0``; it does nothing where the C
+library is not glibc (and changes nothing real under an allocator preloaded in glibc's
+place, jemalloc or tcmalloc, which keep memory their own way).
 """
 
 from __future__ import annotations
@@ -26,6 +30,8 @@ from __future__ import annotations
 import ctypes
 import os
 import sys
+
+from .errors import ConfigError
 
 __all__ = ["keep_heap", "status", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
@@ -48,7 +54,8 @@ def _glibc() -> ctypes.CDLL | None:
 
 def keep_heap(enable: bool | None = None) -> bool:
     """Fix glibc's mmap and trim thresholds for this process (see the module docstring);
-    True when they are set.  ``enable`` None: ``MPIMP_KEEP_HEAP`` (on unless ``0``).
+    True when they are set.  ``enable`` None: ``MPIMP_KEEP_HEAP`` (1, the default, or 0;
+    anything else raises ConfigError).
 
     Process-wide and once: later calls return the first outcome (``mallopt`` cannot give
     glibc its dynamic thresholds back).  False where the C library is not glibc or the
@@ -58,7 +65,11 @@ def keep_heap(enable: bool | None = None) -> bool:
     if _kept is not None:
         return _kept
     if enable is None:
-        enable = os.environ.get("MPIMP_KEEP_HEAP", "1").strip() not in ("0", "false", "no", "off")
+        raw = os.environ.get("MPIMP_KEEP_HEAP", "1")
+        if raw not in ("0", "1"):
+            raise ConfigError(f"MPIMP_KEEP_HEAP={raw!r}: use 1 (glibc keeps the pages a step touched for the "
+                              f"next step, the default) or 0 (glibc's own thresholds)")
+        enable = raw == "1"
     if not enable:
         return False  # not decided: a later call may still set them
     libc = _glibc()
@@ -71,7 +82,8 @@ def keep_heap(enable: bool | None = None) -> bool:
 def status() -> str:
     """One line for ``mpimp info``: whether this process keeps its heap."""
     if _kept:
-        return f"kept (glibc mallopt: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold {TRIM_THRESHOLD >> 30} GiB)"
+        return (f"kept (glibc mallopt: mmap threshold {MMAP_THRESHOLD >> 20} MiB, trim threshold "
+                f"{TRIM_THRESHOLD >> 30} GiB; no effect under a preloaded jemalloc or tcmalloc)")
     if _kept is False:
         return "C library default (not glibc, or mallopt failed)"
     return "C library default (MPIMP_KEEP_HEAP=0, or mpimp.init not called)"

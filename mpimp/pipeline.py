@@ -254,7 +254,10 @@ class Pipeline(StageExecutor):
                         yield f"{lo + j}.{name}", q
 
     def close(self) -> None:
-        """Free the pipeline's private communicator (collective over ``topo.pp_comm``)."""
+        """Free the pipeline's private communicator (collective over ``topo.pp_comm``) and
+        take the capture hooks off a stage with a compiled layer (they can then serve a new
+        Pipeline; other stages' hooks exist only while a split forward runs)."""
+        self._remove_layer_hooks()
         if self.comm != MPI.COMM_NULL:
             self.comm.Free()
             self.comm = MPI.COMM_NULL

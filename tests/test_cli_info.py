@@ -27,7 +27,7 @@ def _run(n: int, *args: str) -> subprocess.CompletedProcess[str]:
 
 
 def test_info_under_mpirun_reports_the_environment_and_every_rank() -> None:
-    res = _run(2, "info")
+    res = mpirun(2, *_mpimp(), "info", MPIMP_KEEP_HEAP="1")  # (the default, whatever this shell exports)
     assert res.returncode == 0, res.stderr
     out = res.stdout
     env = environment()  # the single-process reference: the same facts, computed here

@@ -24,6 +24,7 @@ _STEPS = r"""
 import ctypes, json, resource, sys
 import torch
 from mpimp import hostmem
+ctypes.CDLL(None).prctl(41, 1, 0, 0, 0)  # PR_SET_THP_DISABLE: faults in 4 KiB pages, as counted below
 arg = sys.argv[1]
 if arg == "start":  # M_MMAP_THRESHOLD and M_TRIM_THRESHOLD at glibc's initial 128 KiB
     libc = ctypes.CDLL(None)
@@ -41,9 +42,15 @@ print(json.dumps({"kept": kept, "status": hostmem.status(), "faults": per_round[
 """
 
 
+def _env(**extra: str) -> dict[str, str]:
+    """This environment without the caller's MPIMP_KEEP_HEAP (the tests set it themselves)."""
+    env = {k: v for k, v in os.environ.items() if k != "MPIMP_KEEP_HEAP"}
+    return {**env, "OMP_NUM_THREADS": "1", **extra}
+
+
 def _run(arg: str, **env: str) -> dict:
     done = subprocess.run([sys.executable, "-c", _STEPS, arg], capture_output=True, text=True, timeout=120,
-                          env={**os.environ, "OMP_NUM_THREADS": "1", **env})
+                          env=_env(**env))
     assert done.returncode == 0, done.stderr
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -68,8 +75,12 @@ def test_a_kept_heap_serves_each_round_from_pages_already_mapped() -> None:
 @needs_glibc
 def test_the_environment_decides_when_the_caller_does_not() -> None:
     assert _run("env")["kept"] is True
+    assert _run("env", MPIMP_KEEP_HEAP="1")["kept"] is True
     off = _run("env", MPIMP_KEEP_HEAP="0")
     assert off["kept"] is False and "MPIMP_KEEP_HEAP=0" in off["status"], off
+    done = subprocess.run([sys.executable, "-c", _STEPS, "env"], capture_output=True, text=True, timeout=120,
+                          env=_env(MPIMP_KEEP_HEAP="off"))
+    assert done.returncode != 0 and "MPIMP_KEEP_HEAP='off': use 1" in done.stderr, done.stderr
 
 
 def test_init_keeps_the_heap_unless_told_not_to() -> None:
@@ -77,6 +88,7 @@ def test_init_keeps_the_heap_unless_told_not_to() -> None:
             "t = mpimp.init(comm=MPI.COMM_SELF, keep_heap={}); print(json.dumps(hostmem.status())); t.free()")
     for arg, want in (("None", "kept (glibc" if hostmem._glibc() is not None else "C library default"),
                       ("False", "C library default (MPIMP_KEEP_HEAP=0")):
-        done = subprocess.run([sys.executable, "-c", code.format(arg)], capture_output=True, text=True, timeout=120)
+        done = subprocess.run([sys.executable, "-c", code.format(arg)], capture_output=True, text=True, timeout=120,
+                              env=_env())
         assert done.returncode == 0, done.stderr
         assert json.loads(done.stdout.strip().splitlines()[-1]).startswith(want), done.stdout

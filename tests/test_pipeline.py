@@ -296,6 +296,42 @@ def test_a_pipeline_leaves_its_layers_when_closed_or_dropped(pp_world: mpimp.Top
     probe.remove()
 
 
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+def test_compiled_layers_keep_their_capture_hooks_and_torch_gradients(pp_world: mpimp.Topology | None,
+                                                                       p: int) -> None:
+    """A layer under torch.compile does not see forward hooks added after its first compiled
+    call (torch skips the guards on module hooks), so a stage with a W that holds one keeps
+    its capture hooks for the pipeline's life instead of per split forward; whether the
+    compiled code then runs them is torch's (where it does not, the split falls back to a
+    full backward).  Either way the gradients are torch's, and close() takes the hooks off."""
+    if pp_world is None:
+        return
+
+    def model() -> nn.Sequential:  # 8 layers, 6 of them compiled
+        torch.manual_seed(3)
+        mods = [nn.Linear(8, 12)] + [torch.compile(nn.Sequential(nn.Tanh(), nn.Linear(12, 12)), backend="eager")
+                                     for _ in range(6)] + [nn.Linear(12, 3)]
+        return nn.Sequential(*mods)
+
+    ref = model()  # the same model in one process (its parameters under the same names)
+    layers = model()
+    x, y = _data(16, seed=9)
+    pipe = mpimp.Pipeline(layers, pp_world, chunks=8, loss_fn=nn.MSELoss(), schedule="interleaved-zb",
+                          virtual_stages=2)
+    split_stages = {s for s, _ in pipe._has_w}
+    assert split_stages == ({1, 3} if pp_world.pp_rank == 1 else set())  # rank 1 splits its last 4 backwards
+    for s in split_stages:  # hooked before any compiled call: one capture hook per parameter owner
+        owners = [m for m in pipe.stages[s].modules() if any(True for _ in m.parameters(recurse=False))]
+        assert [len(m._forward_hooks) for m in owners] == [1] * len(owners)
+    for _ in range(2):  # the second step runs on the layers compiled by the first
+        ref.zero_grad()
+        layers.zero_grad(set_to_none=True)
+        _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    pipe.close()
+    assert all(not m._forward_hooks for m in layers.modules())
+
+
 class _Split(nn.Module):
     """float features -> (features, int64 bucket per row): a stage boundary carrying a tuple."""
 
