@@ -256,10 +256,22 @@ class Pipeline(StageExecutor):
     def close(self) -> None:
         """Free the pipeline's private communicator (collective over ``topo.pp_comm``) and
         take the capture hooks off a stage with a compiled layer (they can then serve a new
-        Pipeline; other stages' hooks exist only while a split forward runs)."""
+        Pipeline; other stages' hooks exist only while a split forward runs).
+
+        After a failed step the communicator is left allocated on every rank (the ranks
+        agree on that first): messages of that step may still be in flight or waiting
+        unmatched, and MPI may give a freed communicator's context to the next one, where
+        a stale activation would be taken for the new pipeline's (seen with Open MPI: the
+        first step of a pipeline built after a failed one received the old step's micro-batch).
+        """
         self._remove_layer_hooks()
         if self.comm != MPI.COMM_NULL:
-            self.comm.Free()
+            broken = self._broken is not None
+            if self.topo.pp > 1:
+                broken = guarded("Pipeline.close: whether any stage failed",
+                                 lambda: self.topo.pp_comm.allreduce(broken, op=MPI.LOR))
+            if not broken:
+                self.comm.Free()
             self.comm = MPI.COMM_NULL
 
     @property

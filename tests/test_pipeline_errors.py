@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import time
+import warnings
 from collections.abc import Callable, Iterator
 
 import pytest
@@ -162,6 +163,63 @@ def test_a_layer_failing_in_a_split_forward_leaves_no_hooks(pp2: mpimp.Topology 
     owns_it = 2 in pipe.layer_indices
     assert isinstance(info.value, RuntimeError if owns_it else ConfigError), repr(info.value)
     assert all(not m._forward_hooks for m in model.modules())
+    pipe.close()
+    # a pipeline built next is not fed the failed step's messages (its first micro-batch
+    # of stage 1 was sent and never received): two steps on different batches, each torch's
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 6), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp2, chunks=2, loss_fn=nn.MSELoss(), schedule="1f1b",
+                          balance=[2, 2] if pp2.pp == 2 else None)
+    for seed in (1, 2):
+        g = torch.Generator().manual_seed(seed)
+        x, y = torch.randn(4, 4, generator=g), torch.randn(4, 2, generator=g)
+        loss = pipe.train_step(x, y)
+        assert abs(loss - nn.MSELoss()(ref(x), y).item()) < 1e-5, (seed, loss)
+    pipe.close()
+
+
+class _Spare(nn.Module):
+    """A Linear layer that also owns a Linear it never calls."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.lin, self.spare = nn.Linear(6, 6), nn.Linear(2, 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.lin(x)
+
+
+@pytest.mark.mpi(min_size=1)
+def test_a_split_that_cannot_capture_every_module_warns_once_and_stays_exact(pp2: mpimp.Topology | None) -> None:
+    """A stage owning a module that does not run in forward cannot split its backward (W
+    would have nothing to differentiate for it): its micro-batches take full backwards, the
+    loss and gradients stay torch's, and the rank that owns it is told once."""
+    if pp2 is None:
+        return
+    torch.manual_seed(0)
+    ref = nn.Sequential(nn.Linear(4, 6), _Spare(), nn.Tanh(), nn.Linear(6, 2))
+    model = copy.deepcopy(ref)
+    pipe = mpimp.Pipeline(model, pp2, chunks=2, loss_fn=nn.MSELoss(), schedule="zb-h1",
+                          balance=[2, 2] if pp2.pp == 2 else None)
+    x, y = pp2.world.bcast((torch.randn(4, 4), torch.randn(4, 2)))
+    owns_spare = 1 in pipe.layer_indices
+    with warnings.catch_warnings(record=True) as seen:
+        warnings.simplefilter("always")
+        losses = [pipe.train_step(x, y) for _ in range(2)]
+    said = [w for w in seen if issubclass(w.category, RuntimeWarning) and "parameter-owning modules run" in str(w.message)]
+    assert len(said) == (1 if owns_spare else 0), [str(w.message) for w in seen]
+    if owns_spare:  # the stage's owners: its Linears and the spare one, which never ran
+        owners = 4 if pp2.pp == 1 else 3
+        assert f"saw {owners - 1} of the stage's {owners} parameter-owning modules run" in str(said[0].message)
+    ref_loss = nn.MSELoss()(ref(x), y)
+    ref_loss.backward()
+    assert all(abs(v - ref_loss.item()) < 1e-5 for v in losses), (losses, ref_loss.item())
+    for name, q in pipe.named_parameters():
+        want = dict(ref.named_parameters())[name].grad
+        if want is None:
+            assert q.grad is None, name
+        else:  # two steps accumulated
+            torch.testing.assert_close(q.grad, 2 * want, atol=1e-5, rtol=0)
     pipe.close()
 
 

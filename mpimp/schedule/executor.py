@@ -35,6 +35,7 @@ from __future__ import annotations
 
 import os
 import time
+import warnings
 import weakref
 from collections.abc import Sequence
 from typing import Any, NamedTuple, NoReturn, Union
@@ -291,6 +292,7 @@ class StageExecutor:
         self._hook_handles: list[Any] = []  # (only while a split forward runs)
         self._life_hooks: list[Any] = []  # (for the pipeline's life: stages with a compiled layer)
         self._hooked_for_life: set[int] = set()
+        self._warned_uncaptured: set[int] = set()  # stages whose split fell back for a module not seen
         # norms whose training-mode forward updates running statistics (BatchNorm, InstanceNorm
         # with track_running_stats): a checkpointed micro-batch's recompute restores them, so
         # each forward counts once, as in plain torch
@@ -574,9 +576,19 @@ class StageExecutor:
             mods = [c.module for c in (captured or [])]
             # the B/W split is exact when every parameter-owning module ran exactly once and
             # no parameter is used outside its module (a tied weight read by another layer)
-            if len(set(map(id, mods))) != len(mods) or len(mods) != len(self._owners_of_params[s]) \
+            owners = self._owners_of_params[s]
+            if len(set(map(id, mods))) != len(mods) or len(mods) != len(owners) \
                     or not _split_is_exact(out, captured or [], flat_tensors(st.x)):
                 st.split = False
+                if len(set(map(id, mods))) < len(owners) and s not in self._warned_uncaptured:
+                    self._warned_uncaptured.add(s)
+                    warnings.warn(
+                        f"rank {self.topo.rank} (stage {s}): a split forward saw {len(set(map(id, mods)))} of the "
+                        f"stage's {len(owners)} parameter-owning modules run, so its micro-batches take full "
+                        f"backwards and their W's do nothing (gradients are exact; the zero-bubble gain is lost): "
+                        f"a module that owns parameters but does not run in forward, or a torch.compile'd layer "
+                        f"whose compiled code skips the capture hooks",
+                        RuntimeWarning, stacklevel=2)
             else:
                 st.captures = captured
         return out
