@@ -8,7 +8,9 @@ is checked with ``raise``, never ``assert`` (asserts vanish under ``python -O``)
 
 from __future__ import annotations
 
-__all__ = ["MpimpError", "ConfigError", "TransportError", "DeadlineError", "rank_prefix"]
+import os
+
+__all__ = ["MpimpError", "ConfigError", "TransportError", "DeadlineError", "rank_prefix", "env_switch"]
 
 
 class MpimpError(RuntimeError):
@@ -37,3 +39,14 @@ def rank_prefix() -> str:
     except Exception:  # pragma: no cover - mpi4py missing
         pass
     return ""
+
+
+def env_switch(name: str, default: bool, on: str, off: str) -> bool:
+    """The environment variable ``name`` as a switch: ``1`` or ``0`` (``default`` when unset);
+    any other value raises ConfigError saying what each does (``on``, ``off``)."""
+    raw = os.environ.get(name)
+    if raw is None:
+        return default
+    if raw not in ("0", "1"):
+        raise ConfigError(f"{name}={raw!r}: use 1 ({on}) or 0 ({off})")
+    return raw == "1"

@@ -28,10 +28,9 @@ place, jemalloc or tcmalloc, which keep memory their own way).
 from __future__ import annotations
 
 import ctypes
-import os
 import sys
 
-from .errors import ConfigError
+from .errors import env_switch
 
 __all__ = ["keep_heap", "status", "MMAP_THRESHOLD", "TRIM_THRESHOLD"]
 
@@ -65,11 +64,8 @@ def keep_heap(enable: bool | None = None) -> bool:
     if _kept is not None:
         return _kept
     if enable is None:
-        raw = os.environ.get("MPIMP_KEEP_HEAP", "1")
-        if raw not in ("0", "1"):
-            raise ConfigError(f"MPIMP_KEEP_HEAP={raw!r}: use 1 (glibc keeps the pages a step touched for the "
-                              f"next step, the default) or 0 (glibc's own thresholds)")
-        enable = raw == "1"
+        enable = env_switch("MPIMP_KEEP_HEAP", True, "glibc keeps the pages a step touched for the next step, "
+                            "the default", "glibc's own thresholds")
     if not enable:
         return False  # not decided: a later call may still set them
     libc = _glibc()

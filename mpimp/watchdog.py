@@ -28,7 +28,6 @@ from __future__ import annotations
 
 import faulthandler
 import itertools
-import os
 import sys
 import threading
 import time
@@ -38,7 +37,7 @@ from typing import TypeVar
 
 from mpi4py import MPI
 
-from .errors import ConfigError
+from .errors import env_switch
 
 __all__ = ["Watchdog", "WATCHDOG", "guarded", "abort_on_uncaught_exception"]
 
@@ -149,11 +148,8 @@ def abort_on_uncaught_exception(enabled: bool | None = None) -> bool:
     other threads.
     """
     if enabled is None:
-        raw = os.environ.get("MPIMP_ABORT_ON_ERROR", "1")
-        if raw not in ("0", "1"):
-            raise ConfigError(f"MPIMP_ABORT_ON_ERROR={raw!r}: use 1 (an uncaught exception on one rank "
-                              f"aborts the job) or 0 (the other ranks wait for their deadlines)")
-        enabled = raw == "1"
+        enabled = env_switch("MPIMP_ABORT_ON_ERROR", True, "an uncaught exception on one rank aborts the job",
+                             "the other ranks wait for their deadlines")
     previous = sys.excepthook
     installed = getattr(previous, "mpimp_abort", False)
     world = MPI.COMM_WORLD
