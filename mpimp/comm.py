@@ -66,7 +66,7 @@ from .buffers import (
     to_wire,
 )
 from .channels import ELIDE_MIN, PAD, ChannelState, Seen, channels, elision_enabled
-from .errors import ConfigError, DeadlineError, TransportError
+from .errors import ConfigError, DeadlineError, TransportError, env_switch
 from .fastpath import load as _fast
 from .watchdog import WATCHDOG
 
@@ -1848,10 +1848,9 @@ def barrier(comm: MPI.Comm, timeout: float | None = None) -> None:
 
 def progress_thread_wanted() -> bool:
     """``MPIMP_PROGRESS_THREAD=1`` (default 0) and an MPI initialised with MPI_THREAD_MULTIPLE."""
-    raw = os.environ.get("MPIMP_PROGRESS_THREAD", "0")
-    if raw not in ("0", "1"):
-        raise ConfigError(f"MPIMP_PROGRESS_THREAD={raw!r}: use 0 or 1")
-    return raw == "1" and MPI.Query_thread() == MPI.THREAD_MULTIPLE
+    wanted = env_switch("MPIMP_PROGRESS_THREAD", False, "a thread drives MPI progress during pipeline steps",
+                        "the default")
+    return wanted and MPI.Query_thread() == MPI.THREAD_MULTIPLE
 
 
 class ProgressThread:

@@ -52,7 +52,6 @@ not the default).
 
 from __future__ import annotations
 
-import os
 import time
 from collections.abc import Sequence
 
@@ -61,7 +60,7 @@ import torch
 from mpi4py import MPI
 
 from .comm import barrier, default_timeout
-from .errors import ConfigError, DeadlineError
+from .errors import ConfigError, DeadlineError, env_switch
 from .watchdog import guarded
 
 __all__ = ["SharedBuckets", "shm_available", "shm_wanted"]
@@ -76,10 +75,7 @@ def shm_wanted() -> bool:
     path where it can.  Off by default: MPI collectives work everywhere, while the window
     lives in ``/dev/shm``, which containers often keep small (64 MiB in Docker's default);
     on the development machine the two paths train equally fast (docs/benchmarks.md)."""
-    raw = os.environ.get("MPIMP_SHM", "0")
-    if raw not in ("0", "1"):
-        raise ConfigError(f"MPIMP_SHM={raw!r}: use 1 (shared-memory all-reduce when the ranks share a node) or 0")
-    return raw == "1"
+    return env_switch("MPIMP_SHM", False, "shared-memory all-reduce when the ranks share a node", "the default")
 
 
 def shm_available(comm: MPI.Comm) -> bool:

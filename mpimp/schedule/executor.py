@@ -576,15 +576,14 @@ class StageExecutor:
             mods = [c.module for c in (captured or [])]
             # the B/W split is exact when every parameter-owning module ran exactly once and
             # no parameter is used outside its module (a tied weight read by another layer)
-            owners = self._owners_of_params[s]
-            if len(set(map(id, mods))) != len(mods) or len(mods) != len(owners) \
-                    or not _split_is_exact(out, captured or [], flat_tensors(st.x)):
+            owners, ran = len(self._owners_of_params[s]), len(set(map(id, mods)))
+            if ran != len(mods) or ran != owners or not _split_is_exact(out, captured or [], flat_tensors(st.x)):
                 st.split = False
-                if len(set(map(id, mods))) < len(owners) and s not in self._warned_uncaptured:
+                if ran < owners and s not in self._warned_uncaptured:
                     self._warned_uncaptured.add(s)
                     warnings.warn(
-                        f"rank {self.topo.rank} (stage {s}): a split forward saw {len(set(map(id, mods)))} of the "
-                        f"stage's {len(owners)} parameter-owning modules run, so its micro-batches take full "
+                        f"rank {self.topo.rank} (stage {s}): a split forward saw {ran} of the "
+                        f"stage's {owners} parameter-owning modules run, so its micro-batches take full "
                         f"backwards and their W's do nothing (gradients are exact; the zero-bubble gain is lost): "
                         f"a module that owns parameters but does not run in forward, or a torch.compile'd layer "
                         f"whose compiled code skips the capture hooks",
