@@ -14,9 +14,12 @@ All contenders share each rank's process, so ``mpimp.init``'s kept heap (``mpimp
 no page faults from memory glibc trimmed and hands out again) holds for the torch peer and
 the single process as well (``MPIMP_KEEP_HEAP=0`` runs every contender without it).
 Speed of light: 2 x the tokens/s of the whole model on one rank (1 thread) over the same
-8 micro-batches.  Then, for each schedule and m, the measured bubble of a step (from
-the executor's timeline) against the simulator's prediction on a cost model calibrated
-from that timeline.  With more ranks than the node's cores (p = 4 on 2 cores) the ranks
+8 micro-batches.  For ``1f1b`` and ``interleaved-zb`` the throughput run also reports what
+bounds the step (:func:`ceiling`): each rank's compute from the timeline, the fill before
+rank 1's first action, and the step with no other idle time, against the speed of light
+and the torch peer, each next to a single-process step.  Then, for each schedule and m,
+the measured bubble of a step (from the executor's timeline) against the simulator's
+prediction on a cost model calibrated from that timeline.  With more ranks than the node's cores (p = 4 on 2 cores) the ranks
 are bound to cores, rank r to core r % cores (adjacent stages on different cores), and a
 second prediction comes from the actions' CPU times alone, the simulator sharing the
 cores between the ranks itself (``CostModel.cores`` / ``placement``, the time slice
@@ -190,9 +193,11 @@ def throughput(world: MPI.Comm, rounds: int, steps: int, framed_peer: bool = Fal
         for name, fn in (list(contenders.items()) if r % 2 == 0 else list(reversed(contenders.items()))):
             times[name].append(timed(world, fn, steps))
     peaks = {name: world.gather(pipe.peak_inflight) for name, pipe in pipes.items()}
+    limits = {name: ceiling(world, pipes[name], x, y, sol_step)
+              for name in ("mpimp 1f1b", "mpimp interleaved-zb v=2")}
     out = {"p": p, "m": m, "tokens_per_step": tokens, "rounds": rounds, "steps": steps,
            "seconds_per_step": {k: statistics.median(v) for k, v in times.items()}, "peak_inflight": peaks,
-           "seconds_per_round": times}
+           "seconds_per_round": times, "ceiling": limits}
     # paired: each round's ratio against the peers timed next to it (the machine's speed
     # drifts by 10-20% within a minute; pairing removes the drift a ratio of medians keeps)
     sol, peer = times["single process (x2 = speed of light)"], times["torch Schedule1F1B (gloo)"]
@@ -207,6 +212,45 @@ def throughput(world: MPI.Comm, rounds: int, steps: int, framed_peer: bool = Fal
         pipe.close()
     topo.free()
     return out
+
+
+def ceiling(world: MPI.Comm, pipe: mpimp.Pipeline, x: torch.Tensor, y: torch.Tensor, sol_step,
+            steps: int = 5) -> dict | None:
+    """What bounds a schedule's step here, from its timeline (medians of ``steps`` rounds,
+    each one pipeline step next to one timed single-process step, ``sol_step``).
+
+    ``compute``: each rank's F, B and W time; ``start``: when its first compute action
+    began (the fill: rank 1 waits for stage 0's first forward); ``ceiling``: the step if
+    no rank idled after that, ``max_r(start_r + compute_r)``; ``span``: the measured step.
+    ``inflation``: the ranks' compute over the single process's step for the same work
+    (both cores busy, more micro-batches in flight).  None off rank 0.
+    """
+    rows = []
+    for _ in range(steps):
+        mpimp.barrier(world)
+        pipe.train_step(x, y)
+        tls = trace.gather(pipe)
+        sol_seconds = timed(world, sol_step, 1)
+        if tls is not None:
+            comp = [[e for e in tl if e["kind"] in ("F", "B", "W")] for tl in tls]
+            compute = [sum(e["end"] - e["start"] for e in c) for c in comp]
+            start = [min(e["start"] for e in c) for c in comp]
+            span = max(e["end"] for tl in tls for e in tl) - min(e["start"] for tl in tls for e in tl)
+            rows.append((compute, start, span, sol_seconds))
+    if not rows:
+        return None
+    ranks = len(rows[0][0])
+    compute = [statistics.median(r[0][k] for r in rows) for k in range(ranks)]
+    start = [statistics.median(r[1][k] for r in rows) for k in range(ranks)]
+    span = statistics.median(r[2] for r in rows)
+    bound = max(s + c for s, c in zip(start, compute))
+
+    def paired(f) -> float:
+        return statistics.median(f(r) for r in rows)
+    return {"compute": compute, "start": start, "ceiling": bound, "span": span,
+            "span_over_ceiling": paired(lambda r: r[2] / max(s + c for s, c in zip(r[1], r[0]))),
+            "ceiling_vs_light": paired(lambda r: r[3] / 2 / max(s + c for s, c in zip(r[1], r[0]))),
+            "inflation": paired(lambda r: sum(r[0]) / r[3])}
 
 
 def fit_quantum(world: MPI.Comm, topo: mpimp.Topology, cores: int, placement: tuple[int, ...]) -> float:
@@ -392,10 +436,18 @@ def main() -> None:
                 print(f"  {name:<32} {value:9.0f} tokens/s   {value / peer:5.2f}x torch 1F1B   "
                       f"{value / t['speed of light']:5.2f}x speed of light{extra}", flush=True)
             print(f"  peak in-flight micro-batches per rank: {tp['peak_inflight']}")
+            torch_light = paired["torch Schedule1F1B (gloo)"]["vs_speed_of_light"]
+            for name, c in tp["ceiling"].items():
+                print(f"  {name}: compute per rank {[round(v * 1e3, 1) for v in c['compute']]} ms "
+                      f"({c['inflation']:.3f}x the single process's), first compute at "
+                      f"{[round(v * 1e3, 1) for v in c['start']]} ms; ceiling {c['ceiling'] * 1e3:.1f} ms "
+                      f"= {c['ceiling_vs_light']:.3f}x light (that over torch's paired {torch_light:.3f}x: "
+                      f"{c['ceiling_vs_light'] / torch_light:.3f}x torch); measured step "
+                      f"{c['span'] * 1e3:.1f} ms, {c['span_over_ceiling']:.3f}x the ceiling")
     if args.throughput_only:
         if rank == 0:
             RESULTS.mkdir(exist_ok=True)
-            (RESULTS / f"pipeline_throughput_{time.strftime('%H%M')}.json").write_text(json.dumps(result, indent=1))
+            (RESULTS / f"pipeline_throughput_{time.strftime('%Y%m%d_%H%M')}.json").write_text(json.dumps(result, indent=1))
         return
     ms = [4, 8, 16] if p > 2 else [2, 4, 8, 16]
     if rank == 0:
