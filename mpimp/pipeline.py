@@ -22,6 +22,12 @@ micro-batch, virtual stage) so messages cannot be mismatched.  An exception on o
 (e.g. a non-scalar loss on the last stage) is sent to every stage of the pipeline on a
 separate tag and re-raised there, so no rank waits for the deadline.
 
+Shared weights: a parameter that layers on different pipeline ranks share (a GPT's head
+reading its embedding's table, found by identity among the modules passed in) is one
+weight: its copies start equal (broadcast from the first owner at construction) and
+their gradients are summed over the owners after every backward, so each copy holds the
+whole gradient and identical optimizer steps keep them equal (Megatron's embedding group).
+
 Tensor parallelism: a stage may consist of tp ranks (its layers are tensor-parallel
 modules built by factories); each tp rank talks to the same tp rank of the neighbouring
 stage through its own ``topo.pp_comm``.  Data parallelism: at the end of ``train_step``
@@ -42,7 +48,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from .comm import ibroadcast
+from .comm import iall_reduce, ibroadcast
 from .errors import ConfigError
 from .schedule import Action, build, lower, parse_table, stage_owners, verify
 from .schedule.executor import TAG_BASE, StageExecutor, as_leaf, detach_all, flat_tensors
@@ -194,6 +200,13 @@ class Pipeline(StageExecutor):
         if top > tag_ub:
             raise ConfigError(f"chunks x stages = {chunks} x {self.num_stages} needs MPI tags up to {top} "
                               f"but this MPI allows {tag_ub}; use fewer micro-batches or stages")
+        self._tied: list[tuple[nn.Parameter, MPI.Comm]] = []
+        self._tie_comms: list[MPI.Comm] = []
+        try:
+            self._tie(specs, bounds)
+        except ConfigError:  # every rank raises it (ranks that disagree on the sharing)
+            self.comm.Free()
+            raise
         self._init_executor({(a.stage, a.mb) for a in self.table[me] if a.kind == "W"})
         self.last_loss: float | None = None
 
@@ -206,6 +219,55 @@ class Pipeline(StageExecutor):
             with torch.device("meta"):
                 layer = spec()
         return float(sum(q.numel() for q in layer.parameters())) + 1.0
+
+    def _tie(self, specs: list[LayerSpec], bounds: list[tuple[int, int]]) -> None:
+        """Find the parameters that layers on different pipeline ranks share and make each
+        such group one weight: the owners' copies start from the first owner's values (a
+        broadcast here) and their gradients are summed over the owners after every backward
+        (:meth:`_sum_tied_gradients`), as one parameter's gradient sums over its uses.
+
+        Found by identity among the modules passed in (a GPT's head reading its embedding's
+        table, or one module at two places in the sequence); layer factories are built on
+        their owner only, so sharing between them cannot be seen: tie those with
+        ``after_backward`` (as :func:`mpimp.models.gpt.gpt_pipeline_layers` does).  Every
+        pipeline rank must see the same sharing (collective over the pipeline).
+        """
+        me = self.topo.pp_rank
+        rank_of = {i: self.owner[s] for s, (lo, hi) in enumerate(bounds) for i in range(lo, hi)}
+        uses: dict[int, list[tuple[int, str]]] = {}
+        params: dict[int, nn.Parameter] = {}
+        for i, spec in enumerate(specs):
+            if isinstance(spec, nn.Module):
+                for name, q in spec.named_parameters():
+                    uses.setdefault(id(q), []).append((i, name))
+                    params[id(q)] = q
+        groups = sorted((tuple(u), tuple(sorted({rank_of[i] for i, _ in u})), key) for key, u in uses.items()
+                        if len({rank_of[i] for i, _ in u}) > 1)
+        mine = [(u, ranks) for u, ranks, _ in groups]
+        if self.topo.pp > 1:
+            seen = guarded("Pipeline: allgather of the weights shared between stages",
+                           lambda: self.comm.allgather(mine))
+            for r, theirs in enumerate(seen):
+                if theirs != mine:
+                    def show(g: list) -> str:
+                        return "; ".join(" = ".join(f"layer {i} {n}" for i, n in u) for u, _ in g) or "none"
+                    raise ConfigError(
+                        f"pipeline ranks disagree on which layers share a weight: pp rank {me} sees "
+                        f"{show(mine)}, pp rank {r} sees {show(theirs)}; build the model the same way on "
+                        f"every rank (the same modules shared)")
+        comms: dict[tuple[int, ...], MPI.Comm] = {}
+        for ranks in sorted({ranks for _, ranks, _ in groups}):  # collective over the pipeline, in one order
+            sub = guarded("Pipeline: Split of pp_comm for shared weights",
+                          lambda ranks=ranks: self.comm.Split(0 if me in ranks else MPI.UNDEFINED, key=me))
+            if sub != MPI.COMM_NULL:
+                comms[ranks] = sub
+                self._tie_comms.append(sub)
+        with torch.no_grad():
+            for _, ranks, key in groups:
+                if me in ranks:
+                    q = params[key]
+                    ibroadcast(q.data, comms[ranks], root=0).wait()  # (the transport's deadline)
+                    self._tied.append((q, comms[ranks]))
 
     def _balance_by_time(self, specs: list[LayerSpec], sample: Any) -> list[int]:
         if sample is None:
@@ -272,7 +334,10 @@ class Pipeline(StageExecutor):
                                  lambda: self.topo.pp_comm.allreduce(broken, op=MPI.LOR))
             if not broken:
                 self.comm.Free()
+                for sub in self._tie_comms:
+                    sub.Free()
             self.comm = MPI.COMM_NULL
+            self._tie_comms, self._tied = [], []
 
     @property
     def step_origin(self) -> float:
@@ -298,8 +363,15 @@ class Pipeline(StageExecutor):
         first, last = self.owner[0] == me, self.owner[self.num_stages - 1] == me
         self._start_step(inputs if first else None, targets if last else None, first, last, True)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
-        self._run(self.table[me], train=True)
+        earlier = self._set_aside_tied_gradients()
+        try:
+            self._run(self.table[me], train=True)
+        except BaseException:
+            self._add_back(earlier)
+            raise
         try:  # a failure from here on is announced to the other stages too, as in the loop
+            self._sum_tied_gradients()
+            self._add_back(earlier)
             if self.after_backward is not None:
                 self.after_backward(self)
             if self.topo.dp > 1 and self.reduce_grads:
@@ -313,6 +385,31 @@ class Pipeline(StageExecutor):
             self._fail(exc)
         self.last_loss = float(loss.item())
         return self.last_loss
+
+    def _set_aside_tied_gradients(self) -> list[torch.Tensor | None]:
+        """Take the shared weights' gradients of earlier steps off them, so that the sum over
+        their owners covers this step's only (:meth:`_add_back` returns them)."""
+        earlier = [q.grad for q, _ in self._tied]
+        for q, _ in self._tied:
+            q.grad = None
+        return earlier
+
+    def _add_back(self, earlier: list[torch.Tensor | None]) -> None:
+        for (q, _), g in zip(self._tied, earlier):
+            if g is not None:
+                q.grad = g if q.grad is None else g.add_(q.grad)
+
+    def _sum_tied_gradients(self) -> None:
+        """Sum this step's gradient of each shared weight over the pipeline ranks holding it
+        (a rank whose layers did not use it counts zero), so every copy gets the whole
+        gradient."""
+        reqs = []
+        for q, comm in self._tied:
+            if q.grad is None:
+                q.grad = torch.zeros_like(q)
+            reqs.append(iall_reduce(q.grad, comm))
+        for req in reqs:
+            self._wait(req)
 
     def forward(self, inputs: Any) -> Any:
         """Inference: the output for ``inputs`` on the rank holding the last stage, None elsewhere."""

@@ -1,0 +1,146 @@
+"""Weights shared by layers on different pipeline ranks equal a single-process run.
+
+A GPT-style model whose head reuses the embedding's table, and a model that uses one
+module at two places, run through :class:`mpimp.Pipeline` at p = 1, 2 and 4 against the
+unparallelised model on the same batch: the loss, every local gradient (a shared
+weight's holds the sum over its uses, on every rank that holds a copy), the gradients
+accumulated over two steps without ``zero_grad``, and the weights after an optimizer step.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+
+import pytest
+import torch
+from conftest import sub_topology
+from mpi4py import MPI
+from torch import nn
+
+import mpimp
+from mpimp.errors import ConfigError
+
+TOL = 1e-5
+VOCAB, WIDTH, SEQ = 11, 6, 5
+
+
+@pytest.fixture
+def pp_world(comm: MPI.Comm, request: pytest.FixtureRequest) -> Iterator[mpimp.Topology | None]:
+    p = request.node.callspec.params.get("p", 2) if hasattr(request.node, "callspec") else 2
+    if comm.Get_size() < p:
+        pytest.skip(f"needs at least {p} ranks for pp={p}, have {comm.Get_size()}")
+    yield from sub_topology(comm, p, pp=p)
+
+
+def _model(case: str, seed: int = 0) -> nn.Sequential:
+    """9 layers (enough for p = 4 x v = 2 stages): an embedding, Linear/Tanh pairs, a head."""
+    torch.manual_seed(seed)
+    emb = nn.Embedding(VOCAB, WIDTH)
+    mid = [nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH), nn.Tanh(), nn.Linear(WIDTH, WIDTH),
+           nn.Tanh(), nn.LayerNorm(WIDTH)]
+    head = nn.Linear(WIDTH, VOCAB, bias=False)
+    if case == "tied head":  # GPT-2: the head multiplies by the token table
+        head.weight = emb.weight
+    else:  # one module at two places of the sequence (layers 1 and 5)
+        mid[4] = mid[0]
+    return nn.Sequential(emb, *mid, head)
+
+
+def _loss(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+    return nn.functional.cross_entropy(logits.reshape(-1, VOCAB), target.reshape(-1))
+
+
+def _data(batch: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, VOCAB, (batch, SEQ), generator=g), torch.randint(0, VOCAB, (batch, SEQ), generator=g)
+
+
+def _step(topo: mpimp.Topology, pipe: mpimp.Pipeline, ref: nn.Module, x: torch.Tensor, y: torch.Tensor) -> None:
+    first, last = pipe.owner[0] == topo.pp_rank, pipe.owner[pipe.num_stages - 1] == topo.pp_rank
+    loss = pipe.train_step(x if first else None, y if last else None)
+    ref_loss = _loss(ref(x), y)
+    ref_loss.backward()
+    assert abs(loss - ref_loss.item()) <= TOL, (loss, ref_loss.item())
+
+
+def _compare(pipe: mpimp.Pipeline, ref: nn.Module, grads: bool) -> int:
+    """Every local parameter (and its gradient) against the reference's under the same
+    name; returns how many were compared."""
+    params = dict(ref.named_parameters(remove_duplicate=False))  # a shared weight under each layer's name
+    n = 0
+    for name, q in pipe.named_parameters():
+        want = params[name]
+        if grads:
+            assert q.grad is not None, name
+            torch.testing.assert_close(q.grad, want.grad, atol=TOL, rtol=0)
+        else:
+            torch.testing.assert_close(q.detach(), want.detach(), atol=TOL, rtol=0)
+        n += 1
+    return n
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("p", [1, 2, 4])
+@pytest.mark.parametrize("case", ["tied head", "one module twice"])
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb-h1", "interleaved-zb"])
+def test_a_weight_shared_across_ranks_gets_its_whole_gradient(pp_world: mpimp.Topology | None, p: int,
+                                                             case: str, schedule: str) -> None:
+    if pp_world is None:
+        return
+    ref = _model(case)
+    v = 2 if schedule.startswith("interleaved") else 1
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=3, loss_fn=_loss, schedule=schedule,
+                          virtual_stages=v)
+    shared_layers = (0, 8) if case == "tied head" else (1, 5)
+    holds = any(i in pipe.layer_indices for i in shared_layers)
+    holders = [r for r, h in enumerate(pp_world.pp_comm.allgather(holds)) if h]
+    # tied exactly where the layers using the weight sit on two ranks or more
+    assert bool(pipe._tied) == (len(holders) > 1 and holds)
+    x, y = _data(6, seed=3)
+    _step(pp_world, pipe, ref, x, y)
+    assert _compare(pipe, ref, grads=True) > 0
+    _step(pp_world, pipe, ref, x.flip(0), y)  # accumulates without zero_grad, as plain torch
+    _compare(pipe, ref, grads=True)
+    torch.optim.SGD(pipe.parameters(), lr=0.5).step()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    _compare(pipe, ref, grads=False)  # the copies moved together, as the one weight did
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2, 4])
+def test_the_copies_of_a_shared_weight_start_from_the_first_owners(pp_world: mpimp.Topology | None,
+                                                                   p: int) -> None:
+    """A rank whose copy differs (another seed, a stray in-place edit) is overwritten by the
+    first owner's values at construction, so the copies are one weight from the start."""
+    if pp_world is None:
+        return
+    ref = _model("tied head")
+    model = copy.deepcopy(ref)
+    if pp_world.pp_rank > 0:
+        with torch.no_grad():
+            model[0].weight.add_(float(pp_world.pp_rank))
+    pipe = mpimp.Pipeline(model, pp_world, chunks=2, loss_fn=_loss, schedule="1f1b")
+    _compare(pipe, ref, grads=False)
+    x, y = _data(4, seed=5)
+    _step(pp_world, pipe, ref, x, y)
+    _compare(pipe, ref, grads=True)
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+def test_ranks_that_disagree_on_the_sharing_all_raise(pp_world: mpimp.Topology | None, p: int) -> None:
+    if pp_world is None:
+        return
+    model = _model("tied head" if pp_world.pp_rank == 0 else "one module twice")
+    with pytest.raises(ConfigError, match="disagree on which layers share a weight"):
+        mpimp.Pipeline(model, pp_world, chunks=2, loss_fn=_loss, schedule="1f1b")
+    # nothing was left half-built: a pipeline of the same ranks works afterwards
+    ref = _model("tied head")
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b")
+    x, y = _data(4, seed=6)
+    _step(pp_world, pipe, ref, x, y)
+    _compare(pipe, ref, grads=True)
+    pipe.close()
