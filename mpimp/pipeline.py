@@ -267,7 +267,8 @@ class Pipeline(StageExecutor):
                 if me in ranks:
                     q = params[key]
                     ibroadcast(q.data, comms[ranks], root=0).wait()  # (the transport's deadline)
-                    self._tied.append((q, comms[ranks]))
+                    if q.requires_grad:  # (a frozen one only starts equal)
+                        self._tied.append((q, comms[ranks]))
 
     def _balance_by_time(self, specs: list[LayerSpec], sample: Any) -> list[int]:
         if sample is None:
