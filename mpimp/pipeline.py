@@ -243,14 +243,15 @@ class Pipeline(StageExecutor):
                     params[id(q)] = q
         groups = sorted((tuple(u), tuple(sorted({rank_of[i] for i, _ in u})), key) for key, u in uses.items()
                         if len({rank_of[i] for i, _ in u}) > 1)
-        mine = [(u, ranks) for u, ranks, _ in groups]
+        mine = [(u, ranks, params[key].requires_grad) for u, ranks, key in groups]
         if self.topo.pp > 1:
             seen = guarded("Pipeline: allgather of the weights shared between stages",
                            lambda: self.comm.allgather(mine))
             for r, theirs in enumerate(seen):
                 if theirs != mine:
                     def show(g: list) -> str:
-                        return "; ".join(" = ".join(f"layer {i} {n}" for i, n in u) for u, _ in g) or "none"
+                        return "; ".join(" = ".join(f"layer {i} {n}" for i, n in u) + ("" if grad else " (frozen)")
+                                         for u, _, grad in g) or "none"
                     raise ConfigError(
                         f"pipeline ranks disagree on which layers share a weight: pp rank {me} sees "
                         f"{show(mine)}, pp rank {r} sees {show(theirs)}; build the model the same way on "
