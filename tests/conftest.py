@@ -81,6 +81,16 @@ def sub_topology(comm: MPI.Comm, ranks: int, **layout: int) -> Iterator[object]:
     sub.Free()
 
 
+@pytest.fixture
+def pp_world(comm: MPI.Comm, request: pytest.FixtureRequest) -> Iterator[object]:
+    """A pp=p topology over the first p ranks (None on the others); p from the test's 'p'
+    parameter (default 2); skipped with the reason when the world is smaller."""
+    p = request.node.callspec.params.get("p", 2) if hasattr(request.node, "callspec") else 2
+    if comm.Get_size() < p:
+        pytest.skip(f"needs at least {p} ranks for pp={p}, have {comm.Get_size()}")
+    yield from sub_topology(comm, p, pp=p)
+
+
 def child_env(**extra: str) -> dict[str, str]:
     """The environment for a child MPI job: without this process's own MPI launch variables."""
     env = {k: v for k, v in os.environ.items()

@@ -9,11 +9,9 @@ from __future__ import annotations
 
 import copy
 import warnings
-from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import sub_topology
 from mpi4py import MPI
 from torch import nn
 
@@ -31,15 +29,6 @@ def _layers(seed: int = 0, width: int = 12) -> nn.Sequential:
         mods += [nn.Tanh(), nn.Linear(width, width)]
     mods += [nn.Tanh(), nn.Linear(width, 3)]
     return nn.Sequential(*mods)
-
-
-@pytest.fixture
-def pp_world(comm: MPI.Comm, request: pytest.FixtureRequest) -> Iterator[mpimp.Topology | None]:
-    """A pp=p topology over the first p ranks (None on the others); p from the test's 'p' param."""
-    p = request.node.callspec.params.get("p", 2) if hasattr(request.node, "callspec") else 2
-    if comm.Get_size() < p:
-        pytest.skip(f"needs at least {p} ranks for pp={p}, have {comm.Get_size()}")
-    yield from sub_topology(comm, p, pp=p)
 
 
 def _data(batch: int, seed: int = 1) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,12 +10,9 @@ accumulated over two steps without ``zero_grad``, and the weights after an optim
 from __future__ import annotations
 
 import copy
-from collections.abc import Iterator
 
 import pytest
 import torch
-from conftest import sub_topology
-from mpi4py import MPI
 from torch import nn
 
 import mpimp
@@ -23,14 +20,6 @@ from mpimp.errors import ConfigError
 
 TOL = 1e-5
 VOCAB, WIDTH, SEQ = 11, 6, 5
-
-
-@pytest.fixture
-def pp_world(comm: MPI.Comm, request: pytest.FixtureRequest) -> Iterator[mpimp.Topology | None]:
-    p = request.node.callspec.params.get("p", 2) if hasattr(request.node, "callspec") else 2
-    if comm.Get_size() < p:
-        pytest.skip(f"needs at least {p} ranks for pp={p}, have {comm.Get_size()}")
-    yield from sub_topology(comm, p, pp=p)
 
 
 def _model(case: str, seed: int = 0) -> nn.Sequential:
