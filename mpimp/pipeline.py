@@ -202,11 +202,7 @@ class Pipeline(StageExecutor):
                               f"but this MPI allows {tag_ub}; use fewer micro-batches or stages")
         self._tied: list[tuple[nn.Parameter, MPI.Comm]] = []
         self._tie_comms: list[MPI.Comm] = []
-        try:
-            self._tie(specs, bounds)
-        except ConfigError:  # every rank raises it (ranks that disagree on the sharing)
-            self.comm.Free()
-            raise
+        self._tie(specs, bounds)
         self._init_executor({(a.stage, a.mb) for a in self.table[me] if a.kind == "W"})
         self.last_loss: float | None = None
 
@@ -243,15 +239,16 @@ class Pipeline(StageExecutor):
                     params[id(q)] = q
         groups = sorted((tuple(u), tuple(sorted({rank_of[i] for i, _ in u})), key) for key, u in uses.items()
                         if len({rank_of[i] for i, _ in u}) > 1)
-        mine = [(u, ranks, params[key].requires_grad) for u, ranks, key in groups]
+        mine = [(u, ranks) for u, ranks, _ in groups]
         if self.topo.pp > 1:
             seen = guarded("Pipeline: allgather of the weights shared between stages",
                            lambda: self.comm.allgather(mine))
             for r, theirs in enumerate(seen):
-                if theirs != mine:
+                if theirs != mine:  # (seen by every rank: each raises, after freeing the private comm)
+                    self.comm.Free()
+
                     def show(g: list) -> str:
-                        return "; ".join(" = ".join(f"layer {i} {n}" for i, n in u) + ("" if grad else " (frozen)")
-                                         for u, _, grad in g) or "none"
+                        return "; ".join(" = ".join(f"layer {i} {n}" for i, n in u) for u, _ in g) or "none"
                     raise ConfigError(
                         f"pipeline ranks disagree on which layers share a weight: pp rank {me} sees "
                         f"{show(mine)}, pp rank {r} sees {show(theirs)}; build the model the same way on "
@@ -268,8 +265,7 @@ class Pipeline(StageExecutor):
                 if me in ranks:
                     q = params[key]
                     ibroadcast(q.data, comms[ranks], root=0).wait()  # (the transport's deadline)
-                    if q.requires_grad:  # (a frozen one only starts equal)
-                        self._tied.append((q, comms[ranks]))
+                    self._tied.append((q, comms[ranks]))  # (frozen or not: it may be unfrozen later)
 
     def _balance_by_time(self, specs: list[LayerSpec], sample: Any) -> list[int]:
         if sample is None:
@@ -368,12 +364,13 @@ class Pipeline(StageExecutor):
         earlier = self._set_aside_tied_gradients()
         try:
             self._run(self.table[me], train=True)
-        except BaseException:
+            try:  # a failure from here on is announced to the other stages too, as in the loop
+                self._sum_tied_gradients()
+            except Exception as exc:
+                self._fail(exc)
+        finally:  # (also after a failure: the earlier steps' gradients are kept)
             self._add_back(earlier)
-            raise
-        try:  # a failure from here on is announced to the other stages too, as in the loop
-            self._sum_tied_gradients()
-            self._add_back(earlier)
+        try:
             if self.after_backward is not None:
                 self.after_backward(self)
             if self.topo.dp > 1 and self.reduce_grads:
@@ -402,14 +399,33 @@ class Pipeline(StageExecutor):
                 q.grad = g if q.grad is None else g.add_(q.grad)
 
     def _sum_tied_gradients(self) -> None:
-        """Sum this step's gradient of each shared weight over the pipeline ranks holding it
-        (a rank whose layers did not use it counts zero), so every copy gets the whole
-        gradient."""
-        reqs = []
+        """Sum this step's gradient of each shared weight over the pipeline ranks holding it,
+        so every copy gets the whole gradient, as one weight's sums over its uses.
+
+        The owners first agree (a small all-reduce per weight) on how many of them train it
+        and how many used it this step: frozen on every owner, or used by none, it keeps no
+        gradient (as in torch: ``.grad`` stays None); frozen on some owners only is an
+        error (the copies would drift apart); a rank whose layers did not use it counts zero.
+        """
+        counts = []
         for q, comm in self._tied:
+            mine = torch.tensor([float(q.requires_grad), float(q.requires_grad and q.grad is not None)],
+                                dtype=torch.float64)
+            counts.append(self._wait(iall_reduce(mine, comm)))
+        reqs = []
+        for (q, comm), (trained, used) in zip(self._tied, counts):
+            owners = comm.Get_size()
+            if 0 < int(trained) < owners:
+                raise ConfigError(
+                    f"rank {self.topo.rank} (pp rank {self.topo.pp_rank}): a weight shared by layers on "
+                    f"{owners} pipeline ranks ({tuple(q.shape)}) is frozen on {owners - int(trained)} of them "
+                    f"and trained on {int(trained)}; set requires_grad the same on every rank")
+            if int(used) == 0:
+                continue
             if q.grad is None:
-                q.grad = torch.zeros_like(q)
-            reqs.append(iall_reduce(q.grad, comm))
+                q.grad = torch.zeros_like(q) if q.requires_grad else None
+            if q.grad is not None:
+                reqs.append(iall_reduce(q.grad, comm))
         for req in reqs:
             self._wait(req)
 

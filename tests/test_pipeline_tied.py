@@ -13,6 +13,7 @@ import copy
 
 import pytest
 import torch
+from mpi4py import MPI
 from torch import nn
 
 import mpimp
@@ -69,23 +70,28 @@ def _compare(pipe: mpimp.Pipeline, ref: nn.Module, grads: bool) -> int:
     return n
 
 
+# balances that put the shared layers (0 and 8, or 1 and 5) on different ranks
+BALANCE = {(2, 1): [3, 6], (4, 1): [2, 2, 2, 3], (2, 2): [2, 4, 1, 2], (4, 2): [1, 2, 1, 1, 1, 1, 1, 1]}
+
+
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("p", [1, 2, 4])
 @pytest.mark.parametrize("case", ["tied head", "one module twice"])
 @pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb-h1", "interleaved-zb"])
+@pytest.mark.parametrize("checkpoint", ["never", "always"])
 def test_a_weight_shared_across_ranks_gets_its_whole_gradient(pp_world: mpimp.Topology | None, p: int,
-                                                             case: str, schedule: str) -> None:
+                                                             case: str, schedule: str, checkpoint: str) -> None:
     if pp_world is None:
         return
     ref = _model(case)
     v = 2 if schedule.startswith("interleaved") else 1
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=3, loss_fn=_loss, schedule=schedule,
-                          virtual_stages=v)
+                          virtual_stages=v, balance=BALANCE.get((p, v)), checkpoint=checkpoint)
     shared_layers = (0, 8) if case == "tied head" else (1, 5)
     holds = any(i in pipe.layer_indices for i in shared_layers)
     holders = [r for r, h in enumerate(pp_world.pp_comm.allgather(holds)) if h]
-    # tied exactly where the layers using the weight sit on two ranks or more
-    assert bool(pipe._tied) == (len(holders) > 1 and holds)
+    assert len(holders) == (2 if p > 1 else 1)  # the balance split the shared layers
+    assert bool(pipe._tied) == (p > 1 and holds)  # tied exactly on the ranks holding a copy
     x, y = _data(6, seed=3)
     _step(pp_world, pipe, ref, x, y)
     assert _compare(pipe, ref, grads=True) > 0
@@ -94,6 +100,56 @@ def test_a_weight_shared_across_ranks_gets_its_whole_gradient(pp_world: mpimp.To
     torch.optim.SGD(pipe.parameters(), lr=0.5).step()
     torch.optim.SGD(ref.parameters(), lr=0.5).step()
     _compare(pipe, ref, grads=False)  # the copies moved together, as the one weight did
+    subs = list(pipe._tie_comms)
+    pipe.close()
+    assert pipe._tied == [] and all(c == MPI.COMM_NULL for c in subs)  # freed with the pipeline
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+def test_a_shared_weight_frozen_and_unfrozen_follows_torch(pp_world: mpimp.Topology | None, p: int) -> None:
+    """Frozen at construction, unfrozen, frozen again (staged fine-tuning), with AdamW's
+    weight decay: a frozen shared weight gets no gradient and does not move, a trained
+    one moves as the one weight of the single process."""
+    if pp_world is None:
+        return
+    ref = _model("tied head")
+    ref[0].weight.requires_grad_(False)
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=2, loss_fn=_loss, schedule="zb-h1",
+                          balance=BALANCE[(2, 1)])
+    assert pipe._tied
+    shared = [q for name, q in pipe.named_parameters() if name in ("0.weight", "8.weight")]
+    assert len(shared) == 1
+    opt = torch.optim.AdamW(pipe.parameters(), lr=0.1, weight_decay=0.1)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.1, weight_decay=0.1)
+    for k, trained in enumerate((False, True, True, False)):
+        shared[0].requires_grad_(trained)
+        ref[0].weight.requires_grad_(trained)
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        x, y = _data(4, seed=20 + k)
+        _step(pp_world, pipe, ref, x, y)
+        assert (shared[0].grad is None) == (not trained)
+        if trained:
+            _compare(pipe, ref, grads=True)
+        opt.step()
+        ref_opt.step()
+        _compare(pipe, ref, grads=False)
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+def test_a_shared_weight_frozen_on_one_rank_only_is_an_error(pp_world: mpimp.Topology | None, p: int) -> None:
+    if pp_world is None:
+        return
+    pipe = mpimp.Pipeline(_model("tied head"), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
+                          balance=BALANCE[(2, 1)])
+    if pp_world.pp_rank == 0:
+        pipe._tied[0][0].requires_grad_(False)
+    x, y = _data(4, seed=7)
+    with pytest.raises(ConfigError, match="frozen on 1 of them and trained on 1"):
+        pipe.train_step(x if pp_world.pp_rank == 0 else None, y if pp_world.pp_rank == 1 else None)
     pipe.close()
 
 
