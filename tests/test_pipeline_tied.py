@@ -189,3 +189,34 @@ def test_ranks_that_disagree_on_the_sharing_all_raise(pp_world: mpimp.Topology |
     _step(pp_world, pipe, ref, x, y)
     _compare(pipe, ref, grads=True)
     pipe.close()
+
+
+@pytest.mark.mpi(min_size=4)
+def test_a_shared_weight_with_data_parallel_replicas(comm: MPI.Comm) -> None:
+    """dp = 2 x pp = 2: each replica's owners sum the tied gradient, then the replicas
+    average it; three AdamW steps equal one process on the whole batch."""
+    sub = comm.Split(0 if comm.Get_rank() < 4 else MPI.UNDEFINED, comm.Get_rank())
+    if sub == MPI.COMM_NULL:
+        return
+    topo = mpimp.init(dp=2, pp=2, comm=sub)
+    ref = _model("tied head")
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), topo, chunks=2, loss_fn=_loss, schedule="1f1b",
+                          balance=BALANCE[(2, 1)])
+    assert pipe._tied  # both pipeline ranks of each replica hold a copy
+    opt = torch.optim.AdamW(pipe.parameters(), lr=0.05)
+    ref_opt = torch.optim.AdamW(ref.parameters(), lr=0.05)
+    for k in range(3):
+        x, y = _data(8, seed=30 + k)
+        half = slice(4 * topo.dp_rank, 4 * topo.dp_rank + 4)  # this replica's half of the batch
+        opt.zero_grad()
+        ref_opt.zero_grad()
+        first, last = pipe.owner[0] == topo.pp_rank, pipe.owner[pipe.num_stages - 1] == topo.pp_rank
+        pipe.train_step(x[half] if first else None, y[half] if last else None)
+        _loss(ref(x), y).backward()
+        _compare(pipe, ref, grads=True)
+        opt.step()
+        ref_opt.step()
+        _compare(pipe, ref, grads=False)
+    pipe.close()
+    topo.free()
+    sub.Free()
