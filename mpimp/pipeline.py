@@ -63,6 +63,11 @@ SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb")
 LayerSpec = Union[nn.Module, Callable[[], nn.Module]]
 
 
+def _uses(uses: Sequence[tuple[int, str]]) -> str:
+    """``layer 0 weight = layer 8 weight``: where one shared weight is used."""
+    return " = ".join(f"layer {i} {name}" for i, name in uses)
+
+
 class Pipeline(StageExecutor):
     """Run a sequence of layers as a pipeline over ``topo.pp_comm``.
 
@@ -200,7 +205,7 @@ class Pipeline(StageExecutor):
         if top > tag_ub:
             raise ConfigError(f"chunks x stages = {chunks} x {self.num_stages} needs MPI tags up to {top} "
                               f"but this MPI allows {tag_ub}; use fewer micro-batches or stages")
-        self._tied: list[tuple[nn.Parameter, MPI.Comm]] = []
+        self._tied: list[tuple[nn.Parameter, MPI.Comm, str]] = []  # (weight, its owners' comm, its uses)
         self._tie_comms: list[MPI.Comm] = []
         self._tie(specs, bounds)
         self._init_executor({(a.stage, a.mb) for a in self.table[me] if a.kind == "W"})
@@ -237,8 +242,8 @@ class Pipeline(StageExecutor):
                 for name, q in spec.named_parameters():
                     uses.setdefault(id(q), []).append((i, name))
                     params[id(q)] = q
-        groups = sorted((tuple(u), tuple(sorted({rank_of[i] for i, _ in u})), key) for key, u in uses.items()
-                        if len({rank_of[i] for i, _ in u}) > 1)
+        owners = {key: tuple(sorted({rank_of[i] for i, _ in u})) for key, u in uses.items()}
+        groups = sorted((tuple(u), owners[key], key) for key, u in uses.items() if len(owners[key]) > 1)
         mine = [(u, ranks) for u, ranks, _ in groups]
         if self.topo.pp > 1:
             seen = guarded("Pipeline: allgather of the weights shared between stages",
@@ -248,7 +253,7 @@ class Pipeline(StageExecutor):
                     self.comm.Free()
 
                     def show(g: list) -> str:
-                        return "; ".join(" = ".join(f"layer {i} {n}" for i, n in u) for u, _ in g) or "none"
+                        return "; ".join(_uses(u) for u, _ in g) or "none"
                     raise ConfigError(
                         f"pipeline ranks disagree on which layers share a weight: pp rank {me} sees "
                         f"{show(mine)}, pp rank {r} sees {show(theirs)}; build the model the same way on "
@@ -261,11 +266,11 @@ class Pipeline(StageExecutor):
                 comms[ranks] = sub
                 self._tie_comms.append(sub)
         with torch.no_grad():
-            for _, ranks, key in groups:
+            for u, ranks, key in groups:
                 if me in ranks:
                     q = params[key]
                     ibroadcast(q.data, comms[ranks], root=0).wait()  # (the transport's deadline)
-                    self._tied.append((q, comms[ranks]))  # (frozen or not: it may be unfrozen later)
+                    self._tied.append((q, comms[ranks], _uses(u)))  # (frozen or not: may be unfrozen later)
 
     def _balance_by_time(self, specs: list[LayerSpec], sample: Any) -> list[int]:
         if sample is None:
@@ -388,13 +393,13 @@ class Pipeline(StageExecutor):
     def _set_aside_tied_gradients(self) -> list[torch.Tensor | None]:
         """Take the shared weights' gradients of earlier steps off them, so that the sum over
         their owners covers this step's only (:meth:`_add_back` returns them)."""
-        earlier = [q.grad for q, _ in self._tied]
-        for q, _ in self._tied:
+        earlier = [q.grad for q, _, _ in self._tied]
+        for q, _, _ in self._tied:
             q.grad = None
         return earlier
 
     def _add_back(self, earlier: list[torch.Tensor | None]) -> None:
-        for (q, _), g in zip(self._tied, earlier):
+        for (q, _, _), g in zip(self._tied, earlier):
             if g is not None:
                 q.grad = g if q.grad is None else g.add_(q.grad)
 
@@ -408,23 +413,22 @@ class Pipeline(StageExecutor):
         error (the copies would drift apart); a rank whose layers did not use it counts zero.
         """
         counts = []
-        for q, comm in self._tied:
+        for q, comm, _ in self._tied:
             mine = torch.tensor([float(q.requires_grad), float(q.requires_grad and q.grad is not None)],
                                 dtype=torch.float64)
             counts.append(self._wait(iall_reduce(mine, comm)))
-        reqs = []
-        for (q, comm), (trained, used) in zip(self._tied, counts):
+        for (_, comm, uses), (trained, _) in zip(self._tied, counts):
             owners = comm.Get_size()
             if 0 < int(trained) < owners:
                 raise ConfigError(
-                    f"rank {self.topo.rank} (pp rank {self.topo.pp_rank}): a weight shared by layers on "
-                    f"{owners} pipeline ranks ({tuple(q.shape)}) is frozen on {owners - int(trained)} of them "
-                    f"and trained on {int(trained)}; set requires_grad the same on every rank")
-            if int(used) == 0:
-                continue
-            if q.grad is None:
-                q.grad = torch.zeros_like(q) if q.requires_grad else None
-            if q.grad is not None:
+                    f"rank {self.topo.rank} (pp rank {self.topo.pp_rank}): the weight {uses}, shared by "
+                    f"{owners} pipeline ranks, is frozen on {owners - int(trained)} of them and trained on "
+                    f"{int(trained)}; set its requires_grad the same on every rank")
+        reqs = []
+        for (q, comm, _), (_, used) in zip(self._tied, counts):
+            if int(used) > 0:  # (then every owner trains it)
+                if q.grad is None:
+                    q.grad = torch.zeros_like(q)
                 reqs.append(iall_reduce(q.grad, comm))
         for req in reqs:
             self._wait(req)

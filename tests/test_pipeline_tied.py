@@ -148,7 +148,7 @@ def test_a_shared_weight_frozen_on_one_rank_only_is_an_error(pp_world: mpimp.Top
     if pp_world.pp_rank == 0:
         pipe._tied[0][0].requires_grad_(False)
     x, y = _data(4, seed=7)
-    with pytest.raises(ConfigError, match="frozen on 1 of them and trained on 1"):
+    with pytest.raises(ConfigError, match="layer 0 weight = layer 8 weight, shared by 2 pipeline ranks, is frozen on 1 of them and trained on 1"):
         pipe.train_step(x if pp_world.pp_rank == 0 else None, y if pp_world.pp_rank == 1 else None)
     pipe.close()
 

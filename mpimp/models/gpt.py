@@ -323,7 +323,11 @@ def gpt_pipeline_layers(config: GPTConfig, topo: Topology) -> PipelineParts:
     matching ``loss_fn(logits, targets)`` (vocabulary-parallel cross-entropy over
     ``topo.tp_comm``); and ``after_backward(pipe)``, which with tied embeddings sums the
     token-table gradients of the first and the last stage (over a communicator of the
-    two, one per (dp, tp) column) so both copies take the same optimizer step.
+    two, one per (dp, tp) column) so both copies take the same optimizer step.  It sums
+    the whole ``.grad``: zero the gradients between steps (the trainer does), since with
+    gradients accumulated over several ``train_step`` calls the earlier steps' share of
+    the table would be summed again.  (``mpimp.Pipeline`` ties weights shared by the
+    modules it is given itself, step by step; factories are built on their owner only.)
 
     Collective over ``topo.world`` (call it on every rank, with the same
     ``torch.manual_seed`` as for the single-process model: the layers are then equal to
