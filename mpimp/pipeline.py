@@ -23,16 +23,17 @@ micro-batch, virtual stage) so messages cannot be mismatched.  An exception on o
 separate tag and re-raised there, so no rank waits for the deadline.
 
 Shared weights: a parameter that layers on different pipeline ranks share (a GPT's head
-reading its embedding's table, found by identity among the modules passed in) is one
-weight: its copies start equal (broadcast from the first owner at construction) and
-their gradients are summed over the owners after every backward, so each copy holds the
-whole gradient and identical optimizer steps keep them equal (Megatron's embedding group).
+reading its embedding's table; found by identity among the modules passed in, named by
+``shared=`` for layer factories) is one weight: its copies start equal (broadcast from
+the first owner at construction) and their gradients are summed over the owners after
+every backward, so each copy holds the whole gradient and identical optimizer steps
+keep them equal (Megatron's embedding group).
 
 Tensor parallelism: a stage may consist of tp ranks (its layers are tensor-parallel
 modules built by factories); each tp rank talks to the same tp rank of the neighbouring
 stage through its own ``topo.pp_comm``.  Data parallelism: at the end of ``train_step``
-the optional ``after_backward(pipe)`` hook runs (the GPT uses it to sum the tied
-embedding gradient between first and last stage), then, when ``topo.dp > 1``, gradients
+the shared weights' gradients are summed, the optional ``after_backward(pipe)`` hook
+runs, then, when ``topo.dp > 1``, gradients
 are averaged over ``topo.dp_comm`` by :func:`mpimp.data_parallel.reduce_gradients`
 (``reduce_dtype`` on the wire; ``reduce_grads=False`` leaves that to a ZeRO optimizer).
 """
@@ -66,6 +67,28 @@ LayerSpec = Union[nn.Module, Callable[[], nn.Module]]
 def _uses(uses: Sequence[tuple[int, str]]) -> str:
     """``layer 0 weight = layer 8 weight``: where one shared weight is used."""
     return " = ".join(f"layer {i} {name}" for i, name in uses)
+
+
+def _named_groups(shared: Sequence[Sequence[str]], n: int) -> tuple[list[tuple[tuple[int, str], ...]], str | None]:
+    """``shared``'s groups as ``((layer, name), ...)``, and what is wrong with it (None: nothing)."""
+    groups: list[tuple[tuple[int, str], ...]] = []
+    seen: set[tuple[int, str]] = set()
+    for group in shared:
+        if isinstance(group, str) or len(group) < 2:
+            return [], (f"shared={list(shared)!r}: give groups of two or more parameter names, "
+                        f"e.g. [['0.tok.weight', '{n - 1}.weight']]")
+        uses = []
+        for text in group:
+            head, _, name = str(text).partition(".")
+            if not head.isdigit() or not name or not 0 <= int(head) < n:
+                return [], (f"shared: {text!r} is not '<layer index>.<parameter name>' with a layer index in "
+                            f"0..{n - 1} (the names of Pipeline.named_parameters())")
+            if (int(head), name) in seen:
+                return [], f"shared: {text!r} is in two groups; list each shared weight once"
+            seen.add((int(head), name))
+            uses.append((int(head), name))
+        groups.append(tuple(uses))
+    return groups, None
 
 
 class Pipeline(StageExecutor):
@@ -104,6 +127,11 @@ class Pipeline(StageExecutor):
             work is not done twice.
         reduce_dtype: the gradients' type on the wire for that average (None = their own;
             ``"bf16"``/``"fp16"`` use the native fp32-accumulating operators).
+        shared: weights that layers built by factories share, as groups of parameter names
+            ``"<layer index>.<name in the layer>"`` (e.g. ``[["0.tok.weight", "9.weight"]]``,
+            a GPT's token table and its tied head): each group is one weight, kept as
+            equal copies on the ranks (or layers) holding them.  Sharing among modules
+            passed in is found by identity without it.
 
     Attributes (read-only): ``layer_indices`` (indices into the original sequence of the
     layers this rank owns), ``local_stages`` (this rank's virtual stages, ascending),
@@ -123,7 +151,7 @@ class Pipeline(StageExecutor):
                  balance: Sequence[int] | str | None = None, virtual_stages: int = 1,
                  checkpoint: str = "never", after_backward: Callable[[Pipeline], None] | None = None,
                  sample: Any = None, reduce_grads: bool = True,
-                 reduce_dtype: torch.dtype | str | None = None) -> None:
+                 reduce_dtype: torch.dtype | str | None = None, shared: Sequence[Sequence[str]] = ()) -> None:
         p, me = topo.pp, topo.pp_rank
         if not isinstance(chunks, int) or isinstance(chunks, bool) or chunks < 1:
             raise ConfigError(f"chunks={chunks!r} must be an integer >= 1 (number of micro-batches)")
@@ -133,6 +161,10 @@ class Pipeline(StageExecutor):
             raise ConfigError(f"virtual_stages={virtual_stages!r} must be an integer >= 1")
         if not callable(loss_fn):
             raise ConfigError("loss_fn must be callable as loss_fn(output, target) -> scalar tensor")
+        if after_backward is not None and not callable(after_backward):
+            raise ConfigError(f"after_backward must be callable as after_backward(pipe), got "
+                              f"{type(after_backward).__name__} (GPT.pipeline_layers' third part is now "
+                              f"shared=, the names of its tied weights)")
         specs = list(model)  # a Sequential's children in order, repeats included (children() lists each once)
         bad = [i for i, s in enumerate(specs) if not callable(s)]
         if not specs or bad:
@@ -205,9 +237,9 @@ class Pipeline(StageExecutor):
         if top > tag_ub:
             raise ConfigError(f"chunks x stages = {chunks} x {self.num_stages} needs MPI tags up to {top} "
                               f"but this MPI allows {tag_ub}; use fewer micro-batches or stages")
-        self._tied: list[tuple[nn.Parameter, MPI.Comm, str]] = []  # (weight, its owners' comm, its uses)
+        self._tied: list[tuple[list[nn.Parameter], MPI.Comm | None, str]] = []  # (copies here, owners' comm, uses)
         self._tie_comms: list[MPI.Comm] = []
-        self._tie(specs, bounds)
+        self._tie(specs, bounds, shared)
         self._init_executor({(a.stage, a.mb) for a in self.table[me] if a.kind == "W"})
         self.last_loss: float | None = None
 
@@ -221,56 +253,79 @@ class Pipeline(StageExecutor):
                 layer = spec()
         return float(sum(q.numel() for q in layer.parameters())) + 1.0
 
-    def _tie(self, specs: list[LayerSpec], bounds: list[tuple[int, int]]) -> None:
-        """Find the parameters that layers on different pipeline ranks share and make each
-        such group one weight: the owners' copies start from the first owner's values (a
-        broadcast here) and their gradients are summed over the owners after every backward
-        (:meth:`_sum_tied_gradients`), as one parameter's gradient sums over its uses.
+    def _tie(self, specs: list[LayerSpec], bounds: list[tuple[int, int]], shared: Sequence[Sequence[str]]) -> None:
+        """Make each weight that several layers share one weight: the copies start from the
+        first owner's values (a broadcast here, then a copy into this rank's other copies)
+        and their gradients are summed after every backward (:meth:`_sum_tied_gradients`),
+        as one parameter's gradient sums over its uses.
 
-        Found by identity among the modules passed in (a GPT's head reading its embedding's
-        table, or one module at two places in the sequence); layer factories are built on
-        their owner only, so sharing between them cannot be seen: tie those with
-        ``after_backward`` (as :func:`mpimp.models.gpt.gpt_pipeline_layers` does).  Every
-        pipeline rank must see the same sharing (collective over the pipeline).
+        The groups: parameters that modules passed in share by identity (a GPT's head
+        reading its embedding's table, one module at two places) and sit on two or more
+        pipeline ranks; and the ``shared`` name groups (layer factories are built on their
+        owner only, so their sharing cannot be seen).  Every pipeline rank must see the
+        same groups (collective over the pipeline; a rank that cannot find a named
+        parameter makes every rank raise).
         """
         me = self.topo.pp_rank
         rank_of = {i: self.owner[s] for s, (lo, hi) in enumerate(bounds) for i in range(lo, hi)}
+        local = dict(zip(self.layer_indices, [m for s in self.local_stages for m in self.stages[s]]))
+        named, problem = _named_groups(shared, len(specs))
+        taken = {use for u in named for use in u}
         uses: dict[int, list[tuple[int, str]]] = {}
-        params: dict[int, nn.Parameter] = {}
         for i, spec in enumerate(specs):
             if isinstance(spec, nn.Module):
                 for name, q in spec.named_parameters():
                     uses.setdefault(id(q), []).append((i, name))
-                    params[id(q)] = q
-        owners = {key: tuple(sorted({rank_of[i] for i, _ in u})) for key, u in uses.items()}
-        groups = sorted((tuple(u), owners[key], key) for key, u in uses.items() if len(owners[key]) > 1)
-        mine = [(u, ranks) for u, ranks, _ in groups]
+        found = [tuple(u) for u in uses.values()
+                 if len({rank_of[i] for i, _ in u}) > 1 and not taken.intersection(u)]
+        groups = sorted(found) + named  # (found ones in a canonical order, then the named ones)
+        copies: list[list[nn.Parameter]] = []
+        for u in groups:
+            mine: dict[int, nn.Parameter] = {}
+            for i, name in u:
+                if rank_of[i] == me:
+                    q = dict(local[i].named_parameters()).get(name)
+                    if q is None and problem is None:
+                        problem = (f"rank {self.topo.rank} (pp rank {me}): layer {i} has no parameter {name!r} "
+                                   f"(shared=...; it has {sorted(dict(local[i].named_parameters()))})")
+                    elif q is not None:
+                        mine.setdefault(id(q), q)
+            copies.append(list(mine.values()))
+        owners = [tuple(sorted({rank_of[i] for i, _ in u})) for u in groups]
         if self.topo.pp > 1:
             seen = guarded("Pipeline: allgather of the weights shared between stages",
-                           lambda: self.comm.allgather(mine))
-            for r, theirs in enumerate(seen):
-                if theirs != mine:  # (seen by every rank: each raises, after freeing the private comm)
-                    self.comm.Free()
-
-                    def show(g: list) -> str:
-                        return "; ".join(_uses(u) for u, _ in g) or "none"
-                    raise ConfigError(
-                        f"pipeline ranks disagree on which layers share a weight: pp rank {me} sees "
-                        f"{show(mine)}, pp rank {r} sees {show(theirs)}; build the model the same way on "
-                        f"every rank (the same modules shared)")
+                           lambda: self.comm.allgather((groups, problem)))
+        else:
+            seen = [(groups, problem)]
+        problems = [why for _, why in seen if why is not None]
+        differ = next((r for r, (theirs, _) in enumerate(seen) if theirs != groups), None)
+        if problems or differ is not None:  # (seen by every rank: each raises, after freeing the private comm)
+            self.comm.Free()
+            if problems:
+                raise ConfigError(problems[0])
+            raise ConfigError(
+                f"pipeline ranks disagree on which layers share a weight: pp rank {me} sees "
+                f"{'; '.join(map(_uses, groups)) or 'none'}, pp rank {differ} sees "
+                f"{'; '.join(map(_uses, seen[differ][0])) or 'none'}; build the model the same way on every rank "
+                f"(the same modules shared, the same shared=)")
         comms: dict[tuple[int, ...], MPI.Comm] = {}
-        for ranks in sorted({ranks for _, ranks, _ in groups}):  # collective over the pipeline, in one order
+        for ranks in sorted({r for r in owners if len(r) > 1}):  # collective over the pipeline, in one order
             sub = guarded("Pipeline: Split of pp_comm for shared weights",
                           lambda ranks=ranks: self.comm.Split(0 if me in ranks else MPI.UNDEFINED, key=me))
             if sub != MPI.COMM_NULL:
                 comms[ranks] = sub
                 self._tie_comms.append(sub)
         with torch.no_grad():
-            for u, ranks, key in groups:
-                if me in ranks:
-                    q = params[key]
-                    ibroadcast(q.data, comms[ranks], root=0).wait()  # (the transport's deadline)
-                    self._tied.append((q, comms[ranks], _uses(u)))  # (frozen or not: may be unfrozen later)
+            for u, ranks, mine in zip(groups, owners, copies):
+                if not mine:
+                    continue
+                comm = comms.get(ranks)
+                if comm is not None:
+                    ibroadcast(mine[0].data, comm, root=0).wait()  # (the transport's deadline)
+                for q in mine[1:]:
+                    q.data.copy_(mine[0].data)
+                if comm is not None or len(mine) > 1:  # (frozen or not: may be unfrozen later)
+                    self._tied.append((mine, comm, _uses(u)))
 
     def _balance_by_time(self, specs: list[LayerSpec], sample: Any) -> list[int]:
         if sample is None:
@@ -390,48 +445,67 @@ class Pipeline(StageExecutor):
         self.last_loss = float(loss.item())
         return self.last_loss
 
-    def _set_aside_tied_gradients(self) -> list[torch.Tensor | None]:
+    def _set_aside_tied_gradients(self) -> list[list[torch.Tensor | None]]:
         """Take the shared weights' gradients of earlier steps off them, so that the sum over
-        their owners covers this step's only (:meth:`_add_back` returns them)."""
-        earlier = [q.grad for q, _, _ in self._tied]
-        for q, _, _ in self._tied:
-            q.grad = None
+        their copies covers this step's only (:meth:`_add_back` returns them)."""
+        earlier = [[q.grad for q in copies] for copies, _, _ in self._tied]
+        for copies, _, _ in self._tied:
+            for q in copies:
+                q.grad = None
         return earlier
 
-    def _add_back(self, earlier: list[torch.Tensor | None]) -> None:
-        for (q, _, _), g in zip(self._tied, earlier):
-            if g is not None:
-                q.grad = g if q.grad is None else g.add_(q.grad)
+    def _add_back(self, earlier: list[list[torch.Tensor | None]]) -> None:
+        for (copies, _, _), grads in zip(self._tied, earlier):
+            for q, g in zip(copies, grads):
+                if g is not None:
+                    q.grad = g if q.grad is None else g.add_(q.grad)
 
     def _sum_tied_gradients(self) -> None:
-        """Sum this step's gradient of each shared weight over the pipeline ranks holding it,
-        so every copy gets the whole gradient, as one weight's sums over its uses.
+        """Sum this step's gradient of each shared weight over all its copies (this rank's,
+        then over the pipeline ranks holding one), so every copy gets the whole gradient,
+        as one weight's sums over its uses.
 
         The owners first agree (a small all-reduce per weight) on how many of them train it
-        and how many used it this step: frozen on every owner, or used by none, it keeps no
-        gradient (as in torch: ``.grad`` stays None); frozen on some owners only is an
+        and how many used it this step: frozen everywhere, or used nowhere, it keeps no
+        gradient (as in torch: ``.grad`` stays None); frozen on some copies only is an
         error (the copies would drift apart); a rank whose layers did not use it counts zero.
         """
         counts = []
-        for q, comm, _ in self._tied:
-            mine = torch.tensor([float(q.requires_grad), float(q.requires_grad and q.grad is not None)],
-                                dtype=torch.float64)
-            counts.append(self._wait(iall_reduce(mine, comm)))
+        for copies, comm, uses in self._tied:
+            trained = [q.requires_grad for q in copies]
+            if any(trained) and not all(trained):
+                raise ConfigError(f"rank {self.topo.rank} (pp rank {self.topo.pp_rank}): the copies of the shared "
+                                  f"weight {uses} on this rank are frozen on some layers only; set requires_grad "
+                                  f"the same on all of them")
+            used = all(trained) and any(q.grad is not None for q in copies)
+            mine = torch.tensor([float(all(trained)), float(used)], dtype=torch.float64)
+            counts.append(self._wait(iall_reduce(mine, comm)) if comm is not None else mine)
         for (_, comm, uses), (trained, _) in zip(self._tied, counts):
-            owners = comm.Get_size()
+            owners = comm.Get_size() if comm is not None else 1
             if 0 < int(trained) < owners:
                 raise ConfigError(
                     f"rank {self.topo.rank} (pp rank {self.topo.pp_rank}): the weight {uses}, shared by "
                     f"{owners} pipeline ranks, is frozen on {owners - int(trained)} of them and trained on "
                     f"{int(trained)}; set its requires_grad the same on every rank")
-        reqs = []
-        for (q, comm, _), (_, used) in zip(self._tied, counts):
-            if int(used) > 0:  # (then every owner trains it)
-                if q.grad is None:
-                    q.grad = torch.zeros_like(q)
-                reqs.append(iall_reduce(q.grad, comm))
-        for req in reqs:
-            self._wait(req)
+        sums = []
+        for (copies, comm, _), (_, used) in zip(self._tied, counts):
+            if int(used) == 0:
+                continue
+            grads = [q.grad for q in copies if q.grad is not None]  # (then every copy is trained)
+            if not grads:  # (this rank's layers did not use it: it adds zero)
+                total = torch.zeros_like(copies[0])
+            elif len(grads) == 1:
+                total = grads[0]
+            else:
+                total = grads[0].clone()
+                for g in grads[1:]:
+                    total += g
+            sums.append((copies, total, iall_reduce(total, comm) if comm is not None else None))
+        for copies, total, req in sums:
+            if req is not None:
+                self._wait(req)
+            for k, q in enumerate(copies):
+                q.grad = total if k == 0 else total.clone()
 
     def forward(self, inputs: Any) -> Any:
         """Inference: the output for ``inputs`` on the rank holding the last stage, None elsewhere."""

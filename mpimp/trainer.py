@@ -626,11 +626,12 @@ class Trainer:
             from .pipeline import Pipeline
 
             parts = gpt_pipeline_layers(mc, topo)
-            layers = parts.layers
-            if self.dtype is not None:
+            layers, shared = parts.layers, parts.shared
+            if self.dtype is not None:  # (each layer inside a wrapper: its parameters' names gain "layer.")
                 layers = [lambda f=f: _Bf16Boundary(f()) for f in layers]
+                shared = [[name.replace(".", ".layer.", 1) for name in group] for group in shared]
             self.pipe = Pipeline(layers, topo, chunks=cfg.chunks, loss_fn=self._loss, schedule=cfg.schedule,
-                                 virtual_stages=cfg.virtual_stages, after_backward=parts.after_backward,
+                                 virtual_stages=cfg.virtual_stages, shared=shared,
                                  reduce_dtype=self.dtype)
             if mc.tied_embeddings:
                 # the last stage's copy of the tied token table: same gradient as the first's

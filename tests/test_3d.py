@@ -77,7 +77,7 @@ def train_pipeline(topo: mpimp.Topology, zero: bool) -> list[float]:
     parts = GPT.pipeline_layers(CFG, topo)
     # ZeRO-1 averages the gradients itself (reduce-scatter): the pipeline leaves them local
     pipe = mpimp.Pipeline(parts.layers, topo, chunks=2, loss_fn=parts.loss_fn,
-                          after_backward=parts.after_backward, reduce_grads=not zero)
+                          shared=parts.shared, reduce_grads=not zero)
     params = list(pipe.parameters())
     opt = (mpimp.ShardedOptimizer(torch.optim.AdamW, params, topo, lr=LR) if zero
            else torch.optim.AdamW(params, lr=LR))

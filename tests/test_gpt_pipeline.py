@@ -1,5 +1,6 @@
 """Pipeline x tensor parallelism: the GPT as a layer sequence on pp = 2 x tp = 2 equals the
-single-process GPT (loss and every gradient, including the tied embedding)."""
+single-process GPT (loss and every gradient, including the tied embedding, accumulated
+over two steps without zero_grad)."""
 
 from __future__ import annotations
 
@@ -42,15 +43,17 @@ def test_pp2_tp2_equals_single_process(comm: MPI.Comm, tied: bool, sp: bool, sch
         g = torch.Generator().manual_seed(5)
         idx = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len), generator=g)
         tgt = torch.randint(0, cfg.vocab_size, (4, cfg.seq_len), generator=g)
+        ref(idx.flip(0), tgt.flip(0)).backward()  # an earlier step, accumulated (no zero_grad)
         ref_loss = ref(idx, tgt)
         ref_loss.backward()
         ref_grads = dict(ref.named_parameters(remove_duplicate=False))
 
         torch.manual_seed(21)
-        layers, loss_fn, after_backward = GPT.pipeline_layers(cfg, topo)
+        layers, loss_fn, shared = GPT.pipeline_layers(cfg, topo)
         v = 2 if schedule == "interleaved-1f1b" else 1
         pipe = mpimp.Pipeline(layers, topo, chunks=2, loss_fn=loss_fn, schedule=schedule,
-                              virtual_stages=v, checkpoint=checkpoint, after_backward=after_backward)
+                              virtual_stages=v, checkpoint=checkpoint, shared=shared)
+        pipe.train_step(idx.flip(0), tgt.flip(0))
         loss = pipe.train_step(idx, tgt)
         assert abs(loss - ref_loss.item()) <= 1e-5, (loss, ref_loss.item())
 
@@ -73,7 +76,7 @@ def test_pp2_tp2_equals_single_process(comm: MPI.Comm, tied: bool, sp: bool, sch
 
 @pytest.mark.mpi(min_size=2)
 def test_tied_head_on_one_stage_sums_both_copies(comm: MPI.Comm) -> None:
-    """pp = 1: embedding and head are separate copies on one rank; after_backward sums them."""
+    """pp = 1: embedding and head are separate copies on one rank; shared= sums them."""
     with tp_topology(comm, tp=2) as topo, single_topology() as one:
         if topo is None:
             return
@@ -81,10 +84,12 @@ def test_tied_head_on_one_stage_sums_both_copies(comm: MPI.Comm) -> None:
         torch.manual_seed(2)
         ref = GPT(cfg, one)
         idx = torch.randint(0, cfg.vocab_size, (2, cfg.seq_len), generator=torch.Generator().manual_seed(1))
+        ref(idx.flip(1), idx).backward()  # two steps, accumulated
         ref(idx, idx).backward()
         torch.manual_seed(2)
-        layers, loss_fn, after_backward = GPT.pipeline_layers(cfg, topo)
-        pipe = mpimp.Pipeline(layers, topo, chunks=1, loss_fn=loss_fn, after_backward=after_backward)
+        layers, loss_fn, shared = GPT.pipeline_layers(cfg, topo)
+        pipe = mpimp.Pipeline(layers, topo, chunks=1, loss_fn=loss_fn, shared=shared)
+        pipe.train_step(idx.flip(1), idx)
         loss = pipe.train_step(idx, idx)
         with torch.no_grad():
             assert abs(loss - ref(idx, idx).item()) <= 1e-5

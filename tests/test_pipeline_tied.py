@@ -5,11 +5,14 @@ module at two places, run through :class:`mpimp.Pipeline` at p = 1, 2 and 4 agai
 unparallelised model on the same batch: the loss, every local gradient (a shared
 weight's holds the sum over its uses, on every rank that holds a copy), the gradients
 accumulated over two steps without ``zero_grad``, and the weights after an optimizer step.
+Layer factories (each layer built alone, so the head's copy is its own Parameter) tie
+their copies by name with ``shared=``.
 """
 
 from __future__ import annotations
 
 import copy
+import re
 
 import pytest
 import torch
@@ -146,9 +149,9 @@ def test_a_shared_weight_frozen_on_one_rank_only_is_an_error(pp_world: mpimp.Top
     pipe = mpimp.Pipeline(_model("tied head"), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
                           balance=BALANCE[(2, 1)])
     if pp_world.pp_rank == 0:
-        pipe._tied[0][0].requires_grad_(False)
+        pipe._tied[0][0][0].requires_grad_(False)
     x, y = _data(4, seed=7)
-    with pytest.raises(ConfigError, match="layer 0 weight = layer 8 weight, shared by 2 pipeline ranks, is frozen on 1 of them and trained on 1"):
+    with pytest.raises(ConfigError, match="layer 0 weight = layer 8 weight, shared by 2 pipeline ranks, is frozen on 1"):
         pipe.train_step(x if pp_world.pp_rank == 0 else None, y if pp_world.pp_rank == 1 else None)
     pipe.close()
 
@@ -220,3 +223,66 @@ def test_a_shared_weight_with_data_parallel_replicas(comm: MPI.Comm) -> None:
     pipe.close()
     topo.free()
     sub.Free()
+
+
+def _factories(ref: nn.Sequential) -> list:
+    """Each layer built alone, as factories build them: the tied head gets its own Parameter
+    (equal values), so only ``shared=`` can say that the two are one weight."""
+    return [lambda i=i: copy.deepcopy(ref[i]) for i in range(len(ref))]
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("p", [1, 2, 4])
+@pytest.mark.parametrize("schedule", ["1f1b", "interleaved-zb"])
+def test_layer_factories_share_a_weight_by_name(pp_world: mpimp.Topology | None, p: int, schedule: str) -> None:
+    """At p = 1 both copies live on one rank (their gradients are summed there), at p = 2
+    and 4 on the first and the last rank; also when the copies start different."""
+    if pp_world is None:
+        return
+    ref = _model("tied head")
+    v = 2 if schedule.startswith("interleaved") else 1
+    layers = _factories(ref)
+    if pp_world.pp_rank == pp_world.pp - 1:  # the head's copy starts off: the first owner's values win
+        layers[8] = lambda: _perturbed(copy.deepcopy(ref[8]))
+    pipe = mpimp.Pipeline(layers, pp_world, chunks=3, loss_fn=_loss, schedule=schedule, virtual_stages=v,
+                          balance=BALANCE.get((p, v)), shared=[["0.weight", "8.weight"]])
+    assert len(pipe._tied) == (1 if p == 1 or pp_world.pp_rank in (0, p - 1) else 0)
+    _compare(pipe, ref, grads=False)
+    x, y = _data(6, seed=8)
+    _step(pp_world, pipe, ref, x, y)
+    _step(pp_world, pipe, ref, x.flip(0), y)  # accumulated without zero_grad
+    _compare(pipe, ref, grads=True)
+    torch.optim.SGD(pipe.parameters(), lr=0.5).step()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    _compare(pipe, ref, grads=False)
+    pipe.close()
+
+
+def _perturbed(layer: nn.Module) -> nn.Module:
+    with torch.no_grad():
+        for q in layer.parameters():
+            q.add_(1.0)
+    return layer
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("p", [1, 2])
+@pytest.mark.parametrize("shared,why", [
+    ([["0.weight", "8.nope"]], "layer 8 has no parameter 'nope'"),
+    ([["0.weight", "x.weight"]], "not '<layer index>.<parameter name>'"),
+    ([["0.weight", "9.weight"]], "layer index in 0..8"),
+    ([["0.weight"]], "groups of two or more parameter names"),
+    ([["0.weight", "8.weight"], ["8.weight", "1.weight"]], "is in two groups"),
+])
+def test_bad_shared_names_raise_on_every_rank(pp_world: mpimp.Topology | None, p: int, shared: list,
+                                              why: str) -> None:
+    if pp_world is None:
+        return
+    ref = _model("tied head")
+    with pytest.raises(ConfigError, match=re.escape(why)):
+        mpimp.Pipeline(_factories(ref), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
+                       balance=BALANCE.get((p, 1)), shared=shared)
+    pipe = mpimp.Pipeline(_factories(ref), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
+                          balance=BALANCE.get((p, 1)), shared=[["0.weight", "8.weight"]])
+    _step(pp_world, pipe, ref, *_data(4, seed=9))  # the same ranks build a working pipeline afterwards
+    pipe.close()

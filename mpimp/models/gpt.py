@@ -29,14 +29,13 @@ from __future__ import annotations
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
 import torch
 from mpi4py import MPI
 from torch import nn
 
 from ..autograd import copy_to_parallel, gather_from_parallel
-from ..comm import all_reduce
 from ..errors import ConfigError, rank_prefix
 from ..nn.layers import (
     ParallelLayerNorm,
@@ -253,39 +252,29 @@ class GPT(nn.Module):
 
 class PipelineParts(NamedTuple):
     """What ``mpimp.Pipeline`` needs to run the GPT: ``Pipeline(parts.layers, topo,
-    loss_fn=parts.loss_fn, after_backward=parts.after_backward, ...)``."""
+    loss_fn=parts.loss_fn, shared=parts.shared, ...)``."""
 
     layers: list[Callable[[], nn.Module]]
     loss_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
-    after_backward: Callable[[Any], None]
+    shared: list[list[str]]
 
 
 class _GPTStages:
-    """The layer factories, the loss and the tied-weight gradient sum of a pipelined GPT."""
+    """The layer factories and the loss of a pipelined GPT."""
 
     def __init__(self, config: GPTConfig, topo: Topology) -> None:
         config.check(topo.tp)
         self.config, self.topo, self.comm = config, topo, topo.tp_comm
         self.seed = _agree_seed(config, topo)
-        self.built: dict[int, nn.Module] = {}
-        self.tie_comm: MPI.Comm | None = None
-        if config.tied_embeddings and topo.pp > 1:  # collective over pp_comm, at construction
-            ends = topo.pp_rank in (0, topo.pp - 1)
-            comm = topo.pp_comm.Split(0 if ends else MPI.UNDEFINED, key=topo.pp_rank)
-            self.tie_comm = comm if comm != MPI.COMM_NULL else None
 
     def _make(self, index: int) -> nn.Module:
         c, L = self.config, self.config.n_layers
         if index == 0:
-            module: nn.Module = GPTEmbedding(c, self.comm, _layer_generator(self.seed, 0))
-        elif index <= L:
-            module = GPTBlock(c, self.comm, _layer_generator(self.seed, index))
-        else:
-            gen_index = 0 if c.tied_embeddings else L + 1
-            module = GPTHead(c, self.comm, _layer_generator(self.seed, gen_index))
-        if not any(q.is_meta for q in module.parameters()):  # not the pipeline's parameter count
-            self.built[index] = module
-        return module
+            return GPTEmbedding(c, self.comm, _layer_generator(self.seed, 0))
+        if index <= L:
+            return GPTBlock(c, self.comm, _layer_generator(self.seed, index))
+        gen_index = 0 if c.tied_embeddings else L + 1
+        return GPTHead(c, self.comm, _layer_generator(self.seed, gen_index))
 
     def factories(self) -> list[Callable[[], nn.Module]]:
         return [lambda i=i: self._make(i) for i in range(self.config.n_layers + 2)]
@@ -293,45 +282,26 @@ class _GPTStages:
     def loss_fn(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         return vocab_parallel_cross_entropy(output, target, self.comm, vocab_size=self.config.vocab_size)
 
-    def after_backward(self, pipe: Any = None) -> None:
-        """Sum the gradients of the two copies of a tied token table (first and last stage)."""
+    def shared(self) -> list[list[str]]:
+        """The tied token table: the embedding's and the head's copies are one weight."""
         if not self.config.tied_embeddings:
-            return
-        local = dict(self.built)
-        stages = getattr(pipe, "stages", None)
-        if stages is not None:  # the layers the pipeline actually holds, by global index
-            mods = [m for s in sorted(stages) for m in stages[s]]
-            local = dict(zip(pipe.layer_indices, mods))
-        embed = local.get(0)
-        head = local.get(self.config.n_layers + 1)
-        weights = [m.tok.weight for m in (embed,) if isinstance(m, GPTEmbedding)]
-        weights += [m.weight for m in (head,) if isinstance(m, GPTHead)]
-        for w in weights:
-            if w.grad is None:
-                w.grad = torch.zeros_like(w)
-        if self.tie_comm is not None and weights:
-            all_reduce(weights[0].grad, self.tie_comm)
-        elif len(weights) == 2:  # both copies on this rank (pp = 1)
-            total = weights[0].grad + weights[1].grad
-            weights[0].grad.copy_(total)
-            weights[1].grad.copy_(total)
+            return []
+        return [["0.tok.weight", f"{self.config.n_layers + 1}.weight"]]
 
 
 def gpt_pipeline_layers(config: GPTConfig, topo: Topology) -> PipelineParts:
     """The GPT as ``n_layers + 2`` zero-argument layer factories for ``mpimp.Pipeline``:
     embedding, blocks, final norm + head (producing vocabulary-parallel logits); the
     matching ``loss_fn(logits, targets)`` (vocabulary-parallel cross-entropy over
-    ``topo.tp_comm``); and ``after_backward(pipe)``, which with tied embeddings sums the
-    token-table gradients of the first and the last stage (over a communicator of the
-    two, one per (dp, tp) column) so both copies take the same optimizer step.  It sums
-    the whole ``.grad``: zero the gradients between steps (the trainer does), since with
-    gradients accumulated over several ``train_step`` calls the earlier steps' share of
-    the table would be summed again.  (``mpimp.Pipeline`` ties weights shared by the
-    modules it is given itself, step by step; factories are built on their owner only.)
+    ``topo.tp_comm``); and ``shared``, the names of the tied token table's two copies
+    (the embedding's and the head's) for ``Pipeline(shared=...)``, which keeps them one
+    weight: equal at the start and their gradients summed after every backward, over a
+    communicator of the first and the last pipeline rank (one per (dp, tp) column), or
+    on one rank when both layers are there.
 
     Collective over ``topo.world`` (call it on every rank, with the same
     ``torch.manual_seed`` as for the single-process model: the layers are then equal to
     ``GPT(config, ...)``'s).  Factories build one layer each, on the stage that owns it.
     """
     stages = _GPTStages(config, topo)
-    return PipelineParts(stages.factories(), stages.loss_fn, stages.after_backward)
+    return PipelineParts(stages.factories(), stages.loss_fn, stages.shared())
