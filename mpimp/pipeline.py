@@ -270,14 +270,24 @@ class Pipeline(StageExecutor):
         rank_of = {i: self.owner[s] for s, (lo, hi) in enumerate(bounds) for i in range(lo, hi)}
         local = dict(zip(self.layer_indices, [m for s in self.local_stages for m in self.stages[s]]))
         named, problem = _named_groups(shared, len(specs))
-        taken = {use for u in named for use in u}
         uses: dict[int, list[tuple[int, str]]] = {}
         for i, spec in enumerate(specs):
             if isinstance(spec, nn.Module):
                 for name, q in spec.named_parameters():
                     uses.setdefault(id(q), []).append((i, name))
-        found = [tuple(u) for u in uses.values()
-                 if len({rank_of[i] for i, _ in u}) > 1 and not taken.intersection(u)]
+        identity = [tuple(u) for u in uses.values() if len(u) > 1]
+        # a named group takes in the other uses of a parameter it names (one module at two places)
+        named = [g + tuple(use for h in identity if set(h) & set(g) for use in h if use not in g) for g in named]
+        counted: dict[tuple[int, str], int] = {}
+        for g in named:
+            for use in g:
+                counted[use] = counted.get(use, 0) + 1
+        twice = [use for use, n in counted.items() if n > 1]
+        if twice and problem is None:
+            problem = (f"shared: layer {twice[0][0]} {twice[0][1]} falls in two groups (a parameter the modules "
+                       f"already share counts as the same weight); put everything that is one weight in one group")
+        taken = set(counted)
+        found = [h for h in identity if len({rank_of[i] for i, _ in h}) > 1 and not taken.intersection(h)]
         groups = sorted(found) + named  # (found ones in a canonical order, then the named ones)
         copies: list[list[nn.Parameter]] = []
         for u in groups:
@@ -291,14 +301,23 @@ class Pipeline(StageExecutor):
                     elif q is not None:
                         mine.setdefault(id(q), q)
             copies.append(list(mine.values()))
+        kinds = [sorted({(tuple(q.shape), str(q.dtype).removeprefix("torch.")) for q in mine}) for mine in copies]
         owners = [tuple(sorted({rank_of[i] for i, _ in u})) for u in groups]
         if self.topo.pp > 1:
             seen = guarded("Pipeline: allgather of the weights shared between stages",
-                           lambda: self.comm.allgather((groups, problem)))
+                           lambda: self.comm.allgather((groups, problem, kinds)))
         else:
-            seen = [(groups, problem)]
-        problems = [why for _, why in seen if why is not None]
-        differ = next((r for r, (theirs, _) in enumerate(seen) if theirs != groups), None)
+            seen = [(groups, problem, kinds)]
+        problems = [why for _, why, _ in seen if why is not None]
+        differ = next((r for r, (theirs, _, _) in enumerate(seen) if theirs != groups), None)
+        if not problems and differ is None:  # one shape and dtype for all copies of each weight
+            for k, u in enumerate(groups):
+                every = sorted({kind for _, _, theirs in seen for kind in theirs[k]})
+                if len(every) > 1:
+                    problems.append(f"the copies of the shared weight {_uses(u)} differ in shape or dtype: "
+                                    f"{', '.join(f'{list(shape)} {dtype}' for shape, dtype in every)}; "
+                                    f"only copies of one weight can be tied")
+                    break
         if problems or differ is not None:  # (seen by every rank: each raises, after freeing the private comm)
             self.comm.Free()
             if problems:

@@ -273,16 +273,43 @@ def _perturbed(layer: nn.Module) -> nn.Module:
     ([["0.weight", "9.weight"]], "layer index in 0..8"),
     ([["0.weight"]], "groups of two or more parameter names"),
     ([["0.weight", "8.weight"], ["8.weight", "1.weight"]], "is in two groups"),
+    ([["1.bias", "3.weight"]], "differ in shape or dtype: [6] float32, [6, 6] float32"),
+    ([["1.bias", "7.bias"], ["3.bias", "5.bias"]], "falls in two groups"),  # (layers 1 and 5: one module)
 ])
 def test_bad_shared_names_raise_on_every_rank(pp_world: mpimp.Topology | None, p: int, shared: list,
                                               why: str) -> None:
     if pp_world is None:
         return
-    ref = _model("tied head")
+    modules = "falls in two" in why  # (sharing by identity needs the modules themselves)
+    ref = _model("one module twice" if modules else "tied head")
     with pytest.raises(ConfigError, match=re.escape(why)):
-        mpimp.Pipeline(_factories(ref), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
+        mpimp.Pipeline(copy.deepcopy(ref) if modules else _factories(ref), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
                        balance=BALANCE.get((p, 1)), shared=shared)
+    ref = _model("tied head")
     pipe = mpimp.Pipeline(_factories(ref), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
                           balance=BALANCE.get((p, 1)), shared=[["0.weight", "8.weight"]])
     _step(pp_world, pipe, ref, *_data(4, seed=9))  # the same ranks build a working pipeline afterwards
+    pipe.close()
+
+
+@pytest.mark.mpi(min_size=1)
+@pytest.mark.parametrize("p", [1, 2])
+def test_a_named_group_takes_in_a_modules_other_places(pp_world: mpimp.Topology | None, p: int) -> None:
+    """Layers 1 and 5 are one module, layer 3 a separate copy of it named with layer 1 in
+    ``shared``: the three are one weight, as in the reference where all three are one
+    module (on rank 1 at p = 2, layers 3 and 5 are two copies summed there first)."""
+    if pp_world is None:
+        return
+    ref = _model("one module twice")
+    ref[3] = ref[1]
+    model = copy.deepcopy(ref)
+    model[3] = copy.deepcopy(model[1])
+    pipe = mpimp.Pipeline(model, pp_world, chunks=2, loss_fn=_loss, schedule="1f1b", balance=BALANCE.get((p, 1)),
+                          shared=[["1.weight", "3.weight"], ["1.bias", "3.bias"]])
+    x, y = _data(4, seed=10)
+    _step(pp_world, pipe, ref, x, y)
+    _compare(pipe, ref, grads=True)
+    torch.optim.SGD(pipe.parameters(), lr=0.5).step()
+    torch.optim.SGD(ref.parameters(), lr=0.5).step()
+    _compare(pipe, ref, grads=False)
     pipe.close()
