@@ -41,6 +41,7 @@ are averaged over ``topo.dp_comm`` by :func:`mpimp.data_parallel.reduce_gradient
 from __future__ import annotations
 
 import time
+from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
 from typing import Any, Union
 
@@ -72,7 +73,6 @@ def _uses(uses: Sequence[tuple[int, str]]) -> str:
 def _named_groups(shared: Sequence[Sequence[str]], n: int) -> tuple[list[tuple[tuple[int, str], ...]], str | None]:
     """``shared``'s groups as ``((layer, name), ...)``, and what is wrong with it (None: nothing)."""
     groups: list[tuple[tuple[int, str], ...]] = []
-    seen: set[tuple[int, str]] = set()
     for group in shared:
         if isinstance(group, str) or len(group) < 2:
             return [], (f"shared={list(shared)!r}: give groups of two or more parameter names, "
@@ -83,9 +83,6 @@ def _named_groups(shared: Sequence[Sequence[str]], n: int) -> tuple[list[tuple[t
             if not head.isdigit() or not name or not 0 <= int(head) < n:
                 return [], (f"shared: {text!r} is not '<layer index>.<parameter name>' with a layer index in "
                             f"0..{n - 1} (the names of Pipeline.named_parameters())")
-            if (int(head), name) in seen:
-                return [], f"shared: {text!r} is in two groups; list each shared weight once"
-            seen.add((int(head), name))
             uses.append((int(head), name))
         groups.append(tuple(uses))
     return groups, None
@@ -278,13 +275,10 @@ class Pipeline(StageExecutor):
         identity = [tuple(u) for u in uses.values() if len(u) > 1]
         # a named group takes in the other uses of a parameter it names (one module at two places)
         named = [g + tuple(use for h in identity if set(h) & set(g) for use in h if use not in g) for g in named]
-        counted: dict[tuple[int, str], int] = {}
-        for g in named:
-            for use in g:
-                counted[use] = counted.get(use, 0) + 1
+        counted = Counter(use for g in named for use in g)  # (a name listed twice, or the same module twice)
         twice = [use for use, n in counted.items() if n > 1]
         if twice and problem is None:
-            problem = (f"shared: layer {twice[0][0]} {twice[0][1]} falls in two groups (a parameter the modules "
+            problem = (f"shared: layer {twice[0][0]} {twice[0][1]} is in two groups (a parameter the modules "
                        f"already share counts as the same weight); put everything that is one weight in one group")
         taken = set(counted)
         found = [h for h in identity if len({rank_of[i] for i, _ in h}) > 1 and not taken.intersection(h)]
@@ -491,13 +485,14 @@ class Pipeline(StageExecutor):
         """
         counts = []
         for copies, comm, uses in self._tied:
-            trained = [q.requires_grad for q in copies]
-            if any(trained) and not all(trained):
+            trains = {q.requires_grad for q in copies}
+            if len(trains) > 1:
                 raise ConfigError(f"rank {self.topo.rank} (pp rank {self.topo.pp_rank}): the copies of the shared "
                                   f"weight {uses} on this rank are frozen on some layers only; set requires_grad "
                                   f"the same on all of them")
-            used = all(trained) and any(q.grad is not None for q in copies)
-            mine = torch.tensor([float(all(trained)), float(used)], dtype=torch.float64)
+            trained = trains == {True}
+            used = trained and any(q.grad is not None for q in copies)
+            mine = torch.tensor([float(trained), float(used)], dtype=torch.float64)
             counts.append(self._wait(iall_reduce(mine, comm)) if comm is not None else mine)
         for (_, comm, uses), (trained, _) in zip(self._tied, counts):
             owners = comm.Get_size() if comm is not None else 1

@@ -274,13 +274,13 @@ def _perturbed(layer: nn.Module) -> nn.Module:
     ([["0.weight"]], "groups of two or more parameter names"),
     ([["0.weight", "8.weight"], ["8.weight", "1.weight"]], "is in two groups"),
     ([["1.bias", "3.weight"]], "differ in shape or dtype: [6] float32, [6, 6] float32"),
-    ([["1.bias", "7.bias"], ["3.bias", "5.bias"]], "falls in two groups"),  # (layers 1 and 5: one module)
+    ([["1.bias", "7.bias"], ["3.bias", "5.bias"]], "layer 1 bias is in two groups"),  # (layers 1 and 5: one module)
 ])
 def test_bad_shared_names_raise_on_every_rank(pp_world: mpimp.Topology | None, p: int, shared: list,
                                               why: str) -> None:
     if pp_world is None:
         return
-    modules = "falls in two" in why  # (sharing by identity needs the modules themselves)
+    modules = "layer 1 bias" in why  # (sharing by identity needs the modules themselves)
     ref = _model("one module twice" if modules else "tied head")
     with pytest.raises(ConfigError, match=re.escape(why)):
         mpimp.Pipeline(copy.deepcopy(ref) if modules else _factories(ref), pp_world, chunks=2, loss_fn=_loss, schedule="1f1b",
