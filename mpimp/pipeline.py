@@ -14,7 +14,7 @@ are split by stage; nothing is replicated (parameters of stage s live only on th
 of stage s, activations and their gradients travel between neighbouring stages).
 
 Execution.  The schedule (``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``,
-``"interleaved-zb"`` or a user table, see :mod:`mpimp.schedule`) is verified offline on every rank, lowered, and
+``"interleaved-zb"``, ``"zb-v"`` or a user table, see :mod:`mpimp.schedule`) is verified offline on every rank, lowered, and
 this rank's row is run by one loop: all receives are posted (as matched probes) at the
 start of the step and tested between computations, sends are ``isend`` and overlap the
 following compute, every wait has the transport's deadline.  Tags encode (direction,
@@ -61,7 +61,7 @@ from .watchdog import guarded
 __all__ = ["Pipeline", "CHECKPOINT_MODES", "SCHEDULES"]
 
 CHECKPOINT_MODES = ("always", "except_last", "never")
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb", "zb-v")
 LayerSpec = Union[nn.Module, Callable[[], nn.Module]]
 
 
@@ -101,12 +101,15 @@ class Pipeline(StageExecutor):
         chunks: number of micro-batches per batch (the batch dim 0 must divide by it).
         loss_fn: ``loss_fn(output, target) -> scalar tensor`` (a mean over the micro-batch).
         schedule: ``"gpipe"``, ``"1f1b"``, ``"interleaved-1f1b"``, ``"zb-h1"``,
-            ``"interleaved-zb"`` or an action table (text or one list of actions per rank, see :mod:`mpimp.schedule`).
+            ``"interleaved-zb"``, ``"zb-v"`` (needs ``virtual_stages=2``) or an action table (text or one
+            list of actions per rank, see :mod:`mpimp.schedule`).
         balance: layers per stage (p x v entries, model order), ``None`` to balance by
             parameter count, or ``"time"`` to balance by forward+backward time measured on
             ``sample`` (then every rank builds every layer once and times its forward + backward,
             the fastest of 3 runs).
-        virtual_stages: v; rank s holds virtual stages s, s + p, ... (the interleaved schedules).
+        virtual_stages: v; rank s holds virtual stages s, s + p, ... (the interleaved schedules),
+            or with ``"zb-v"`` (v = 2) stages s and 2p - 1 - s, a V: rank 0 holds the first and
+            the last stage.  A user's table places each stage on the rank whose row runs it.
         checkpoint: ``"always"``, ``"except_last"`` (every micro-batch but the last) or
             ``"never"``: a checkpointed micro-batch keeps only its stage input and reruns
             the forward just before its backward, with the random state of the first run

@@ -31,7 +31,7 @@ import time
 from dataclasses import replace
 
 from .errors import ConfigError
-from .schedule import BUILDERS, CostModel, build, simulate, spread
+from .schedule import BUILDERS, CostModel, build, default_virtual_stages, simulate, spread
 from .schedule.actions import Table, parse_table
 
 __all__ = ["COMMANDS", "plan", "format_plan"]
@@ -111,7 +111,7 @@ def _add(p: argparse.ArgumentParser) -> None:
     p.add_argument("--schedule", choices=sorted(BUILDERS), default=None,
                    help="schedule to simulate (default: compare all)")
     p.add_argument("--virtual-stages", type=int, default=None,
-                   help="virtual stages per rank (interleaved-1f1b, interleaved-zb; default 2 for them, 1 otherwise)")
+                   help="virtual stages per rank (interleaved-1f1b, interleaved-zb, zb-v; default 2 for them, 1 otherwise)")
     p.add_argument("--f", type=float, default=1.0, help="forward time per micro-batch per stage (s)")
     p.add_argument("--b", type=float, default=1.0, help="input-gradient backward time (s)")
     p.add_argument("--w", type=float, default=1.0, help="weight-gradient backward time (s)")
@@ -171,7 +171,7 @@ def _run(args: argparse.Namespace) -> int:
         rows.append(plan(os.path.basename(args.table), 0, 0, 1, cost, table=text, bind=args.bind))
         names = []
     for name in names:
-        v = args.virtual_stages or (2 if name.startswith("interleaved") else 1)
+        v = args.virtual_stages or default_virtual_stages(name)
         try:
             rows.append(plan(name, args.pp, args.chunks, v, cost, bind=args.bind))
         except ConfigError as exc:

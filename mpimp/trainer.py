@@ -70,9 +70,9 @@ class TrainConfig:
     dp: int | None = _f(None, "data-parallel replicas (default: world size / (pp*tp))", "layout")
     pp: int = _f(1, "pipeline stages", "layout")
     tp: int = _f(1, "tensor-parallel ranks per stage", "layout")
-    schedule: str = _f("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, interleaved-zb", "layout")
+    schedule: str = _f("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, interleaved-zb, zb-v", "layout")
     chunks: int = _f(1, "micro-batches per data-parallel replica and step", "layout")
-    virtual_stages: int = _f(1, "model chunks per pipeline rank (interleaved-1f1b, interleaved-zb)", "layout")
+    virtual_stages: int = _f(1, "model chunks per pipeline rank (interleaved-1f1b, interleaved-zb; zb-v needs 2)", "layout")
     # model
     layers: int = _f(2, "transformer blocks", "model")
     d_model: int = _f(64, "model width", "model")
@@ -349,8 +349,8 @@ class Trainer:
     def train_step(self, msg: StepMessage) -> tuple[float, float]:
         """Forward, backward, clip and update for the message's batch; (loss, grad norm)."""
         mine = self._local_indices(msg.indices)
-        x = self.data.inputs(mine) if self.topo.is_first_stage else None
-        y = self.data.targets(mine) if self.topo.is_last_stage else None
+        x = self.data.inputs(mine) if self.first_stage else None
+        y = self.data.targets(mine) if self.last_stage else None
         for group in self.optimizer.param_groups:
             group["lr"] = msg.lr
         self.optimizer.zero_grad(set_to_none=True)
@@ -401,11 +401,11 @@ class Trainer:
         self._set_train(False)
         for start in range(0, len(mine), per):
             idx = mine[start:start + per]
-            x = self.data.inputs(idx, "eval") if topo.is_first_stage else None
-            y = self.data.targets(idx, "eval") if topo.is_last_stage else None
+            x = self.data.inputs(idx, "eval") if self.first_stage else None
+            y = self.data.targets(idx, "eval") if self.last_stage else None
             with self._autocast():
                 logits = self._forward_logits(x, len(idx))
-            if not topo.is_last_stage:
+            if not self.last_stage:
                 continue
             losses = vocab_parallel_cross_entropy(logits.float(), y, topo.tp_comm, vocab_size=self.vocab_size,
                                                   ignore_index=IGNORE_INDEX, reduction="none")
@@ -419,7 +419,7 @@ class Trainer:
             sums["rows"] += len(idx)
         self._set_train(True)
         keys = list(sums)
-        total = reduce_to_root(topo.world, sums, topo.is_last_stage and topo.tp_rank == 0, keys)
+        total = reduce_to_root(topo.world, sums, self.last_stage and topo.tp_rank == 0, keys)
         if total is None:
             return None
         exact = isinstance(self.data, ReverseTask)
@@ -466,7 +466,7 @@ class Trainer:
                     bubble = self._bubble()
                     self._train_timeline = self.timeline()  # before an evaluation's forward replaces it
                     # the loss from the last stages (tp rank 0 of each replica), the bubble from all
-                    last = topo.is_last_stage and topo.tp_rank == 0
+                    last = self.last_stage and topo.tp_rank == 0
                     local = np.array([loss if last else 0.0, float(last), bubble or 0.0])
                     total = np.zeros(3) if root else None
                     guarded(f"step {step}: Reduce of the loss and bubble onto rank 0",
@@ -638,6 +638,10 @@ class Trainer:
                 for m in self._modules():
                     if isinstance(m, GPTHead):
                         m.weight.mpimp_tied_copy = True  # type: ignore[attr-defined]
+        # which pipeline rank holds the first and the last stage: the schedule's placement (zb-v's
+        # V puts both on pipeline rank 0), not pp rank 0 and pp - 1
+        self.first_stage = self.pipe is None or self.pipe.owner[0] == topo.pp_rank
+        self.last_stage = self.pipe is None or self.pipe.owner[self.pipe.num_stages - 1] == topo.pp_rank
         self.num_parameters_cached = self.num_parameters()
 
     def _modules(self) -> list[torch.nn.Module]:

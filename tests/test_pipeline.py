@@ -16,9 +16,10 @@ from mpi4py import MPI
 from torch import nn
 
 import mpimp
+from mpimp.schedule import default_virtual_stages, v_owner
 
 TOL = 1e-5
-SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb")
+SCHEDULES = ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb", "zb-v")
 
 
 def _layers(seed: int = 0, width: int = 12) -> nn.Sequential:
@@ -71,7 +72,7 @@ def _cases() -> list[tuple[str, int, int]]:
 def test_pipeline_equals_single_process(pp_world: mpimp.Topology | None, schedule: str, p: int, m: int) -> None:
     if pp_world is None:
         return
-    v = 2 if schedule.startswith("interleaved") else 1
+    v = default_virtual_stages(schedule)
     ref = _layers()
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule=schedule,
                           virtual_stages=v)
@@ -105,7 +106,7 @@ def test_checkpointing_is_transparent(pp_world: mpimp.Topology | None, schedule:
         return
     ref = _layers(3)
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule=schedule,
-                          virtual_stages=2 if schedule.startswith("interleaved") else 1, checkpoint=checkpoint)
+                          virtual_stages=default_virtual_stages(schedule), checkpoint=checkpoint)
     x, y = _data(2 * m, seed=4)
     _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
     pipe.close()
@@ -130,7 +131,7 @@ def test_checkpoint_recompute_leaves_batchnorm_statistics_alone(pp_world: mpimp.
         mods += [nn.Linear(8, 8), nn.BatchNorm1d(8), nn.Tanh()]
     mods += [nn.BatchNorm1d(8, momentum=None), nn.Linear(8, 3)]
     ref = nn.Sequential(*mods)
-    v = 2 if schedule.startswith("interleaved") else 1
+    v = default_virtual_stages(schedule)
     if p * v > len(ref):
         pytest.skip(f"{p} x {v} stages for {len(ref)} layers")
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), checkpoint=checkpoint,
@@ -168,13 +169,14 @@ _UNEVEN = {  # 9 layers; interleaved: p x 2 virtual stages
 def test_uneven_balance(pp_world: mpimp.Topology | None, p: int, k: int, schedule: str, checkpoint: str) -> None:
     if pp_world is None:
         return
-    v = 2 if schedule.startswith("interleaved") else 1
+    v = default_virtual_stages(schedule)
     balance = _UNEVEN[(p, v)][k]
     ref = _layers(5)
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=p + 1, loss_fn=nn.MSELoss(), schedule=schedule,
                           balance=balance, virtual_stages=v, checkpoint=checkpoint)
     starts = [sum(balance[:s]) for s in range(p * v)]
-    mine = [i for s in range(pp_world.pp_rank, p * v, p) for i in range(starts[s], starts[s] + balance[s])]
+    home = v_owner(p) if schedule == "zb-v" else [s % p for s in range(p * v)]  # the stage -> rank placement
+    mine = [i for s in range(p * v) if home[s] == pp_world.pp_rank for i in range(starts[s], starts[s] + balance[s])]
     assert pipe.layer_indices == mine
     x, y = _data(2 * (p + 1), seed=6)
     _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())

@@ -21,6 +21,7 @@ from torch import nn
 
 import mpimp
 from mpimp.errors import ConfigError
+from mpimp.schedule import default_virtual_stages, v_owner
 
 TOL = 1e-5
 VOCAB, WIDTH, SEQ = 11, 6, 5
@@ -80,21 +81,27 @@ BALANCE = {(2, 1): [3, 6], (4, 1): [2, 2, 2, 3], (2, 2): [2, 4, 1, 2], (4, 2): [
 @pytest.mark.mpi(min_size=1)
 @pytest.mark.parametrize("p", [1, 2, 4])
 @pytest.mark.parametrize("case", ["tied head", "one module twice"])
-@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb-h1", "interleaved-zb"])
+@pytest.mark.parametrize("schedule", ["1f1b", "gpipe", "zb-h1", "interleaved-zb", "zb-v"])
 @pytest.mark.parametrize("checkpoint", ["never", "always"])
 def test_a_weight_shared_across_ranks_gets_its_whole_gradient(pp_world: mpimp.Topology | None, p: int,
                                                              case: str, schedule: str, checkpoint: str) -> None:
     if pp_world is None:
         return
     ref = _model(case)
-    v = 2 if schedule.startswith("interleaved") else 1
+    v = default_virtual_stages(schedule)
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=3, loss_fn=_loss, schedule=schedule,
                           virtual_stages=v, balance=BALANCE.get((p, v)), checkpoint=checkpoint)
     shared_layers = (0, 8) if case == "tied head" else (1, 5)
     holds = any(i in pipe.layer_indices for i in shared_layers)
     holders = [r for r, h in enumerate(pp_world.pp_comm.allgather(holds)) if h]
-    assert len(holders) == (2 if p > 1 else 1)  # the balance split the shared layers
-    assert bool(pipe._tied) == (p > 1 and holds)  # tied exactly on the ranks holding a copy
+    # the balance splits the shared layers over two ranks; zb-v's V puts the first and the
+    # last stage on rank 0, so there a tied head is one weight on one rank, with no tie
+    home = v_owner(p) if schedule == "zb-v" else [s % p for s in range(p * v)]
+    stage_of = [s for s, n in enumerate(pipe.balance) for _ in range(n)]
+    expected = len({home[stage_of[i]] for i in shared_layers})
+    assert expected == (1 if p == 1 or (schedule, case) == ("zb-v", "tied head") else 2)
+    assert len(holders) == expected
+    assert bool(pipe._tied) == (expected > 1 and holds)  # tied exactly on the ranks holding a copy
     x, y = _data(6, seed=3)
     _step(pp_world, pipe, ref, x, y)
     assert _compare(pipe, ref, grads=True) > 0
@@ -240,7 +247,7 @@ def test_layer_factories_share_a_weight_by_name(pp_world: mpimp.Topology | None,
     if pp_world is None:
         return
     ref = _model("tied head")
-    v = 2 if schedule.startswith("interleaved") else 1
+    v = default_virtual_stages(schedule)
     layers = _factories(ref)
     if pp_world.pp_rank == pp_world.pp - 1:  # the head's copy starts off: the first owner's values win
         layers[8] = lambda: _perturbed(copy.deepcopy(ref[8]))

@@ -13,12 +13,15 @@ from mpimp.schedule import (
     CostModel,
     ScheduleError,
     build,
+    default_virtual_stages,
     format_table,
     interleaved_1f1b,
     lower,
     parse_action,
     parse_table,
     simulate,
+    stage_owners,
+    v_owner,
     verify,
 )
 from mpimp.schedule.partition import balance_by_cost, check_balance
@@ -33,10 +36,10 @@ def _ms(p: int) -> list[int]:
 
 def _cases() -> list[tuple[str, int, int, int]]:
     out = []
-    for name in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb"):
+    for name in ("gpipe", "1f1b", "interleaved-1f1b", "zb-h1", "interleaved-zb", "zb-v"):
         for p in PS:
             for m in _ms(p):
-                for v in ((1, 2) if name.startswith("interleaved") else (1,)):
+                for v in ((1, 2) if name.startswith("interleaved") else (2,) if name == "zb-v" else (1,)):
                     out.append((name, p, m, v))
     return out
 
@@ -63,6 +66,17 @@ def test_every_builder_verifies(name: str, p: int, m: int, v: int) -> None:
         # held-back W's keep their micro-batches, at most that many more in flight
         assert simulate(table, unit, m).step_time < simulate(base, unit, m).step_time
         assert all(z <= b + k for z, b, k in zip(report.peak_inflight, verify(base, m).peak_inflight, held))
+        return
+    if name == "zb-v":  # a V: rank r holds stages r and 2p - 1 - r; W's only where a B was split
+        assert stage_owners(table) == dict(enumerate(v_owner(p)))
+        base = build("interleaved-1f1b", p, m, 2)
+        free, dear = CostModel(f=1, b=1, w=1), CostModel(f=1, b=1.05, w=1.05, full=2)
+        # strictly faster than interleaved 1F1B on unit costs, with splits free or 5% dearer, and
+        # never slower than interleaved-zb when splits are free (on this grid)
+        for cost in (free, dear):
+            assert simulate(table, cost, m).step_time < simulate(base, cost, m).step_time
+        assert simulate(table, free, m).step_time <= simulate(build("interleaved-zb", p, m, 2), free, m).step_time
+        assert max(report.peak_inflight) <= min(3 * p, 2 * m)
         return
     assert ws == ([(s, i) for s in range(p) for i in range(m)] if name == "zb-h1" else [])
     # peak in-flight micro-batches (held from F until the end of their backward)
@@ -198,6 +212,8 @@ def test_builder_option_errors() -> None:
         build("1f1b", 2, 4, 2)
     with pytest.raises(ConfigError, match="unknown schedule"):
         build("pipedream", 2, 4)
+    with pytest.raises(ConfigError, match="'zb-v' places two stages on each rank.*virtual_stages=1: pass virtual_stages=2"):
+        build("zb-v", 2, 4, 1)
     with pytest.raises(ConfigError, match=">= 1"):
         build("gpipe", 2, 0)
 
@@ -238,7 +254,7 @@ def test_simulator_shares_cores_between_ranks() -> None:
     base = CostModel(f=1.0, b=2.0, w=0.5)
     for name, p, m in (("gpipe", 2, 4), ("1f1b", 4, 8), ("zb-h1", 4, 8), ("interleaved-1f1b", 2, 4),
                        ("interleaved-zb", 2, 8)):
-        v = 2 if name.startswith("interleaved") else 1
+        v = default_virtual_stages(name)
         table = build(name, p, m, v)
         alone = simulate(table, base, m)
         same = simulate(table, CostModel(f=1.0, b=2.0, w=0.5, cores=p), m)  # a core each: unchanged

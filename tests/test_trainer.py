@@ -133,6 +133,33 @@ def test_losses_agree_across_layouts_and_outputs_are_valid(comm: MPI.Comm) -> No
 
 
 @pytest.mark.mpi(min_size=2)
+def test_zb_v_puts_the_loss_on_pipeline_rank_0_and_trains_like_one_process(comm: MPI.Comm) -> None:
+    """zb-v's V holds the first and the last stage on pipeline rank 0: the trainer feeds the
+    targets there and takes the loss and the evaluation from there, at pp = 2 (and pp = 2 x
+    tp = 2 on 4 ranks), matching the single-process torch losses step by step."""
+    size, rank = comm.Get_size(), comm.Get_rank()
+    tp = 2 if size >= 4 else 1
+    k = 2 * tp
+    out_root = _shared_tmpdir(comm)
+    cfg = dict(TINY, schedule="zb-v", virtual_stages=2)
+    ref = _reference_losses(TrainConfig(**TINY)) if rank == 0 else None
+    sub = comm.Split(0 if rank < k else MPI.UNDEFINED, key=rank)
+    if sub != MPI.COMM_NULL:
+        trainer = Trainer(TrainConfig(**cfg, pp=2, tp=tp, out=out_root), comm=sub)
+        assert trainer.pipe.owner[0] == trainer.pipe.owner[trainer.pipe.num_stages - 1] == 0
+        assert trainer.first_stage == trainer.last_stage == (trainer.topo.pp_rank == 0)
+        trainer.fit()
+        trainer.close()
+        sub.Free()
+    comm.Barrier()
+    if rank == 0:
+        rows = _read_jsonl(os.path.join(out_root, "metrics.jsonl"))
+        np.testing.assert_allclose([r["loss"] for r in rows if "loss" in r], ref, atol=1e-4, rtol=0)
+        evals = [r for r in rows if "eval_loss" in r]
+        assert [e["step"] for e in evals] == [4, 9] and all(0 <= e["accuracy"] <= 1 for e in evals)
+
+
+@pytest.mark.mpi(min_size=2)
 def test_bf16_tracks_fp32(comm: MPI.Comm) -> None:
     """bf16 autocast with fp32 master weights at pp = 2 (activations cross as bf16): close to fp32."""
     rank = comm.Get_rank()

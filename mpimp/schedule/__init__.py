@@ -20,7 +20,18 @@ from .actions import (
     parse_table,
     stage_owners,
 )
-from .builders import BUILDERS, build, gpipe, interleaved_1f1b, interleaved_zb, one_f_one_b, zb_h1
+from .builders import (
+    BUILDERS,
+    build,
+    default_virtual_stages,
+    gpipe,
+    interleaved_1f1b,
+    interleaved_zb,
+    one_f_one_b,
+    v_owner,
+    zb_h1,
+    zb_v,
+)
 from .verify import CostModel, Report, ScheduleError, format_grid, simulate, spread, verify
 
 __all__ = [
@@ -41,6 +52,9 @@ __all__ = [
     "interleaved_zb",
     "interleaved_1f1b",
     "zb_h1",
+    "zb_v",
+    "v_owner",
+    "default_virtual_stages",
     "CostModel",
     "Report",
     "ScheduleError",

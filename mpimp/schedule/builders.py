@@ -24,17 +24,23 @@ a..h: B of micro-batch 0..7, w: weight gradient, . idle; one column = one time u
   1F1B's order with rank r holding back r weight gradients to fill the drain bubble.
 * ``interleaved-zb``: interleaved 1F1B's order with a zero-bubble drain: rank r splits
   its last ``2 r v`` backwards and runs each W where it would otherwise wait.
+* ``zb-v``: two stages per rank in a V (rank r holds stages r and 2p - 1 - r, so rank 0
+  holds the first and the last), after Qi et al., 2024, "Pipeline Parallelism with
+  Controllable Memory": the rank holding the loss also starts the step, so no rank
+  waits for a fill before it, and the two stages of rank p - 1 hand over locally.
 """
 
 from __future__ import annotations
 
+import functools
 from collections import deque
 from collections.abc import Callable
 
 from ..errors import ConfigError
 from .actions import Action, Table
 
-__all__ = ["gpipe", "one_f_one_b", "interleaved_1f1b", "zb_h1", "interleaved_zb", "build", "BUILDERS"]
+__all__ = ["gpipe", "one_f_one_b", "interleaved_1f1b", "zb_h1", "interleaved_zb", "zb_v", "v_owner", "build",
+           "BUILDERS", "default_virtual_stages"]
 
 
 def _check(name: str, p: int, m: int, v: int = 1) -> None:
@@ -206,13 +212,179 @@ def interleaved_zb(p: int, m: int, v: int = 2) -> Table:
     return rows
 
 
+# A split B or W costs this much of half an unsplit backward when zb-v places them: the
+# benchmark's stages measured B + W at 1.03-1.07x one backward (docs/benchmarks.md), so a
+# split is only worth it where it shortens the step.
+_SPLIT_COST = 1.05
+# zb-v searches which backwards to split when the pipeline has at most this many
+# (stage, micro-batch) pairs; above it every backward is split (the search is quadratic).
+_SEARCH_PAIRS = 128
+
+
+def v_owner(p: int) -> list[int]:
+    """The V placement of ``2p`` stages on ``p`` ranks: stage s on rank s for s < p, else on
+    rank 2p - 1 - s (rank r holds stages r and 2p - 1 - r)."""
+    return [s if s < p else 2 * p - 1 - s for s in range(2 * p)]
+
+
+def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Table, float]:
+    """List-schedule the V on unit costs; returns every rank's row and the step time.
+
+    Costs: F = 1, an unsplit backward 2, a split B or W ``_SPLIT_COST`` each, messages
+    free.  The rank that can start an action earliest goes next (ties: the lower rank), so
+    no later decision can make an earlier one wrong.  A rank runs, of what is ready when it
+    is free: a B (the lower stage first, then the older micro-batch: the input gradient
+    travels back up the V to rank 0), else an F (the older micro-batch first, then the
+    later stage), else its oldest held-back W; when nothing is ready it waits for the
+    earliest input.  An F on a rank's first stage (s < p) waits while the rank holds
+    ``cap`` micro-batches' activations (F done, backward not finished; W included), so
+    memory stays bounded; the second stage's F's always run (they lead to the B's that
+    free memory, so the cap never blocks the V).  ``split``: the (stage, micro-batch)
+    pairs whose backward is split into B and a held-back W.
+    """
+    stages = 2 * p
+    owner = v_owner(p)
+    mine = [(r, stages - 1 - r) for r in range(p)]
+    end: dict[tuple[int, str, int], float] = {}
+    next_f, next_b = [0] * stages, [0] * stages
+    held: list[deque[Action]] = [deque() for _ in range(p)]
+    live, clock, left = [0] * p, [0.0] * p, [4 * m] * p
+    rows: Table = [[] for _ in range(p)]
+    never = float("inf")
+
+    def options(r: int) -> list[tuple[float, tuple[int, int, int], int, str]]:
+        out = []
+        for s in mine[r]:
+            i = next_b[s]
+            if i < m:
+                f_end = end.get((s, "F", i))
+                g_end = end.get((s + 1, "B", i)) if s < stages - 1 else 0.0
+                if f_end is not None and g_end is not None:
+                    out.append((max(f_end, g_end), (0, s, i), s, "B"))
+            i = next_f[s]
+            if i < m and (s >= p or live[r] < cap):
+                x_end = end.get((s - 1, "F", i)) if s > 0 else 0.0
+                if x_end is not None:
+                    out.append((x_end, (1, i, -s), s, "F"))
+        return out
+
+    def decision(r: int) -> float:
+        if not left[r] and not held[r]:
+            return never
+        ready = [o[0] for o in options(r)]
+        if held[r] or any(t <= clock[r] for t in ready):
+            return clock[r]
+        return min(ready, default=never)
+
+    when = [decision(r) for r in range(p)]
+    while True:
+        r = min(range(p), key=when.__getitem__)
+        now = when[r]
+        if now == never:
+            if any(left) or any(held):  # cannot happen: the second stages always run
+                raise ConfigError(f"zb-v placement stalled for p={p}, m={m}, cap={cap} (a bug in mpimp)")
+            break
+        ready = [o for o in options(r) if o[0] <= now]
+        if ready:
+            _, _, s, kind = min(ready, key=lambda o: o[1])
+            if kind == "B":
+                i = next_b[s]
+                next_b[s] += 1
+                if (s, i) in split:
+                    cost = _SPLIT_COST
+                    held[r].append(Action(s, "W", i))
+                else:
+                    cost = 2.0
+                    live[r] -= 1
+            else:
+                i = next_f[s]
+                next_f[s] += 1
+                live[r] += 1
+                cost = 1.0
+            left[r] -= 1
+            a = Action(s, kind, i)
+        else:
+            a = held[r].popleft()
+            cost = _SPLIT_COST
+            live[r] -= 1
+        clock[r] = now + cost
+        end[(a.stage, a.kind, a.mb)] = clock[r]
+        rows[r].append(a)
+        touched = {r}
+        if a.kind == "F" and a.stage + 1 < stages:
+            touched.add(owner[a.stage + 1])
+        if a.kind == "B" and a.stage > 0:
+            touched.add(owner[a.stage - 1])
+        for q in touched:
+            when[q] = decision(q)
+    return rows, max(clock)
+
+
+@functools.lru_cache(maxsize=64)
+def _zb_v_rows(p: int, m: int) -> tuple[tuple[Action, ...], ...]:
+    cap = 2 * p + 1
+    pairs = [(s, i) for i in range(m) for s in range(2 * p)]
+    every = set(pairs)
+    if len(pairs) > _SEARCH_PAIRS:
+        return tuple(tuple(row) for row in _v_place(p, m, every, cap)[0])
+    best: tuple[float, int, list[tuple[int, int]]] | None = None
+    for start in (every, set()):
+        split = set(start)
+        step = _v_place(p, m, split, cap)[1]
+        for pair in pairs:  # one pass, oldest micro-batch first: keep a change that shortens the step
+            trial = split ^ {pair}
+            t = _v_place(p, m, trial, cap)[1]
+            if t < step - 1e-9:
+                split, step = trial, t
+        found = (step, len(split), sorted(split))
+        if best is None or found < best:
+            best = found
+    assert best is not None
+    return tuple(tuple(row) for row in _v_place(p, m, set(best[2]), cap)[0])
+
+
+def zb_v(p: int, m: int, v: int = 2) -> Table:
+    """ZB-V: ``2p`` stages in a V, rank r holding stages r and 2p - 1 - r.
+
+    The forward goes down the ranks on the first stages and back up on the second (rank
+    p - 1 hands its output from stage p - 1 to stage p locally), the backward the other
+    way, and rank 0 holds both the first stage and the last.  So the rank with the loss
+    starts the step at once; in interleaved 1F1B it is the last rank, idle until the first
+    micro-batch has crossed every other rank.
+
+    The order is list-scheduled on unit costs (:func:`_v_place`: each rank runs what is
+    ready, B before F before a held-back W, with at most ``2p + 1`` micro-batches'
+    activations in flight on its first stage's account).  Which backwards are split into B
+    and W is searched: starting from none split and from all split, one pass over the
+    (stage, micro-batch) pairs keeps each change that shortens the simulated step, a split
+    costing ``_SPLIT_COST`` (5% over an unsplit backward's half), so a backward is split
+    only where its W fills a wait.  Pipelines with more than ``_SEARCH_PAIRS`` pairs split
+    every backward instead.  Unit costs, p = 2, m = 8: step 49.2 with 3 splits (interleaved
+    zero-bubble 49.4, ideal 48); p = 4, m = 8: 52.4 against 53.1; p = 8, m = 17: 111.4
+    against 116.1.  Peak in flight: about ``2p + 2`` stage micro-batches per rank, each
+    half a rank's layers (interleaved 1F1B at v = 2: up to ``3p - 1``).
+    """
+    _check("zb-v", p, m, v)
+    if v != 2:
+        raise ConfigError(f"schedule 'zb-v' places two stages on each rank, in a V; got virtual_stages={v}: "
+                          f"pass virtual_stages=2")
+    return [list(row) for row in _zb_v_rows(p, m)]
+
+
 BUILDERS: dict[str, Callable[[int, int, int], Table]] = {
     "gpipe": gpipe,
     "1f1b": one_f_one_b,
     "interleaved-1f1b": interleaved_1f1b,
     "zb-h1": zb_h1,
     "interleaved-zb": interleaved_zb,
+    "zb-v": zb_v,
 }
+
+
+def default_virtual_stages(name: str) -> int:
+    """Stages per rank a named schedule takes when none is given: 2 for the interleaved
+    schedules and ``zb-v`` (which needs exactly 2), 1 for the others."""
+    return 2 if name.startswith("interleaved") or name == "zb-v" else 1
 
 
 def build(name: str, p: int, m: int, v: int = 1) -> Table:
