@@ -30,14 +30,15 @@ for step in range(200):
     x = torch.randn(32, 20, generator=g)
     y = x[:, :3].argmax(dim=1)
     opt.zero_grad()
-    # inputs are needed on the first stage, targets on the last; others may pass None
-    loss = pipe.train_step(x if topo.is_first_stage else None, y if topo.is_last_stage else None)
+    # inputs are needed on the rank holding the first stage, targets on the one holding the
+    # last (pipe.is_first_stage / is_last_stage: the schedule places them); others may pass None
+    loss = pipe.train_step(x if pipe.is_first_stage else None, y if pipe.is_last_stage else None)
     opt.step()
     if step % 50 == 0 and topo.rank == 0:
         print(f"step {step:3d}  loss {loss:.3f}", flush=True)
 
 x = torch.randn(256, 20, generator=g)
-logits = pipe.forward(x if topo.is_first_stage else None)  # inference: output on the last stage
+logits = pipe.forward(x if pipe.is_first_stage else None)  # inference: output on the last stage
 if logits is not None:
     acc = (logits.argmax(dim=1) == x[:, :3].argmax(dim=1)).float().mean()
     print(f"rank {topo.rank}: accuracy {acc:.1%} after 200 steps (chance 33%)", flush=True)

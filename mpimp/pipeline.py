@@ -427,19 +427,31 @@ class Pipeline(StageExecutor):
                  "kind": a.kind, "mb": a.mb, "start": t0, "end": t1, "cpu": c1 - c0, "cpu_start": c0,
                  "cpu_end": c1} for a, t0, t1, c0, c1 in self._events]
 
+    @property
+    def is_first_stage(self) -> bool:
+        """True on the pipeline rank holding stage 0 (it takes the inputs): pp rank 0 for the
+        built-in schedules; a user's table may place it elsewhere."""
+        return self.owner[0] == self.topo.pp_rank
+
+    @property
+    def is_last_stage(self) -> bool:
+        """True on the pipeline rank holding the last stage (it takes the targets and computes
+        the loss; :meth:`forward` returns the output there): pp rank p - 1, but 0 for ``zb-v``."""
+        return self.owner[self.num_stages - 1] == self.topo.pp_rank
+
     def train_step(self, inputs: Any, targets: Any) -> float:
         """Forward and backward of one batch in ``chunks`` micro-batches; returns the mean loss.
 
-        ``inputs`` are needed on the first stage, ``targets`` on the last (others may pass
-        None).  Gradients accumulate into the local parameters' ``.grad``.
+        ``inputs`` are needed on the rank holding the first stage (:attr:`is_first_stage`),
+        ``targets`` on the one holding the last (:attr:`is_last_stage`; pipeline rank 0 for
+        ``zb-v``); others may pass None.  Gradients accumulate into the local parameters' ``.grad``.
         """
-        me = self.topo.pp_rank
-        first, last = self.owner[0] == me, self.owner[self.num_stages - 1] == me
+        first, last = self.is_first_stage, self.is_last_stage
         self._start_step(inputs if first else None, targets if last else None, first, last, True)
         self._loss_sum = torch.zeros((), dtype=torch.float64)
         earlier = self._set_aside_tied_gradients()
         try:
-            self._run(self.table[me], train=True)
+            self._run(self.table[self.topo.pp_rank], train=True)
             try:  # a failure from here on is announced to the other stages too, as in the loop
                 self._sum_tied_gradients()
             except Exception as exc:
@@ -527,14 +539,19 @@ class Pipeline(StageExecutor):
     def forward(self, inputs: Any) -> Any:
         """Inference: the output for ``inputs`` on the rank holding the last stage, None elsewhere."""
         me = self.topo.pp_rank
-        first = self.owner[0] == me
+        first = self.is_first_stage
         self._start_step(inputs if first else None, None, first, False, False)
+        # each rank's forwards in wavefront order (stage + micro-batch, then stage): F(s, i)
+        # follows F(s - 1, i) on every placement, and a V's rank 0 runs 0F1 before the first
+        # micro-batch has come back to its last stage, so the micro-batches pipeline
         stages_of = [sorted(s for s, o in self.owner.items() if o == r) for r in range(self.topo.pp)]
-        rows = [[Action(s, "F", i) for i in range(self.chunks) for s in stages_of[r]] for r in range(self.topo.pp)]
+        rows = [[Action(s, "F", i) for s, i in sorted(((s, i) for s in stages_of[r] for i in range(self.chunks)),
+                                                        key=lambda si: (si[0] + si[1], si[0]))]
+                for r in range(self.topo.pp)]
         self._outputs: list[Any] = []
         with torch.no_grad():
             self._run(lower(rows)[me], train=False)
-        if self.owner[self.num_stages - 1] != me:
+        if not self.is_last_stage:
             return None
         outs = self._outputs
         if isinstance(outs[0], torch.Tensor):

@@ -640,8 +640,8 @@ class Trainer:
                         m.weight.mpimp_tied_copy = True  # type: ignore[attr-defined]
         # which pipeline rank holds the first and the last stage: the schedule's placement (zb-v's
         # V puts both on pipeline rank 0), not pp rank 0 and pp - 1
-        self.first_stage = self.pipe is None or self.pipe.owner[0] == topo.pp_rank
-        self.last_stage = self.pipe is None or self.pipe.owner[self.pipe.num_stages - 1] == topo.pp_rank
+        self.first_stage = self.pipe is None or self.pipe.is_first_stage
+        self.last_stage = self.pipe is None or self.pipe.is_last_stage
         self.num_parameters_cached = self.num_parameters()
 
     def _modules(self) -> list[torch.nn.Module]:

@@ -679,3 +679,22 @@ def test_a_module_repeated_in_the_sequential_runs_at_each_place(schedule: str) -
         for (name, q), (_, r) in zip(pipe.named_parameters(), ref.named_parameters()):
             torch.testing.assert_close(q.grad, r.grad, atol=TOL, rtol=0, msg=name)
         pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2, 4])
+def test_zb_v_takes_inputs_and_targets_on_pipeline_rank_0(pp_world: mpimp.Topology | None, p: int) -> None:
+    """The V holds the first and the last stage on pipeline rank 0: targets given on the
+    topology's last pipeline rank (p - 1, the rule for the other schedules) are an error on
+    every rank that names the fix, and the pipeline then steps normally with them on rank 0."""
+    if pp_world is None:
+        return
+    ref = _layers(14)
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=p + 1, loss_fn=nn.MSELoss(), schedule="zb-v",
+                          virtual_stages=2)
+    assert pipe.is_first_stage == pipe.is_last_stage == (pp_world.pp_rank == 0)
+    x, y = _data(2 * (p + 1), seed=15)
+    with pytest.raises(mpimp.ConfigError, match=r"holds the last stage \(Pipeline.is_last_stage\): pass the targets"):
+        pipe.train_step(x if pipe.is_first_stage else None, y if pp_world.is_last_stage else None)
+    _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    pipe.close()

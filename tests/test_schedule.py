@@ -71,12 +71,14 @@ def test_every_builder_verifies(name: str, p: int, m: int, v: int) -> None:
         assert stage_owners(table) == dict(enumerate(v_owner(p)))
         base = build("interleaved-1f1b", p, m, 2)
         free, dear = CostModel(f=1, b=1, w=1), CostModel(f=1, b=1.05, w=1.05, full=2)
-        # strictly faster than interleaved 1F1B on unit costs, with splits free or 5% dearer, and
-        # never slower than interleaved-zb when splits are free (on this grid)
+        # strictly faster than interleaved 1F1B on unit costs, with splits free or 5% dearer
+        # (checked for every p <= 8, m <= 24 when written); on this grid also never slower
+        # than interleaved-zb with free splits (not everywhere: p = 8, m = 9 is 66 against 65)
         for cost in (free, dear):
             assert simulate(table, cost, m).step_time < simulate(base, cost, m).step_time
         assert simulate(table, free, m).step_time <= simulate(build("interleaved-zb", p, m, 2), free, m).step_time
-        assert max(report.peak_inflight) <= min(3 * p, 2 * m)
+        # at most two stage micro-batches more in flight than interleaved 1F1B (p <= 8, m <= 24)
+        assert max(report.peak_inflight) <= min(max(verify(base, m).peak_inflight) + 2, 2 * m)
         return
     assert ws == ([(s, i) for s in range(p) for i in range(m)] if name == "zb-h1" else [])
     # peak in-flight micro-batches (held from F until the end of their backward)
@@ -208,7 +210,7 @@ def test_interleaved_groups_any_number_of_microbatches() -> None:
 
 
 def test_builder_option_errors() -> None:
-    with pytest.raises(ConfigError, match="use schedule='interleaved-1f1b' or 'interleaved-zb' for virtual stages"):
+    with pytest.raises(ConfigError, match="use schedule='interleaved-1f1b', 'interleaved-zb' or 'zb-v' for virtual stages"):
         build("1f1b", 2, 4, 2)
     with pytest.raises(ConfigError, match="unknown schedule"):
         build("pipedream", 2, 4)

@@ -15,9 +15,10 @@ as ``{stage}{kind}{microbatch}``::
     1RECV_B0   stage 1 receives the gradient of its output
 
 ``stage`` is the *virtual* stage: with ``v`` virtual stages per rank there are
-``p * v`` of them and each belongs to exactly one rank (by default stage ``s`` lives on
-rank ``s % p``).  Builders (:mod:`.builders`) produce compute-only tables; :func:`lower`
-inserts the send/receive actions between stages that live on different ranks.
+``p * v`` of them and each belongs to exactly one rank (stage ``s`` lives on rank ``s % p``
+in the interleaved schedules, in a V for ``zb-v``; in a table, on the rank whose row runs
+it).  Builders (:mod:`.builders`) produce compute-only tables; :func:`lower` inserts the
+send/receive actions between stages that live on different ranks.
 """
 
 from __future__ import annotations

@@ -54,7 +54,7 @@ def _only_v1(name: str, v: int) -> None:
     if v != 1:
         raise ConfigError(
             f"schedule {name!r} has one stage per rank, got virtual_stages={v}; "
-            f"use schedule='interleaved-1f1b' or 'interleaved-zb' for virtual stages"
+            f"use schedule='interleaved-1f1b', 'interleaved-zb' or 'zb-v' for virtual stages"
         )
 
 
@@ -178,7 +178,7 @@ def interleaved_zb(p: int, m: int, v: int = 2) -> Table:
     for r, row in enumerate(base):
         backwards = [a for a in row if a.kind == "B"]
         split |= {(a.stage, a.mb) for a in backwards[len(backwards) - min(len(backwards), 2 * r * v):]}
-    end: dict[tuple[int, str, int], float] = {}  # (stage, kind, mb) -> end time on unit costs
+    end: dict[tuple[int, str, int], int] = {}  # (stage, kind, mb) -> end time on unit costs
     rows: Table = [[] for _ in range(p)]
     pos, clock = [0] * p, [0.0] * p
     held: list[deque[Action]] = [deque() for _ in range(p)]
@@ -212,12 +212,14 @@ def interleaved_zb(p: int, m: int, v: int = 2) -> Table:
     return rows
 
 
-# A split B or W costs this much of half an unsplit backward when zb-v places them: the
-# benchmark's stages measured B + W at 1.03-1.07x one backward (docs/benchmarks.md), so a
-# split is only worth it where it shortens the step.
-_SPLIT_COST = 1.05
+# zb-v places actions on integer time units (exact ties: a float sum of 1.05's decided
+# "ready" by rounding): F = 20, an unsplit backward 40, a split B or W 21 each, 5% over
+# half a backward: the benchmark's stages measured B + W at 1.03-1.07x one backward
+# (docs/benchmarks.md), so a split is only worth it where it shortens the step.
+_F, _FULL, _SPLIT = 20, 40, 21
 # zb-v searches which backwards to split when the pipeline has at most this many
-# (stage, micro-batch) pairs; above it every backward is split (the search is quadratic).
+# (stage, micro-batch) pairs (the search is quadratic); above it, the best of a few
+# fixed choices (every backward split, or those of the first and last micro-batches).
 _SEARCH_PAIRS = 128
 
 
@@ -227,11 +229,11 @@ def v_owner(p: int) -> list[int]:
     return [s if s < p else 2 * p - 1 - s for s in range(2 * p)]
 
 
-def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Table, float]:
+def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Table, int]:
     """List-schedule the V on unit costs; returns every rank's row and the step time.
 
-    Costs: F = 1, an unsplit backward 2, a split B or W ``_SPLIT_COST`` each, messages
-    free.  The rank that can start an action earliest goes next (ties: the lower rank), so
+    Costs (integer units): F = ``_F``, an unsplit backward ``_FULL``, a split B or W
+    ``_SPLIT`` each, messages free.  The rank that can start an action earliest goes next (ties: the lower rank), so
     no later decision can make an earlier one wrong.  A rank runs, of what is ready when it
     is free: a B (the lower stage first, then the older micro-batch: the input gradient
     travels back up the V to rank 0), else an F (the older micro-batch first, then the
@@ -248,27 +250,27 @@ def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Tab
     end: dict[tuple[int, str, int], float] = {}
     next_f, next_b = [0] * stages, [0] * stages
     held: list[deque[Action]] = [deque() for _ in range(p)]
-    live, clock, left = [0] * p, [0.0] * p, [4 * m] * p
+    live, clock, left = [0] * p, [0] * p, [4 * m] * p
     rows: Table = [[] for _ in range(p)]
-    never = float("inf")
+    never = 1 << 62
 
-    def options(r: int) -> list[tuple[float, tuple[int, int, int], int, str]]:
+    def options(r: int) -> list[tuple[int, tuple[int, int, int], int, str]]:
         out = []
         for s in mine[r]:
             i = next_b[s]
             if i < m:
                 f_end = end.get((s, "F", i))
-                g_end = end.get((s + 1, "B", i)) if s < stages - 1 else 0.0
+                g_end = end.get((s + 1, "B", i)) if s < stages - 1 else 0
                 if f_end is not None and g_end is not None:
                     out.append((max(f_end, g_end), (0, s, i), s, "B"))
             i = next_f[s]
             if i < m and (s >= p or live[r] < cap):
-                x_end = end.get((s - 1, "F", i)) if s > 0 else 0.0
+                x_end = end.get((s - 1, "F", i)) if s > 0 else 0
                 if x_end is not None:
                     out.append((x_end, (1, i, -s), s, "F"))
         return out
 
-    def decision(r: int) -> float:
+    def decision(r: int) -> int:
         if not left[r] and not held[r]:
             return never
         ready = [o[0] for o in options(r)]
@@ -291,21 +293,21 @@ def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Tab
                 i = next_b[s]
                 next_b[s] += 1
                 if (s, i) in split:
-                    cost = _SPLIT_COST
+                    cost = _SPLIT
                     held[r].append(Action(s, "W", i))
                 else:
-                    cost = 2.0
+                    cost = _FULL
                     live[r] -= 1
             else:
                 i = next_f[s]
                 next_f[s] += 1
                 live[r] += 1
-                cost = 1.0
+                cost = _F
             left[r] -= 1
             a = Action(s, kind, i)
         else:
             a = held[r].popleft()
-            cost = _SPLIT_COST
+            cost = _SPLIT
             live[r] -= 1
         clock[r] = now + cost
         end[(a.stage, a.kind, a.mb)] = clock[r]
@@ -320,26 +322,32 @@ def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Tab
     return rows, max(clock)
 
 
-@functools.lru_cache(maxsize=64)
 def _zb_v_rows(p: int, m: int) -> tuple[tuple[Action, ...], ...]:
-    cap = 2 * p + 1
+    return _zb_v_search(p, m, 2 * p + 1, _F, _FULL, _SPLIT, _SEARCH_PAIRS)
+
+
+@functools.lru_cache(maxsize=64)
+def _zb_v_search(p: int, m: int, cap: int, *key: int) -> tuple[tuple[Action, ...], ...]:
+    """The V's rows with the chosen backwards split (``key``: the costs and search limit
+    the result depends on, so the cache never returns a table of other constants)."""
     pairs = [(s, i) for i in range(m) for s in range(2 * p)]
     every = set(pairs)
+    found: list[tuple[int, int, list[tuple[int, int]]]] = []
     if len(pairs) > _SEARCH_PAIRS:
-        return tuple(tuple(row) for row in _v_place(p, m, every, cap)[0])
-    best: tuple[float, int, list[tuple[int, int]]] | None = None
-    for start in (every, set()):
-        split = set(start)
-        step = _v_place(p, m, split, cap)[1]
-        for pair in pairs:  # one pass, oldest micro-batch first: keep a change that shortens the step
-            trial = split ^ {pair}
-            t = _v_place(p, m, trial, cap)[1]
-            if t < step - 1e-9:
-                split, step = trial, t
-        found = (step, len(split), sorted(split))
-        if best is None or found < best:
-            best = found
-    assert best is not None
+        for k in (0, p, 2 * p, 4 * p):  # the first k and the last k micro-batches' backwards (0: all)
+            split = every if k == 0 else {(s, i) for s, i in pairs if i < k or i >= m - k}
+            found.append((_v_place(p, m, split, cap)[1], len(split), sorted(split)))
+    else:
+        for start in (every, set()):
+            split = set(start)
+            step = _v_place(p, m, split, cap)[1]
+            for pair in pairs:  # one pass, oldest micro-batch first: keep a change that shortens the step
+                trial = split ^ {pair}
+                t = _v_place(p, m, trial, cap)[1]
+                if t < step:
+                    split, step = trial, t
+            found.append((step, len(split), sorted(split)))
+    best = min(found)
     return tuple(tuple(row) for row in _v_place(p, m, set(best[2]), cap)[0])
 
 
@@ -353,16 +361,21 @@ def zb_v(p: int, m: int, v: int = 2) -> Table:
     micro-batch has crossed every other rank.
 
     The order is list-scheduled on unit costs (:func:`_v_place`: each rank runs what is
-    ready, B before F before a held-back W, with at most ``2p + 1`` micro-batches'
-    activations in flight on its first stage's account).  Which backwards are split into B
-    and W is searched: starting from none split and from all split, one pass over the
+    ready, B before F before a held-back W; a rank starts no forward on its first stage
+    while it holds ``2p + 1`` micro-batches' activations).  Which backwards are split into
+    B and W is searched: starting from none split and from all split, one pass over the
     (stage, micro-batch) pairs keeps each change that shortens the simulated step, a split
-    costing ``_SPLIT_COST`` (5% over an unsplit backward's half), so a backward is split
-    only where its W fills a wait.  Pipelines with more than ``_SEARCH_PAIRS`` pairs split
-    every backward instead.  Unit costs, p = 2, m = 8: step 49.2 with 3 splits (interleaved
-    zero-bubble 49.4, ideal 48); p = 4, m = 8: 52.4 against 53.1; p = 8, m = 17: 111.4
-    against 116.1.  Peak in flight: about ``2p + 2`` stage micro-batches per rank, each
-    half a rank's layers (interleaved 1F1B at v = 2: up to ``3p - 1``).
+    costing 5% more than an unsplit backward's half, so a backward is split only where its
+    W fills a wait.  Above ``_SEARCH_PAIRS`` pairs it takes the best of splitting every
+    backward or those of the first and last p, 2p or 4p micro-batches.
+
+    On those costs (F = 1, backward 2, a split half 1.05; ``interleaved-zb`` at v = 2 in
+    brackets): p = 2, m = 8: 49.2 with 3 splits (49.4; ideal 48); p = 4, m = 8: 52.35
+    (53.1); p = 8, m = 17: 112.45 (116.05).  Not everywhere ahead: p = 4, m = 16: 101.85
+    (101.1); p = 16, m = 64: 413.5 (413.1); p = 64, m = 256: 1697 (1668) -- ``mpimp plan``
+    compares them for a given size.  Peak in flight (stage micro-batches, each half a rank's layers): p = 2, m = 8:
+    6 (``interleaved-zb`` 5); p = 4: 12 (11); p = 8, m = 17: 21 (24); p = 64, m = 256:
+    151 (191): the cap bounds only the first stages' forwards.
     """
     _check("zb-v", p, m, v)
     if v != 2:
