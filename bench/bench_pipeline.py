@@ -14,7 +14,7 @@ All contenders share each rank's process, so ``mpimp.init``'s kept heap (``mpimp
 no page faults from memory glibc trimmed and hands out again) holds for the torch peer and
 the single process as well (``MPIMP_KEEP_HEAP=0`` runs every contender without it).
 Speed of light: 2 x the tokens/s of the whole model on one rank (1 thread) over the same
-8 micro-batches.  For ``1f1b`` and ``interleaved-zb`` the throughput run also reports what
+8 micro-batches.  For ``1f1b``, ``interleaved-zb`` and ``zb-v`` the throughput run also reports what
 bounds the step (:func:`ceiling`): each rank's compute from the timeline, the fill before
 rank 1's first compute action, and the step with no other idle time, against the speed of
 light and the torch peer timed in the same rounds.  Then, for each schedule and m,
@@ -48,11 +48,11 @@ from torch import nn  # noqa: E402
 
 import mpimp  # noqa: E402
 from mpimp import trace  # noqa: E402
-from mpimp.schedule import COMPUTE, simulate  # noqa: E402
+from mpimp.schedule import COMPUTE, default_virtual_stages, simulate  # noqa: E402
 
 torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
-BUBBLE_SCHEDULES = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "interleaved-zb")
+BUBBLE_SCHEDULES = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "interleaved-zb", "zb-v")
 VOCAB, SEQ, D, HEADS, BLOCKS = 256, 128, 256, 4, 8
 
 
@@ -153,6 +153,8 @@ def throughput(world: MPI.Comm, rounds: int, steps: int, framed_peer: bool = Fal
                                                          balance=[3, 2, 2, 3])),
                      ("mpimp interleaved-zb v=2", dict(schedule="interleaved-zb", virtual_stages=2,
                                                        balance=[3, 2, 2, 3])),
+                     # the V: rank 0 embedding + 2 blocks | 2 blocks + head, rank 1 2 | 2 blocks
+                     ("mpimp zb-v", dict(schedule="zb-v", virtual_stages=2, balance=[3, 2, 2, 3])),
                      # rank 0: embedding + 4 blocks, rank 1: 4 blocks + head, as for v = 2
                      ("mpimp interleaved-1f1b v=4", dict(schedule="interleaved-1f1b", virtual_stages=4,
                                                          balance=[2, 1, 1, 1, 1, 1, 1, 2])),
@@ -195,7 +197,7 @@ def throughput(world: MPI.Comm, rounds: int, steps: int, framed_peer: bool = Fal
             times[name].append(timed(world, fn, steps))
     peaks = {name: world.gather(pipe.peak_inflight) for name, pipe in pipes.items()}
     limits = {name: ceiling(world, pipes[name], x, y, torch_step, sol_step)
-              for name in ("mpimp 1f1b", "mpimp interleaved-zb v=2")}
+              for name in ("mpimp 1f1b", "mpimp interleaved-zb v=2", "mpimp zb-v")}
     out = {"p": p, "m": m, "tokens_per_step": tokens, "rounds": rounds, "steps": steps,
            "seconds_per_step": {k: statistics.median(v) for k, v in times.items()}, "peak_inflight": peaks,
            "seconds_per_round": times, "ceiling": limits}
@@ -303,8 +305,8 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
     rows = []
     for schedule in BUBBLE_SCHEDULES:
         for m in ms:
-            v = 2 if schedule.startswith("interleaved") else 1
-            if v > 1 and m % p:
+            v = default_virtual_stages(schedule)
+            if schedule.startswith("interleaved") and m % p:
                 continue
             x, y = batch(2 * m, seed=m)  # micro-batches of 2 sequences
             pipe = mpimp.Pipeline(gpt_layers(), topo, chunks=m, loss_fn=loss_fn, schedule=schedule,
