@@ -40,6 +40,7 @@ are averaged over ``topo.dp_comm`` by :func:`mpimp.data_parallel.reduce_gradient
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
@@ -52,7 +53,7 @@ from torch import nn
 
 from .comm import iall_reduce, ibroadcast
 from .errors import ConfigError
-from .schedule import Action, build, lower, parse_table, stage_owners, verify
+from .schedule import Action, build, format_table, lower, parse_table, stage_owners, verify
 from .schedule.executor import TAG_BASE, StageExecutor, as_leaf, detach_all, flat_tensors
 from .schedule.partition import balance_by_cost, check_balance, stage_bounds
 from .topology import Topology
@@ -225,10 +226,22 @@ class Pipeline(StageExecutor):
                 self.layer_indices.extend(range(lo, hi))
         except Exception as exc:  # a factory failing on one rank must fail every rank
             failure = f"rank {topo.rank} (stage {me}): building its layers failed: {type(exc).__name__}: {exc}"
-        failures = [f for f in guarded("Pipeline: allgather of construction errors",
-                                       lambda: topo.world.allgather(failure)) if f]
+        # what every rank must agree on: a rank with another schedule, chunks or balance (or
+        # another mpimp building another table) would otherwise wait for messages that never come
+        digest = hashlib.sha256(format_table(self.compute_table).encode()).hexdigest()[:12]
+        plan = (self.schedule_name, chunks, tuple(self.balance), digest)
+        gathered = guarded("Pipeline: allgather of construction errors and plans",
+                           lambda: topo.world.allgather((failure, plan)))
+        failures = [f for f, _ in gathered if f]
         if failures:
             raise ConfigError(failures[0])
+        odd = next((r for r, (_, other) in enumerate(gathered) if other != gathered[0][1]), None)
+        if odd is not None:
+            def show(pl: tuple) -> str:
+                return f"schedule {pl[0]!r}, chunks={pl[1]}, balance={list(pl[2])}, table {pl[3]}"
+            raise ConfigError(f"the ranks disagree on the pipeline: world rank 0 has "
+                              f"{show(gathered[0][1])}, world rank {odd} has {show(gathered[odd][1])}; every rank "
+                              f"must pass the same schedule, chunks and balance, and run the same mpimp")
         self.device = next((q.device for q in self.parameters()), torch.device("cpu"))
         # a private duplicate: messages of a failed step can never reach another Pipeline
         self.comm: MPI.Comm = guarded("Pipeline: Dup of pp_comm", topo.pp_comm.Dup)

@@ -302,3 +302,24 @@ def test_a_failure_after_the_last_backward_reaches_every_stage(pp2: mpimp.Topolo
         pipe.train_step(x, y)
     assert time.monotonic() - start < 30
     pipe.close()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("differ", ["chunks", "schedule", "balance"])
+def test_ranks_that_disagree_on_the_pipeline_fail_together(pp2: mpimp.Topology | None, differ: str) -> None:
+    """Each rank's table verifies on its own, so a rank-dependent argument used to leave the
+    ranks waiting for messages that never come, until the deadline: the constructor now
+    compares every rank's schedule, chunks, balance and table and raises on all of them."""
+    if pp2 is None or pp2.pp < 2:
+        return
+    odd = pp2.pp_rank == 1
+    kw: dict = {"chunks": 2, "schedule": "1f1b", "balance": [2, 1]}
+    if differ == "chunks":
+        kw["chunks"] = 4 if odd else 2
+    elif differ == "schedule":
+        kw["schedule"] = "gpipe" if odd else "1f1b"
+    else:
+        kw["balance"] = [1, 2] if odd else [2, 1]
+    text = _same_error_everywhere(pp2, lambda: mpimp.Pipeline(_model(), pp2, loss_fn=nn.MSELoss(), **kw),
+                                  ConfigError, "the ranks disagree on the pipeline")
+    assert "world rank 1 has" in text and "must pass the same schedule, chunks and balance" in text
