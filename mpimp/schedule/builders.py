@@ -322,33 +322,32 @@ def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Tab
     return rows, max(clock)
 
 
-def _zb_v_rows(p: int, m: int) -> tuple[tuple[Action, ...], ...]:
-    return _zb_v_search(p, m, 2 * p + 1, _F, _FULL, _SPLIT, _SEARCH_PAIRS)
-
-
 @functools.lru_cache(maxsize=64)
-def _zb_v_search(p: int, m: int, cap: int, *key: int) -> tuple[tuple[Action, ...], ...]:
-    """The V's rows with the chosen backwards split (``key``: the costs and search limit
-    the result depends on, so the cache never returns a table of other constants)."""
+def _zb_v_rows(p: int, m: int) -> tuple[tuple[Action, ...], ...]:
+    """The V's rows with the chosen backwards split (the shortest step, then the fewest
+    splits, then the first in sorted order: the same table on every rank)."""
+    cap = 2 * p + 1
     pairs = [(s, i) for i in range(m) for s in range(2 * p)]
     every = set(pairs)
-    found: list[tuple[int, int, list[tuple[int, int]]]] = []
+    found: list[tuple[int, set[tuple[int, int]], Table]] = []  # (step, split, rows)
+
+    def placed(split: set[tuple[int, int]]) -> tuple[int, set[tuple[int, int]], Table]:
+        rows, step = _v_place(p, m, split, cap)
+        return step, split, rows
+
     if len(pairs) > _SEARCH_PAIRS:
         for k in (0, p, 2 * p, 4 * p):  # the first k and the last k micro-batches' backwards (0: all)
-            split = every if k == 0 else {(s, i) for s, i in pairs if i < k or i >= m - k}
-            found.append((_v_place(p, m, split, cap)[1], len(split), sorted(split)))
+            found.append(placed(every if k == 0 else {(s, i) for s, i in pairs if i < k or i >= m - k}))
     else:
         for start in (every, set()):
-            split = set(start)
-            step = _v_place(p, m, split, cap)[1]
+            best = placed(set(start))
             for pair in pairs:  # one pass, oldest micro-batch first: keep a change that shortens the step
-                trial = split ^ {pair}
-                t = _v_place(p, m, trial, cap)[1]
-                if t < step:
-                    split, step = trial, t
-            found.append((step, len(split), sorted(split)))
-    best = min(found)
-    return tuple(tuple(row) for row in _v_place(p, m, set(best[2]), cap)[0])
+                trial = placed(best[1] ^ {pair})
+                if trial[0] < best[0]:
+                    best = trial
+            found.append(best)
+    _, _, rows = min(found, key=lambda f: (f[0], len(f[1]), sorted(f[1])))
+    return tuple(tuple(row) for row in rows)
 
 
 def zb_v(p: int, m: int, v: int = 2) -> Table:
