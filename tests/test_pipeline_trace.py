@@ -144,15 +144,16 @@ def test_calibration_round_trips_message_and_executor_costs() -> None:
     it recovers them, and the prediction reproduces its bubble (the executor's time between
     actions is idle, as in a measured timeline, not compute)."""
     table = build("1f1b", 2, 4)  # simulate() lowers it: the events include sends and receives
-    truth = CostModel(f=1.0, b=2.0, w=0.0, send=0.05, recv=0.1, overhead=0.2)
-    rep = simulate(table, truth, 4)
-    tl = [[{"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind, "mb": a.mb,
-            "start": t0, "end": t1} for a, t0, t1 in events] for r, events in enumerate(rep.events)]
-    cost = trace.calibrate(tl, 2)
-    assert cost.send == pytest.approx(0.05) and cost.recv == pytest.approx(0.1)
-    assert cost.overhead == pytest.approx(0.2)
-    assert trace.bubble_fraction(tl)[0] == pytest.approx(rep.bubble)
-    assert trace.predict(table, cost, 4) == pytest.approx(rep.bubble)
+    for latency in (0.0, 0.3):
+        truth = CostModel(f=1.0, b=2.0, w=0.0, send=0.05, recv=0.1, overhead=0.2, latency=latency)
+        rep = simulate(table, truth, 4)
+        tl = [[{"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind, "mb": a.mb,
+                "start": t0, "end": t1} for a, t0, t1 in events] for r, events in enumerate(rep.events)]
+        cost = trace.calibrate(tl, 2)
+        assert cost.send == pytest.approx(0.05) and cost.recv == pytest.approx(0.1)
+        assert cost.latency == pytest.approx(latency) and cost.overhead == pytest.approx(0.2)
+        assert trace.bubble_fraction(tl)[0] == pytest.approx(rep.bubble)
+        assert trace.predict(table, cost, 4) == pytest.approx(rep.bubble)
 
 
 def test_a_receive_costs_the_mean_of_the_receives_that_did_not_wait() -> None:
@@ -165,6 +166,30 @@ def test_a_receive_costs_the_mean_of_the_receives_that_did_not_wait() -> None:
            ev(1, "RECV_F", 1, 0, 1.0, 1.1),    # the message was there: 0.1
            ev(1, "RECV_F", 1, 1, 1.1, 1.4)]]   # the message was there: 0.3
     assert trace.calibrate(tl, 2).recv == pytest.approx(0.2)  # not the fastest one (0.1), not the wait
+    # the waited one ended 0.1 after its send: that is a receive's own cost (0.2) and no latency
+    assert trace.calibrate(tl, 2).latency == 0.0
+
+
+def test_a_message_costs_the_lag_of_the_waited_receives_beyond_a_receives_own_cost() -> None:
+    """Waited receives end 0.5 after their send (median); a receive costs 0.1 on its own, so
+    the latency is 0.4.  The receive that started 0.2 after its send still waited for the
+    transfer (0.3 long): it is not a receive's own cost.  With shared cores no latency:
+    the shared-core model simulates the wait for a core itself."""
+    def ev(rank: int, kind: str, stage: int, mb: int, start: float, end: float) -> dict[str, object]:
+        return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}{mb}", "stage": stage, "kind": kind,
+                "mb": mb, "start": start, "end": end}
+
+    sends = [ev(0, "SEND_F", 0, i, t, t + 0.1) for i, t in enumerate((1.0, 3.0, 5.0, 7.0, 9.0))]
+    recvs = [ev(1, "RECV_F", 1, 0, 0.0, 1.6),     # waited: 0.5 after its send's end
+             ev(1, "RECV_F", 1, 1, 2.0, 3.5),     # waited: 0.4
+             ev(1, "RECV_F", 1, 2, 4.0, 5.7),     # waited: 0.6
+             ev(1, "RECV_F", 1, 3, 7.3, 7.6),     # started 0.2 after its send: part of the transfer left
+             ev(1, "RECV_F", 1, 4, 10.0, 10.1)]   # the message was there long ago: 0.1
+    cost = trace.calibrate([sends, recvs], 2)
+    assert cost.recv == pytest.approx(0.1) and cost.latency == pytest.approx(0.4)
+    assert cost.message_time() == pytest.approx(0.4)
+    shared = trace.calibrate([[dict(e, cpu=0.01) for e in sends], [dict(e, cpu=0.01) for e in recvs]], 2, cores=1)
+    assert shared.latency == 0.0
 
 
 def test_jitter_predicts_the_waits_that_variable_times_add() -> None:
