@@ -40,7 +40,8 @@ _COLORS = {"F": "#4C72B0", "B": "#DD8452", "W": "#55A868", "SEND_F": "#C9C9C9", 
 def gather(pipe: Any, root: int = 0) -> list[Timeline] | None:
     """Every rank's timeline of the last step, gathered on ``root`` of ``pipe.topo.world`` (None elsewhere).
 
-    Collective over the world; each event also carries its rank's ``dp_rank`` and ``tp_rank``.
+    Collective over the world; each event also carries its rank's ``dp_rank``, ``tp_rank``
+    and ``host`` (the processor name).
     When every rank runs on the same host, times are shifted onto the common monotonic
     clock (origin: the earliest rank's step start), which removes the few-ms skew with
     which the ranks leave the step's opening collective; across hosts each rank keeps
@@ -49,8 +50,9 @@ def gather(pipe: Any, root: int = 0) -> list[Timeline] | None:
     from mpi4py import MPI
 
     topo = pipe.topo
-    mine = [dict(e, dp_rank=topo.dp_rank, tp_rank=topo.tp_rank) for e in pipe.timeline()]
-    got = topo.world.gather((MPI.Get_processor_name(), pipe.step_origin, mine), root=root)
+    host = MPI.Get_processor_name()
+    mine = [dict(e, dp_rank=topo.dp_rank, tp_rank=topo.tp_rank, host=host) for e in pipe.timeline()]
+    got = topo.world.gather((host, pipe.step_origin, mine), root=root)
     if got is None:
         return None
     if len({host for host, _, _ in got}) == 1:
@@ -169,10 +171,15 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     that started once their message had arrived (their shortest duration if none did).
     A message's ``latency`` is how much later than its send a waited receive (one that
     started before its send ended) completes, beyond a receive's own cost: the median of
-    ``receive end - send end`` minus ``recv`` (on this machine's shared memory, 256 KiB
-    stage messages: 100-200 us, the rendezvous and the copy; the two estimates are
-    refined together, three rounds).  The executor's time between actions (the mean gap)
-    becomes the ``overhead``.
+    ``receive end - send end`` minus ``recv``.  A receive that started after its send
+    ended but within the latency still waited for part of the transfer and is not a
+    receive's own cost; the two estimates are refined together until that set settles.
+    Sends and receives are matched within their (dp, tp) column.  The latency is 0 when
+    no receive waited, when ``cores`` / ``placement`` say the ranks shared cores (a
+    waited receive's lag is then mostly the wait for a core, which the shared-core model
+    simulates itself), and when the timelines come from more than one host (their
+    clocks are not aligned, :func:`gather`).  The executor's time between actions (the
+    mean gap) becomes the ``overhead``.
     ``cores``: the CPU cores the ranks shared while measured.  When fewer than the ranks
     (or ``placement``, the core each rank was bound to, puts two ranks on one), every cost (F, B, W, send, receive and the gaps between actions) is the CPU time the
     executor recorded (wall-clock durations then include the time other ranks held the
@@ -190,8 +197,9 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     lags: list[float] = []  # receives that started before their send ended: end - the send's end
     polled = [0.0, 0.0]  # CPU and wall seconds of the receives that waited
     gaps: list[float] = []
-    sent = {Action(e["stage"], e["kind"], e["mb"]): e["end"] for tl in timelines for e in tl
+    sent = {(*_column(e), Action(e["stage"], e["kind"], e["mb"])): e["end"] for tl in timelines for e in tl
             if e["kind"] in ("SEND_F", "SEND_B")}
+    one_clock = len({e.get("host") for tl in timelines for e in tl}) <= 1
     split = {(e["stage"], e["mb"]) for tl in timelines for e in tl if e["kind"] == "W"}
     for tl in timelines:
         if shared and all("cpu_start" in e for e in tl):  # the executor's own CPU between actions
@@ -207,7 +215,8 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
                 sends.append(d)
             else:
                 recvs.append(d)
-                send_end = sent.get(Action(e["stage"], e["kind"], e["mb"]).matching_send(), float("inf"))
+                send_end = sent.get((*_column(e), Action(e["stage"], e["kind"], e["mb"]).matching_send()),
+                                    float("inf"))
                 if send_end <= e["start"]:
                     pure.append((d, e["start"] - send_end))
                 else:
@@ -231,7 +240,7 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     # not b + w)
     b = tuple(mean("B", s) if ("B", s) in means else mean("full", s) for s in range(num_stages))
     full = tuple(mean("full", s) if ("full", s) in means else b[s] + w[s] for s in range(num_stages))
-    recv, latency = _receive_and_latency(pure, lags, recvs, shared)
+    recv, latency = _receive_and_latency(pure, lags if one_clock and not shared else [], recvs)
     return CostModel(f=f, b=b, w=w, full=full, send=sum(sends) / len(sends) if sends else 0.0,
                      recv=recv, latency=latency, overhead=sum(gaps) / len(gaps) if gaps else 0.0,
                      cores=cores if shared else None, jitter=tuple(factors),
@@ -239,26 +248,43 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
                      placement=tuple(placement) if shared else ())
 
 
-def _receive_and_latency(pure: list[tuple[float, float]], lags: list[float], recvs: list[float],
-                         shared: bool) -> tuple[float, float]:
-    """A receive's own cost and a message's latency (see :func:`calibrate`).
+def _column(e: dict[str, Any]) -> tuple[int, int]:
+    """The (dp, tp) column of a gathered event: its pipeline's messages stay inside it."""
+    return e.get("dp_rank", 0), e.get("tp_rank", 0)
+
+
+def _receive_and_latency(pure: Sequence[tuple[float, float]], lags: Sequence[float],
+                         recvs: Sequence[float]) -> tuple[float, float]:
+    """A receive's own cost and a message's latency (see :func:`calibrate`; no ``lags``:
+    latency 0).
 
     ``pure``: (duration, time since the send ended) of the receives that started after
-    their send ended; a receive that started within ``latency`` of it still waited for
-    part of the transfer, so each round keeps only those that started at least the
-    current ``latency`` after.  With shared cores the latency stays 0: a waited receive's
-    lag is then mostly the wait for a core, which the shared-core model simulates itself.
+    their send ended.  One that started within ``latency`` of it still waited for part of
+    the transfer, so the receive's cost is the mean over those that started at least
+    ``latency`` after (their shortest duration if none did), and ``latency`` the median
+    lag minus that cost; repeated until the number of such receives stops changing (at
+    most ``len(pure) + 1`` rounds).  Without receives that started after their send, the
+    shortest receive is the cost (an upper bound: it includes a wait).
     """
-    recv = sum(d for d, _ in pure) / len(pure) if pure else (min(recvs) if recvs else 0.0)
-    if shared or not lags:
+    def own_cost(latency: float) -> float:
+        clean = [d for d, lead in pure if lead >= latency]
+        if clean:
+            return sum(clean) / len(clean)
+        return min(d for d, _ in pure) if pure else (min(recvs) if recvs else 0.0)
+
+    recv = own_cost(0.0)
+    if not lags:
         return recv, 0.0
     lag = statistics.median(lags)
     latency = max(0.0, lag - recv)
-    for _ in range(3):
-        clean = [d for d, lead in pure if lead >= latency]
-        if clean:
-            recv = sum(clean) / len(clean)
+    kept = sum(lead >= latency for _, lead in pure)
+    for _ in range(len(pure) + 1):
+        recv = own_cost(latency)
         latency = max(0.0, lag - recv)
+        now = sum(lead >= latency for _, lead in pure)
+        if now == kept:
+            break
+        kept = now
     return recv, latency
 
 
