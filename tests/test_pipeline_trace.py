@@ -15,6 +15,11 @@ from mpimp import trace
 from mpimp.schedule import CostModel, build, simulate
 
 
+def _event(rank: int, kind: str, stage: int, mb: int, start: float, end: float, **extra: object) -> dict[str, object]:
+    return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}{mb}", "stage": stage, "kind": kind,
+            "mb": mb, "start": start, "end": end, **extra}
+
+
 def _synthetic() -> list[list[dict]]:
     """Two ranks, two micro-batches, unit compute: the simulator's own events as a timeline."""
     rep = simulate(build("1f1b", 2, 2), CostModel(f=1, b=1, w=1), 2)
@@ -157,22 +162,13 @@ def test_calibration_round_trips_message_and_executor_costs() -> None:
 
 
 def test_a_receive_costs_the_mean_of_the_receives_that_did_not_wait() -> None:
-    def ev(rank: int, kind: str, stage: int, mb: int, start: float, end: float) -> dict[str, object]:
-        return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}{mb}", "stage": stage, "kind": kind,
-                "mb": mb, "start": start, "end": end}
-
-    tl = [[ev(0, "SEND_F", 0, 0, 0.0, 0.1), ev(0, "SEND_F", 0, 1, 0.1, 0.2), ev(0, "SEND_F", 0, 2, 0.8, 0.9)],
-          [ev(1, "RECV_F", 1, 2, 0.0, 1.0),    # waited for a send that ended at 0.9: not its own cost
-           ev(1, "RECV_F", 1, 0, 1.0, 1.1),    # the message was there: 0.1
-           ev(1, "RECV_F", 1, 1, 1.1, 1.4)]]   # the message was there: 0.3
+    tl = [[_event(0, "SEND_F", 0, 0, 0.0, 0.1), _event(0, "SEND_F", 0, 1, 0.1, 0.2), _event(0, "SEND_F", 0, 2, 0.8, 0.9)],
+          [_event(1, "RECV_F", 1, 2, 0.0, 1.0),    # waited for a send that ended at 0.9: not its own cost
+           _event(1, "RECV_F", 1, 0, 1.0, 1.1),    # the message was there: 0.1
+           _event(1, "RECV_F", 1, 1, 1.1, 1.4)]]   # the message was there: 0.3
     assert trace.calibrate(tl, 2).recv == pytest.approx(0.2)  # not the fastest one (0.1), not the wait
     # the waited one ended 0.1 after its send, less than a receive's own cost (0.2): no latency
     assert trace.calibrate(tl, 2).latency == 0.0
-
-
-def _event(rank: int, kind: str, stage: int, mb: int, start: float, end: float, **extra: object) -> dict[str, object]:
-    return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}{mb}", "stage": stage, "kind": kind,
-            "mb": mb, "start": start, "end": end, **extra}
 
 
 def test_a_message_costs_the_lag_of_the_waited_receives_beyond_a_receives_own_cost() -> None:
@@ -253,11 +249,7 @@ def test_jitter_predicts_the_waits_that_variable_times_add() -> None:
 
 
 def test_calibration_carries_the_steps_relative_action_times() -> None:
-    def ev(rank: int, kind: str, stage: int, mb: int, start: float, end: float) -> dict[str, object]:
-        return {"rank": rank, "world_rank": rank, "action": f"{stage}{kind}{mb}", "stage": stage, "kind": kind,
-                "mb": mb, "start": start, "end": end}
-
-    tl = [[ev(0, "F", 0, 0, 0.0, 1.0), ev(0, "F", 0, 1, 1.0, 4.0), ev(0, "B", 0, 0, 4.0, 6.0)]]
+    tl = [[_event(0, "F", 0, 0, 0.0, 1.0), _event(0, "F", 0, 1, 1.0, 4.0), _event(0, "B", 0, 0, 4.0, 6.0)]]
     cost = trace.calibrate(tl, 1)
     assert cost.time("F", 0) == pytest.approx(2.0)
     assert sorted(cost.jitter) == pytest.approx([0.5, 1.5])  # F times over their mean; one B: no spread
