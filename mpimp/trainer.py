@@ -72,7 +72,8 @@ class TrainConfig:
     tp: int = _f(1, "tensor-parallel ranks per stage", "layout")
     schedule: str = _f("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, interleaved-zb, zb-v", "layout")
     chunks: int = _f(1, "micro-batches per data-parallel replica and step", "layout")
-    virtual_stages: int = _f(1, "model chunks per pipeline rank (interleaved-1f1b, interleaved-zb; zb-v needs 2)", "layout")
+    virtual_stages: int | None = _f(None, "model chunks per pipeline rank (interleaved-1f1b, interleaved-zb, zb-v; "
+                                          "default: 2 for zb-v, which needs 2, else 1)", "layout")
     # model
     layers: int = _f(2, "transformer blocks", "model")
     d_model: int = _f(64, "model width", "model")
@@ -101,11 +102,20 @@ class TrainConfig:
     progress: str = _f("auto", "progress output: bar (redrawn in place), lines, or auto (bar on a terminal)",
                        "run")
 
+    def stages_per_rank(self) -> int:
+        """``virtual_stages``, or when not given the schedule's own: 2 for ``zb-v`` (its V needs
+        exactly two stages per rank), 1 for the others (interleaving is asked for explicitly)."""
+        if self.virtual_stages is not None:
+            return self.virtual_stages
+        return 2 if self.schedule == "zb-v" else 1
+
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError for options that cannot work (pure: same verdict on every rank)."""
         for name in ("pp", "tp", "chunks", "virtual_stages", "layers", "d_model", "heads", "seq_len",
                      "batch_size", "eval_samples", "log_every"):
             v = getattr(self, name)
+            if name == "virtual_stages" and v is None:
+                continue
             if not isinstance(v, int) or isinstance(v, bool) or v < 1:
                 raise ConfigError(f"--{name.replace('_', '-')} must be an integer >= 1, got {v!r}")
         for name in ("steps", "warmup", "eval_every", "seed", "checkpoint_every"):
@@ -532,7 +542,7 @@ class Trainer:
         bubbles = [h["bubble"] for h in self.history[1:] if h.get("bubble") is not None]
         summary = {
             "layout": {"world": topo.size, "dp": topo.dp, "pp": topo.pp, "tp": topo.tp,
-                       "schedule": cfg.schedule, "chunks": cfg.chunks, "virtual_stages": cfg.virtual_stages},
+                       "schedule": cfg.schedule, "chunks": cfg.chunks, "virtual_stages": cfg.stages_per_rank()},
             "model": {"layers": cfg.layers, "d_model": cfg.d_model, "heads": cfg.heads, "seq_len": cfg.seq_len,
                       "vocab_size": self.vocab_size, "parameters": self.num_parameters_cached},
             "data": self.data.name,
@@ -631,7 +641,7 @@ class Trainer:
                 layers = [lambda f=f: _Bf16Boundary(f()) for f in layers]
                 shared = [[name.replace(".", ".layer.", 1) for name in group] for group in shared]
             self.pipe = Pipeline(layers, topo, chunks=cfg.chunks, loss_fn=self._loss, schedule=cfg.schedule,
-                                 virtual_stages=cfg.virtual_stages, shared=shared,
+                                 virtual_stages=cfg.stages_per_rank(), shared=shared,
                                  reduce_dtype=self.dtype)
             if mc.tied_embeddings:
                 # the last stage's copy of the tied token table: same gradient as the first's

@@ -141,11 +141,12 @@ def test_zb_v_puts_the_loss_on_pipeline_rank_0_and_trains_like_one_process(comm:
     tp = 2 if size >= 4 else 1
     k = 2 * tp
     out_root = _shared_tmpdir(comm)
-    cfg = dict(TINY, schedule="zb-v", virtual_stages=2)
+    cfg = dict(TINY, schedule="zb-v")  # no virtual_stages: zb-v takes its 2
     ref = _reference_losses(TrainConfig(**TINY)) if rank == 0 else None
     sub = comm.Split(0 if rank < k else MPI.UNDEFINED, key=rank)
     if sub != MPI.COMM_NULL:
         trainer = Trainer(TrainConfig(**cfg, pp=2, tp=tp, out=out_root), comm=sub)
+        assert trainer.pipe.virtual_stages == 2
         assert trainer.pipe.owner[0] == trainer.pipe.owner[trainer.pipe.num_stages - 1] == 0
         assert trainer.first_stage == trainer.last_stage == (trainer.topo.pp_rank == 0)
         trainer.fit()
@@ -208,6 +209,18 @@ def test_signal_on_any_rank_stops_every_rank_at_a_step_boundary(comm: MPI.Comm) 
             assert summary["stop_reason"] == f"SIGUSR1 on rank {last}"
             assert summary["steps"] == steps and os.path.exists(os.path.join(out, "model.safetensors"))
     comm.Barrier()
+
+
+def test_virtual_stages_default_to_the_schedules_own() -> None:
+    """Not given: 2 for zb-v (its V needs two stages per rank), 1 for every other schedule
+    (interleaving is asked for explicitly); given, it is kept; 0 is still an error."""
+    assert TrainConfig(schedule="zb-v").stages_per_rank() == 2
+    for name in ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "interleaved-zb"):
+        assert TrainConfig(schedule=name).stages_per_rank() == 1
+    assert TrainConfig(schedule="interleaved-1f1b", virtual_stages=3).stages_per_rank() == 3
+    TrainConfig(schedule="zb-v").validate()
+    with pytest.raises(mpimp.ConfigError, match="--virtual-stages must be an integer >= 1"):
+        TrainConfig(virtual_stages=0).validate()
 
 
 def test_coordinator_decisions_and_lr_schedule() -> None:
