@@ -19,7 +19,10 @@ bounds the step (:func:`ceiling`): each rank's compute from the timeline, the fi
 rank 1's first compute action, and the step with no other idle time, against the speed of
 light and the torch peer timed in the same rounds.  Then, for each schedule and m,
 the measured bubble of a step (from the executor's timeline) against the simulator's
-prediction on a cost model calibrated from that timeline.  With more ranks than the node's cores (p = 4 on 2 cores) the ranks
+prediction on a cost model calibrated from that timeline (medians over the traced steps;
+since each step's model predicts every step of its configuration alike, the median
+prediction does not depend on which step calibrated which), and, out of sample, the
+prediction from the costs calibrated at m = 8 for every other m.  With more ranks than the node's cores (p = 4 on 2 cores) the ranks
 are bound to cores, rank r to core r % cores (adjacent stages on different cores), and a
 second prediction comes from the actions' CPU times alone, the simulator sharing the
 cores between the ranks itself (``CostModel.cores`` / ``placement``, the time slice
@@ -34,6 +37,7 @@ import dataclasses
 import json
 import math
 import os
+import re
 import statistics
 import sys
 import time
@@ -54,6 +58,7 @@ torch.set_num_threads(1)
 RESULTS = Path(__file__).parent / "results"
 BUBBLE_SCHEDULES = ("gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "interleaved-zb", "zb-v")
 VOCAB, SEQ, D, HEADS, BLOCKS = 256, 128, 256, 4, 8
+TRANSFER_FROM = 8  # the m whose calibrated costs also predict the other m's bubbles
 
 
 class Embed(nn.Module):
@@ -304,6 +309,8 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
               f"fitted on a calibration step (gpipe, m=12): {quantum * 1e3:g} ms", flush=True)
     rows = []
     for schedule in BUBBLE_SCHEDULES:
+        costs: dict[int, list] = {}  # m -> each traced step's calibrated cost model
+        tables: dict[int, list] = {}
         for m in ms:
             v = default_virtual_stages(schedule)
             if schedule.startswith("interleaved") and m % p:
@@ -322,7 +329,10 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                     # the prediction: F, B, W, message and executor times of this step (wall clock:
                     # with ranks sharing cores, each action's time includes its share of waiting
                     # for the core), the simulator running the schedule's dependencies on them
-                    predicted.append(simulate(pipe.compute_table, trace.calibrate(tls, pipe.num_stages), m).bubble)
+                    cost = trace.calibrate(tls, pipe.num_stages)
+                    costs.setdefault(m, []).append(cost)
+                    tables[m] = pipe.compute_table
+                    predicted.append(simulate(pipe.compute_table, cost, m).bubble)
                     if p > cores:  # and from CPU times, the simulator sharing the cores itself
                         cost = trace.calibrate(tls, pipe.num_stages, cores=cores, placement=placement)
                         shared.append(simulate(pipe.compute_table, dataclasses.replace(cost, quantum=quantum), m).bubble)
@@ -345,6 +355,15 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                 rows.append(row)
                 print(line, flush=True)
             pipe.close()
+        if world.Get_rank() == 0 and TRANSFER_FROM in costs:
+            # out of sample: the costs measured at m = 8 predict the other m (run minutes apart)
+            own = [r for r in rows if r["schedule"] == schedule]
+            for row in own:
+                m = row["m"]
+                pred = statistics.median(simulate(tables[m], c, m).bubble for c in costs[TRANSFER_FROM])
+                row.update(predicted_from_m8=pred, rel_error_from_m8=abs(pred - row["measured"]) / row["measured"])
+            print(f"  {schedule:<17} from m={TRANSFER_FROM}'s costs: " + "  ".join(
+                f"m={r['m']} {r['predicted_from_m8']:6.1%} ({r['rel_error_from_m8']:5.1%})" for r in own), flush=True)
     topo.free()
     return rows
 
@@ -355,7 +374,9 @@ def plot() -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    files = sorted(RESULTS.glob("pipeline_p*.json"))
+    # the latest run per p (``pipeline_p{p}.json``), not the dated copies
+    files = sorted((f for f in RESULTS.glob("pipeline_p*.json") if re.fullmatch(r"pipeline_p\d+\.json", f.name)),
+                   key=lambda f: int(f.stem[len("pipeline_p"):]))
     fig, axes = plt.subplots(1, len(files), figsize=(5.5 * len(files), 4), squeeze=False)
     for ax, path in zip(axes[0], files):
         data = json.loads(path.read_text())
@@ -372,7 +393,8 @@ def plot() -> None:
         ax.set_ylabel("bubble fraction")
         bound = next((r["placement"] for r in data["bubbles"] if r.get("placement")), None)
         ax.set_title(f"p = {data['p']}" + (f" on {1 + max(bound)} cores, rank r on core r % {1 + max(bound)}"
-                                          if bound else ""))
+                                          if bound else "") + (f" ({data['bubbles_at']})" if "bubbles_at" in data else ""),
+                     fontsize=10)
         ax.grid(alpha=0.3)
         ax.legend(fontsize=7)
     fig.tight_layout()
@@ -463,7 +485,9 @@ def main() -> None:
     ms = [4, 8, 16] if p > 2 else [2, 4, 8, 16]
     if rank == 0:
         print(f"bubble, p={p}: measured (timeline) vs predicted (simulator on the calibrated cost model)")
+    started = time.strftime("%Y-%m-%d %H:%M")
     result["bubbles"] = bubbles(world, ms, args.steps)
+    result["bubbles_at"] = started
     if rank == 0:
         RESULTS.mkdir(exist_ok=True)
         path = RESULTS / f"pipeline_p{p}.json"
@@ -471,7 +495,9 @@ def main() -> None:
             old = json.loads(path.read_text())
             result = {**old, **result}
         path.write_text(json.dumps(result, indent=1))
-        print(f"wrote {path}")
+        dated = RESULTS / f"pipeline_p{p}_{time.strftime('%Y%m%d_%H%M', time.strptime(started, '%Y-%m-%d %H:%M'))}.json"
+        dated.write_text(json.dumps(result, indent=1))
+        print(f"wrote {path} and {dated}")
     if "throughput" in result:
         import torch.distributed as dist
 

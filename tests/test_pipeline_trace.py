@@ -210,6 +210,22 @@ def test_latency_and_receive_cost_settle_together() -> None:
     assert cost.recv == pytest.approx(0.2) and cost.latency == pytest.approx(0.9)  # the shortest: lead 0.9
 
 
+def test_a_stage_never_split_gets_halves_in_the_proportions_of_the_split_ones() -> None:
+    """Stage 0 split its backward (B 3, W 1, against an unsplit 5); stage 1 never split
+    (backward 10): its halves are 10 x 3/5 and 10 x 1/5, the prices a table that splits
+    it needs; its unsplit cost stays 10.  Without any split stage: b is the backward, w 0."""
+    tl = [[_event(0, "F", 0, 0, 0.0, 1.0), _event(0, "F", 0, 1, 1.0, 2.0), _event(0, "B", 0, 0, 2.0, 5.0),
+           _event(0, "B", 0, 1, 5.0, 10.0), _event(0, "W", 0, 0, 10.0, 11.0)],
+          [_event(1, "F", 1, 0, 0.0, 2.0), _event(1, "B", 1, 0, 2.0, 12.0)]]
+    cost = trace.calibrate(tl, 2, jitter=False)
+    assert cost.time("B", 0) == pytest.approx(3.0) and cost.time("W", 0) == pytest.approx(1.0)
+    assert cost.full_backward(0) == pytest.approx(5.0)
+    assert cost.time("B", 1) == pytest.approx(6.0) and cost.time("W", 1) == pytest.approx(2.0)
+    assert cost.full_backward(1) == pytest.approx(10.0)
+    unsplit = trace.calibrate([tl[1]], 2, jitter=False)
+    assert unsplit.time("B", 1) == pytest.approx(10.0) and unsplit.time("W", 1) == 0.0
+
+
 def test_sends_and_receives_match_within_their_data_parallel_column() -> None:
     """Two dp columns on one clock, the second 5 s later: each receive is matched with its
     own column's send (keyed by action alone, column 1's sends would stand for column 0's)."""
