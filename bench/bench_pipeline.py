@@ -6,7 +6,9 @@
 """Pipeline benchmark: mpimp schedules vs torch.distributed.pipelining.Schedule1F1B (gloo).
 
 Model: a plain-torch GPT, 8 transformer blocks, d_model 256, 4 heads, sequence 128,
-vocabulary 256, as 10 layers (embedding, 8 blocks, head) split 5/5 over 2 ranks:
+vocabulary 256, as 10 layers (embedding, 8 blocks, head) split 5/5 over 2 ranks (the
+interleaved schedules, ``[3, 2, 2, 3]``, keep those layers per rank; ``zb-v``'s V keeps 4
+blocks per rank with the embedding and the head both on rank 0):
     16 sequences x 128 tokens = 2,048 tokens per step, in 8 micro-batches of 2 sequences.
 Contenders run side by side in one invocation, in alternating rounds, 1 torch thread
 per rank; each step is forward + backward (no optimizer, identical for all).

@@ -108,7 +108,16 @@ def test_checkpointing_is_transparent(pp_world: mpimp.Topology | None, schedule:
     pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=m, loss_fn=nn.MSELoss(), schedule=schedule,
                           virtual_stages=default_virtual_stages(schedule), checkpoint=checkpoint)
     x, y = _data(2 * m, seed=4)
+    calls: dict[int, int] = {}  # forward runs per local stage during one step
+    for s, layers in pipe.stages.items():
+        layers[0].register_forward_hook(lambda *_, s=s: calls.__setitem__(s, calls.get(s, 0) + 1))
     _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    # checkpointing really recomputes: every checkpointed micro-batch runs each stage's
+    # forward again in its backward (once, split backward or not); except_last keeps the
+    # last micro-batch's activations (its backward follows at once), as torchgpipe does
+    recomputed = m if checkpoint == "always" else m - 1
+    for s in pipe.stages:
+        assert calls[s] == m + recomputed, (s, calls[s], m)
     pipe.close()
 
 
@@ -370,6 +379,68 @@ def test_tuples_and_shapes_changing_between_steps(pp_world: mpimp.Topology | Non
         for q in pipe.parameters():
             q.grad = None
         _check_step(pp_world, pipe, ref, x, y, nn.MSELoss())
+    pipe.close()
+
+
+class _Cast(nn.Module):
+    """Stage output in the dtype the step asks for: the activation's dtype changes between steps."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.dtype = torch.float32
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x.to(self.dtype)
+
+
+class _Widen(nn.Module):
+    """Pads the features by 0-2 columns, as many as the rows with a positive first feature
+    (mod 3): the stage message's shape differs between the micro-batches of one step."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        k = int((x[:, 0] > 0).sum().item()) % 3
+        return torch.cat([x, x[:, :k]], dim=1)
+
+
+class _Narrow(nn.Module):
+    """Drops the padding and returns to float64: the model's output does not depend on it."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x[:, :8].double()
+
+
+@pytest.mark.mpi(min_size=2)
+@pytest.mark.parametrize("p", [2])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "zb-v"])
+def test_dtype_between_steps_and_shape_within_a_step_change(pp_world: mpimp.Topology | None, p: int,
+                                                            schedule: str) -> None:
+    """The stage message's dtype changes from step to step (float32, float64, float32) and its
+    shape from micro-batch to micro-batch inside one step (8 to 10 features, by the data):
+    loss and gradients still match one process, and the shapes really varied."""
+    if pp_world is None:
+        return
+    torch.manual_seed(11)
+    ref = nn.Sequential(nn.Linear(8, 8), _Cast(), _Widen(), _Narrow(), nn.Tanh(), nn.Linear(8, 3)).double()
+    ref[1].dtype = torch.float64
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp_world, chunks=3, loss_fn=nn.MSELoss(), schedule=schedule,
+                          virtual_stages=default_virtual_stages(schedule),
+                          balance=[3, 3] if schedule != "zb-v" else [3, 1, 1, 1])  # a cross-rank boundary after _Widen
+    local = [m for layers in pipe.stages.values() for m in layers]
+    widths: set[tuple[int, torch.dtype]] = set()
+    for m in local:
+        if isinstance(m, _Widen):
+            m.register_forward_hook(lambda _m, _i, out: widths.add((out.shape[1], out.dtype)))
+    for step, dtype in enumerate((torch.float32, torch.float64, torch.float32)):
+        for layer in [*ref, *local]:
+            if isinstance(layer, _Cast):
+                layer.dtype = dtype
+        x, y = _data(12, seed=step)
+        ref.zero_grad()
+        for q in pipe.parameters():
+            q.grad = None
+        _check_step(pp_world, pipe, ref, x.double(), y.double(), nn.MSELoss())
+    if pipe.is_first_stage:  # the rank that widened: several shapes in one step, both dtypes
+        assert len({w for w, _ in widths}) >= 2 and {d for _, d in widths} == {torch.float32, torch.float64}
     pipe.close()
 
 

@@ -15,7 +15,7 @@ from torch import nn
 
 import mpimp
 from mpimp import ConfigError
-from mpimp.schedule import ScheduleError
+from mpimp.schedule import ScheduleError, default_virtual_stages
 
 
 @pytest.fixture
@@ -76,23 +76,33 @@ def test_malformed_table_prints_the_grid_on_every_rank(pp2: mpimp.Topology | Non
     text = _same_error_everywhere(pp2, lambda: mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=nn.MSELoss(),
                                                               schedule=table), ScheduleError, "deadlock")
     assert ">>0RECV_B0<<" in text and ">>1RECV_F1<<" in text
-    _same_error_everywhere(pp2, lambda: mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=nn.MSELoss(),
-                                                       schedule=[["0F0", "0Q0"], ["1F0"]]),
-                           ConfigError, "malformed action '0Q0'")
-    # a valid table of the user's own runs and equals plain torch
+    text = _same_error_everywhere(pp2, lambda: mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=nn.MSELoss(),
+                                                              schedule=[["0F0", "0Q0"], ["1F0"]]),
+                                  ConfigError, "malformed action '0Q0'")
+    assert "(rank 0, step 1)" in text and ">>0Q0<<" in text  # the grid of the raw tokens, marked
+    # valid tables of the user's own run and equal plain torch: a compute-only one (mpimp
+    # inserts the messages) and an already lowered one with its own messages and split
+    # backwards (its order of sends, receives and W is kept as given)
     own = "rank 0: 0F0 0F1 0B0 0B1\nrank 1: 1F0 1B0 1F1 1B1"
-    ref = _model()
-    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp2, chunks=2, loss_fn=nn.MSELoss(), schedule=own, balance=[1, 2])
-    x, y = torch.randn(4, 4), torch.randn(4, 2)
-    x, y = pp2.world.bcast((x, y))
-    loss = pipe.train_step(x, y)
-    ref_loss = nn.MSELoss()(ref(x), y)
-    ref_loss.backward()
-    assert abs(loss - ref_loss.item()) < 1e-5
-    params = dict(ref.named_parameters())
-    for name, q in pipe.named_parameters():
-        torch.testing.assert_close(q.grad, params[name].grad, atol=1e-5, rtol=0)
-    pipe.close()
+    lowered = ("rank 0: 0F0 0SEND_F0 0F1 0SEND_F1 0RECV_B0 0B0 0RECV_B1 0B1 0W1 0W0\n"
+               "rank 1: 1RECV_F0 1F0 1B0 1SEND_B0 1RECV_F1 1F1 1B1 1SEND_B1 1W0 1W1")
+    for table in (own, lowered):
+        ref = _model()
+        pipe = mpimp.Pipeline(copy.deepcopy(ref), pp2, chunks=2, loss_fn=nn.MSELoss(), schedule=table,
+                              balance=[1, 2])
+        x, y = torch.randn(4, 4), torch.randn(4, 2)
+        x, y = pp2.world.bcast((x, y))
+        loss = pipe.train_step(x, y)
+        ref_loss = nn.MSELoss()(ref(x), y)
+        ref_loss.backward()
+        assert abs(loss - ref_loss.item()) < 1e-5
+        params = dict(ref.named_parameters())
+        for name, q in pipe.named_parameters():
+            torch.testing.assert_close(q.grad, params[name].grad, atol=1e-5, rtol=0)
+        if table is lowered:
+            assert pipe.table == mpimp.schedule.parse_table(lowered)  # run as given, not lowered again
+            assert pipe.split_weight_passes == 2  # both W's ran as separate weight passes
+        pipe.close()
 
 
 @pytest.mark.mpi(min_size=1)
@@ -115,12 +125,22 @@ def test_bad_batches_fail_on_every_rank(pp2: mpimp.Topology | None) -> None:
     pipe.close()
 
 
+def _deeper() -> nn.Sequential:
+    """5 layers: enough for 2 stages per rank at pp = 2."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(4, 6), nn.Tanh(), nn.Linear(6, 6), nn.Tanh(), nn.Linear(6, 2))
+
+
 @pytest.mark.mpi(min_size=1)
-@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1"])
+@pytest.mark.parametrize("schedule", ["gpipe", "1f1b", "zb-h1", "interleaved-1f1b", "interleaved-zb", "zb-v"])
 def test_non_scalar_loss_fails_every_rank_without_hanging(pp2: mpimp.Topology | None, schedule: str) -> None:
+    """Also where the loss is on pipeline rank 0 (zb-v) and with two stages per rank."""
     if pp2 is None:
         return
-    pipe = mpimp.Pipeline(_model(), pp2, chunks=2, loss_fn=lambda out, tgt: (out - tgt) ** 2, schedule=schedule)
+    v = default_virtual_stages(schedule)
+    model = _model if v == 1 else _deeper
+    pipe = mpimp.Pipeline(model(), pp2, chunks=2, loss_fn=lambda out, tgt: (out - tgt) ** 2, schedule=schedule,
+                          virtual_stages=v)
     x, y = torch.randn(4, 4), torch.randn(4, 2)
     _same_error_everywhere(pp2, lambda: pipe.train_step(x, y), ConfigError,
                            r"loss_fn returned \[2, 2\], not a scalar tensor")
@@ -128,8 +148,9 @@ def test_non_scalar_loss_fails_every_rank_without_hanging(pp2: mpimp.Topology | 
         pipe.train_step(x, y)
     pipe.close()
     # a new pipeline on the same topology is not disturbed by the failed step's messages
-    ref = _model()
-    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp2, chunks=2, loss_fn=nn.MSELoss(), schedule=schedule)
+    ref = model()
+    pipe = mpimp.Pipeline(copy.deepcopy(ref), pp2, chunks=2, loss_fn=nn.MSELoss(), schedule=schedule,
+                          virtual_stages=v)
     x, y = pp2.world.bcast((x, y))
     loss = pipe.train_step(x, y)
     assert abs(loss - nn.MSELoss()(ref(x), y).item()) < 1e-5

@@ -37,6 +37,7 @@ __all__ = [
     "parse_action",
     "parse_table",
     "format_table",
+    "format_grid",
     "stage_owners",
     "lower",
     "is_lowered",
@@ -109,12 +110,56 @@ def parse_table(table: str | Sequence[Sequence[str | Action]]) -> Table:
                         f"(this is row {len(rows)})"
                     )
             rows.append(line.replace(",", " ").split())
-        return [[parse_action(a) for a in row] for row in rows]
+        return _parse_rows(rows)
     if not isinstance(table, (list, tuple)) or not all(isinstance(r, (list, tuple)) for r in table):
         raise ConfigError(
             f"an action table is a list (one entry per rank) of lists of actions, got {type(table).__name__}"
         )
-    return [[parse_action(a) for a in row] for row in table]
+    return _parse_rows(table)
+
+
+def _parse_rows(rows: Sequence[Sequence[object]]) -> Table:
+    """Every token parsed; a malformed one is named with its rank and step, and the grid of
+    the raw tokens shows it marked."""
+    out: Table = []
+    for r, row in enumerate(rows):
+        parsed = []
+        for c, token in enumerate(row):
+            try:
+                parsed.append(parse_action(token))  # type: ignore[arg-type]
+            except ConfigError as exc:
+                raise ConfigError(f"{exc} (rank {r}, step {c})\n{format_grid(rows, {r: c})}") from None
+        out.append(parsed)
+    return out
+
+
+def format_grid(table: Sequence[Sequence[object]], marks: dict[int, int], width: int = 6) -> str:
+    """The rank x step grid, each marked action as ``>>1F0<<``, columns near the marks only
+    (the actions, or the raw tokens of a table that does not parse)."""
+    if not table:
+        return "(empty table)"
+    cols = [c for c in marks.values()] or [0]
+    lo = max(0, min(cols) - width)
+    hi = max(cols) + width + 1
+    lines = []
+    longest = max(len(row) for row in table)
+    hi = min(hi, longest)
+    header = "step    " + " ".join(f"{c:>11}" for c in range(lo, hi))
+    lines.append(header + ("  ..." if hi < longest else ""))
+    for r, row in enumerate(table):
+        cells = []
+        for c in range(lo, hi):
+            if c >= len(row):
+                cells.append(f"{'':>11}")
+                continue
+            text = str(row[c])
+            if marks.get(r) == c:
+                text = f">>{text}<<"
+            cells.append(f"{text:>11}")
+        lines.append(f"rank {r:<3}" + " ".join(cells))
+    if lo > 0:
+        lines.insert(1, f"(steps {lo}..{hi - 1} of {longest})")
+    return "\n".join(lines)
 
 
 def format_table(table: Sequence[Sequence[Action]]) -> str:

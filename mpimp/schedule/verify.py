@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 from typing import Union
 
 from ..errors import ConfigError
-from .actions import COMPUTE, Action, Table, lower, parse_table, stage_owners
+from .actions import COMPUTE, Action, Table, format_grid, lower, parse_table, stage_owners
 
 __all__ = ["ScheduleError", "CostModel", "Report", "verify", "simulate", "format_grid", "spread"]
 
@@ -146,34 +146,6 @@ class Report:
 
     def peak_activation_bytes(self, cost: CostModel) -> list[float]:
         return [n * cost.activation_bytes for n in self.peak_inflight]
-
-
-def format_grid(table: Sequence[Sequence[Action]], marks: dict[int, int], width: int = 6) -> str:
-    """The rank x step grid, each marked action as ``>>1F0<<``, columns near the marks only."""
-    if not table:
-        return "(empty table)"
-    cols = [c for c in marks.values()] or [0]
-    lo = max(0, min(cols) - width)
-    hi = max(cols) + width + 1
-    lines = []
-    longest = max(len(row) for row in table)
-    hi = min(hi, longest)
-    header = "step    " + " ".join(f"{c:>11}" for c in range(lo, hi))
-    lines.append(header + ("  ..." if hi < longest else ""))
-    for r, row in enumerate(table):
-        cells = []
-        for c in range(lo, hi):
-            if c >= len(row):
-                cells.append(f"{'':>11}")
-                continue
-            text = str(row[c])
-            if marks.get(r) == c:
-                text = f">>{text}<<"
-            cells.append(f"{text:>11}")
-        lines.append(f"rank {r:<3}" + " ".join(cells))
-    if lo > 0:
-        lines.insert(1, f"(steps {lo}..{hi - 1} of {longest})")
-    return "\n".join(lines)
 
 
 def _fail(table: Table, marks: dict[int, int], why: str) -> ScheduleError:
