@@ -358,14 +358,16 @@ def bubbles(world: MPI.Comm, ms: list[int], steps: int) -> list[dict]:
                 print(line, flush=True)
             pipe.close()
         if world.Get_rank() == 0 and TRANSFER_FROM in costs:
-            # out of sample: the costs measured at m = 8 predict the other m (run minutes apart)
-            own = [r for r in rows if r["schedule"] == schedule]
+            # out of sample: the costs measured at m = TRANSFER_FROM predict the other m (run
+            # minutes apart); its own m is the in-sample prediction above
+            own = [r for r in rows if r["schedule"] == schedule and r["m"] != TRANSFER_FROM]
             for row in own:
-                m = row["m"]
+                m, meas = row["m"], row["measured"]
                 pred = statistics.median(simulate(tables[m], c, m).bubble for c in costs[TRANSFER_FROM])
-                row.update(predicted_from_m8=pred, rel_error_from_m8=abs(pred - row["measured"]) / row["measured"])
+                row.update(transfer_from=TRANSFER_FROM, predicted_transfer=pred,
+                           rel_error_transfer=abs(pred - meas) / meas if meas else math.nan)
             print(f"  {schedule:<17} from m={TRANSFER_FROM}'s costs: " + "  ".join(
-                f"m={r['m']} {r['predicted_from_m8']:6.1%} ({r['rel_error_from_m8']:5.1%})" for r in own), flush=True)
+                f"m={r['m']} {r['predicted_transfer']:6.1%} ({r['rel_error_transfer']:5.1%})" for r in own), flush=True)
     topo.free()
     return rows
 
@@ -487,18 +489,21 @@ def main() -> None:
     ms = [4, 8, 16] if p > 2 else [2, 4, 8, 16]
     if rank == 0:
         print(f"bubble, p={p}: measured (timeline) vs predicted (simulator on the calibrated cost model)")
-    started = time.strftime("%Y-%m-%d %H:%M")
+    started = time.localtime()
     result["bubbles"] = bubbles(world, ms, args.steps)
-    result["bubbles_at"] = started
+    result["bubbles_at"] = time.strftime("%Y-%m-%d %H:%M", started)
     if rank == 0:
         RESULTS.mkdir(exist_ok=True)
-        path = RESULTS / f"pipeline_p{p}.json"
+        # this run alone, under its start time (a later run in the same minute adds seconds)
+        dated = RESULTS / f"pipeline_p{p}_{time.strftime('%Y%m%d_%H%M', started)}.json"
+        if dated.exists():
+            dated = RESULTS / f"pipeline_p{p}_{time.strftime('%Y%m%d_%H%M%S', started)}.json"
+        dated.write_text(json.dumps(result, indent=1))
+        path = RESULTS / f"pipeline_p{p}.json"  # the latest run (the plot's), merged into the kept figures
         if path.exists() and args.bubble_only:
             old = json.loads(path.read_text())
             result = {**old, **result}
         path.write_text(json.dumps(result, indent=1))
-        dated = RESULTS / f"pipeline_p{p}_{time.strftime('%Y%m%d_%H%M', time.strptime(started, '%Y-%m-%d %H:%M'))}.json"
-        dated.write_text(json.dumps(result, indent=1))
         print(f"wrote {path} and {dated}")
     if "throughput" in result:
         import torch.distributed as dist

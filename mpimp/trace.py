@@ -161,10 +161,12 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
     """A cost model from measured times: mean F, B, W per stage, mean send and receive overheads.
 
     Backwards with a W of their own are split halves (``b``, ``w``); the others are whole
-    backwards (``CostModel.full``).  A stage the step never split gets halves in the
-    mean proportions (``b / full``, ``w / full``) of the stages it did split, so that the
-    model also prices tables that split it (another m, another schedule); without any
-    split stage its ``b`` is the whole backward and ``w`` 0.
+    backwards (``CostModel.full``).  A stage the step never split gets halves priced from
+    the stages it did split, so that the model also prices tables that split it (another
+    m, another schedule): B's share of ``b + w`` over every split stage, times what a split
+    costs over a whole backward on the stages that ran both (sums over stages; 1 if none
+    did), times its own whole backward.  Without any split stage its ``b`` is the whole
+    backward and ``w`` 0.
 
     With ``jitter`` the model also carries the step's relative action times (each F, B, W
     over the mean of its kind and stage), which the simulator draws from: the waits that
@@ -238,20 +240,25 @@ def calibrate(timelines: Sequence[Timeline], num_stages: int, cores: int | None 
                for x in xs]
     f = tuple(mean("F", s) for s in range(num_stages))
     w = tuple(mean("W", s) for s in range(num_stages))
-    # a stage with only unsplit backwards: b is one backward (and w 0); with only split ones,
-    # b and w are the halves; ``full`` is the unsplit cost (with both kinds, interleaved-zb,
-    # not b + w)
+    # a stage with only unsplit backwards: b is one backward and w 0 (priced below when
+    # other stages were split); with only split ones, b and w are the halves; ``full`` is
+    # the unsplit cost (with both kinds, interleaved-zb, not b + w)
     b = tuple(mean("B", s) if ("B", s) in means else mean("full", s) for s in range(num_stages))
     full = tuple(mean("full", s) if ("full", s) in means else b[s] + w[s] for s in range(num_stages))
-    # a stage this step never split: its halves in the proportions the split stages showed
-    # (what a table that splits it, another m or schedule, needs; this step's own
-    # prediction never asks for them)
-    shares = [(mean("B", s) / full[s], mean("W", s) / full[s]) for s in range(num_stages)
-              if ("B", s) in means and ("W", s) in means and full[s] > 0]
-    if shares:
-        rb, rw = (sum(x) / len(shares) for x in zip(*shares))
-        b = tuple(b[s] if ("W", s) in means else full[s] * rb for s in range(num_stages))
-        w = tuple(w[s] if ("W", s) in means else full[s] * rw for s in range(num_stages))
+    # a stage this step never split: halves priced from the stages it did split (what a
+    # table that splits it, another m or schedule, needs; this step's own prediction never
+    # asks for them): B's share of B + W over every split stage, and what splitting adds to
+    # a whole backward over the stages that also ran whole ones (sums, not a mean of
+    # ratios, so a near-empty stage cannot dominate)
+    split_stages = [s for s in range(num_stages) if ("B", s) in means and ("W", s) in means]
+    halves = sum(mean("B", s) + mean("W", s) for s in split_stages)
+    if halves > 0:
+        share_b = sum(mean("B", s) for s in split_stages) / halves
+        mixed = [s for s in split_stages if ("full", s) in means]
+        wholes = sum(mean("full", s) for s in mixed)
+        dearer = sum(mean("B", s) + mean("W", s) for s in mixed) / wholes if wholes > 0 else 1.0
+        b = tuple(b[s] if ("W", s) in means else full[s] * dearer * share_b for s in range(num_stages))
+        w = tuple(w[s] if ("W", s) in means else full[s] * dearer * (1 - share_b) for s in range(num_stages))
     recv, latency = _receive_and_latency(pure, lags if one_clock and not shared else [], recvs)
     return CostModel(f=f, b=b, w=w, full=full, send=sum(sends) / len(sends) if sends else 0.0,
                      recv=recv, latency=latency, overhead=sum(gaps) / len(gaps) if gaps else 0.0,

@@ -52,6 +52,7 @@ from mpi4py import MPI
 from .coordinator import Control, Coordinator, StepMessage, StopFlag, reduce_to_root
 from .data import IGNORE_INDEX, DataError, Dataset, ReverseTask, open_dataset
 from .errors import ConfigError
+from .schedule import default_virtual_stages
 from .topology import Topology, init
 from .watchdog import guarded
 
@@ -72,8 +73,8 @@ class TrainConfig:
     tp: int = _f(1, "tensor-parallel ranks per stage", "layout")
     schedule: str = _f("1f1b", "pipeline schedule: gpipe, 1f1b, interleaved-1f1b, zb-h1, interleaved-zb, zb-v", "layout")
     chunks: int = _f(1, "micro-batches per data-parallel replica and step", "layout")
-    virtual_stages: int | None = _f(None, "model chunks per pipeline rank (interleaved-1f1b, interleaved-zb, zb-v; "
-                                          "default: 2 for zb-v, which needs 2, else 1)", "layout")
+    virtual_stages: int | None = _f(None, "model chunks per pipeline rank (default: the schedule's own, 2 for "
+                                          "interleaved-1f1b, interleaved-zb and zb-v, 1 for the others)", "layout")
     # model
     layers: int = _f(2, "transformer blocks", "model")
     d_model: int = _f(64, "model width", "model")
@@ -103,11 +104,12 @@ class TrainConfig:
                        "run")
 
     def stages_per_rank(self) -> int:
-        """``virtual_stages``, or when not given the schedule's own: 2 for ``zb-v`` (its V needs
-        exactly two stages per rank), 1 for the others (interleaving is asked for explicitly)."""
+        """``virtual_stages``, or when not given the schedule's own
+        (:func:`mpimp.schedule.default_virtual_stages`: 2 for the interleaved schedules and
+        ``zb-v``, 1 for the others), as ``mpimp plan`` takes it."""
         if self.virtual_stages is not None:
             return self.virtual_stages
-        return 2 if self.schedule == "zb-v" else 1
+        return default_virtual_stages(self.schedule)
 
     def validate(self, world_size: int | None = None) -> None:
         """Raise ConfigError for options that cannot work (pure: same verdict on every rank)."""

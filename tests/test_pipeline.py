@@ -426,10 +426,10 @@ def test_dtype_between_steps_and_shape_within_a_step_change(pp_world: mpimp.Topo
                           virtual_stages=default_virtual_stages(schedule),
                           balance=[3, 3] if schedule != "zb-v" else [3, 1, 1, 1])  # a cross-rank boundary after _Widen
     local = [m for layers in pipe.stages.values() for m in layers]
-    widths: set[tuple[int, torch.dtype]] = set()
+    sent: list[tuple[int, torch.dtype]] = []  # the widened stage output of each micro-batch
     for m in local:
         if isinstance(m, _Widen):
-            m.register_forward_hook(lambda _m, _i, out: widths.add((out.shape[1], out.dtype)))
+            m.register_forward_hook(lambda _m, _i, out: sent.append((out.shape[1], out.dtype)))
     for step, dtype in enumerate((torch.float32, torch.float64, torch.float32)):
         for layer in [*ref, *local]:
             if isinstance(layer, _Cast):
@@ -438,9 +438,10 @@ def test_dtype_between_steps_and_shape_within_a_step_change(pp_world: mpimp.Topo
         ref.zero_grad()
         for q in pipe.parameters():
             q.grad = None
+        sent.clear()
         _check_step(pp_world, pipe, ref, x.double(), y.double(), nn.MSELoss())
-    if pipe.is_first_stage:  # the rank that widened: several shapes in one step, both dtypes
-        assert len({w for w, _ in widths}) >= 2 and {d for _, d in widths} == {torch.float32, torch.float64}
+        if pipe.is_first_stage:  # the rank that widened: several shapes within this step, its dtype
+            assert len({w for w, _ in sent}) >= 2 and {d for _, d in sent} == {dtype}, sent
     pipe.close()
 
 

@@ -222,6 +222,12 @@ def test_a_stage_never_split_gets_halves_in_the_proportions_of_the_split_ones() 
     assert cost.full_backward(0) == pytest.approx(5.0)
     assert cost.time("B", 1) == pytest.approx(6.0) and cost.time("W", 1) == pytest.approx(2.0)
     assert cost.full_backward(1) == pytest.approx(10.0)
+    # a near-empty stage whose split costs 4x its whole backward hardly moves the price
+    # (sums over stages, not a mean of the stages' ratios)
+    tiny = [_event(2, "F", 2, 0, 0.0, 1.0), _event(2, "F", 2, 1, 1.0, 2.0), _event(2, "B", 2, 0, 2.0, 2.003),
+            _event(2, "B", 2, 1, 2.003, 2.004), _event(2, "W", 2, 0, 2.004, 2.005)]
+    cost = trace.calibrate([*tl, tiny], 3, jitter=False)
+    assert cost.time("B", 1) == pytest.approx(6.0, rel=2e-3) and cost.time("W", 1) == pytest.approx(2.0, rel=2e-3)
     unsplit = trace.calibrate([tl[1]], 2, jitter=False)
     assert unsplit.time("B", 1) == pytest.approx(10.0) and unsplit.time("W", 1) == 0.0
 
