@@ -281,9 +281,10 @@ def _receive_and_latency(pure: Sequence[tuple[float, float]], lags: Sequence[flo
     their send ended.  One that started within ``latency`` of it still waited for part of
     the transfer, so the receive's cost is the mean over those that started at least
     ``latency`` after (their shortest duration if none did), and ``latency`` the median
-    lag minus that cost; repeated until the number of such receives stops changing (at
-    most ``len(pure) + 1`` rounds).  Without receives that started after their send, the
-    shortest receive is the cost (an upper bound: it includes a wait).
+    lag minus that cost; repeated until the latency stops changing (the set of such
+    receives has settled; at most ``len(pure) + 2`` rounds).  Without receives that
+    started after their send, the shortest receive is the cost (an upper bound: it
+    includes a wait).
     """
     def own_cost(latency: float) -> float:
         clean = [d for d, lead in pure if lead >= latency]
@@ -291,19 +292,17 @@ def _receive_and_latency(pure: Sequence[tuple[float, float]], lags: Sequence[flo
             return sum(clean) / len(clean)
         return min(d for d, _ in pure) if pure else (min(recvs) if recvs else 0.0)
 
-    recv = own_cost(0.0)
+    latency = 0.0
+    recv = own_cost(latency)
     if not lags:
         return recv, 0.0
     lag = statistics.median(lags)
-    latency = max(0.0, lag - recv)
-    kept = sum(lead >= latency for _, lead in pure)
-    for _ in range(len(pure) + 1):
-        recv = own_cost(latency)
-        latency = max(0.0, lag - recv)
-        now = sum(lead >= latency for _, lead in pure)
-        if now == kept:
+    for _ in range(len(pure) + 2):
+        settled = max(0.0, lag - recv)
+        if settled == latency:
             break
-        kept = now
+        latency = settled
+        recv = own_cost(latency)
     return recv, latency
 
 

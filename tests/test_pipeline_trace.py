@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -20,11 +21,14 @@ def _event(rank: int, kind: str, stage: int, mb: int, start: float, end: float, 
             "mb": mb, "start": start, "end": end, **extra}
 
 
+def _as_timelines(rep: Any) -> list[list[dict]]:
+    """A simulator report's events as measured timelines (one list of events per rank)."""
+    return [[_event(r, a.kind, a.stage, a.mb, t0, t1) for a, t0, t1 in events] for r, events in enumerate(rep.events)]
+
+
 def _synthetic() -> list[list[dict]]:
     """Two ranks, two micro-batches, unit compute: the simulator's own events as a timeline."""
-    rep = simulate(build("1f1b", 2, 2), CostModel(f=1, b=1, w=1), 2)
-    return [[{"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind, "mb": a.mb,
-              "start": t0, "end": t1} for a, t0, t1 in events] for r, events in enumerate(rep.events)]
+    return _as_timelines(simulate(build("1f1b", 2, 2), CostModel(f=1, b=1, w=1), 2))
 
 
 def test_bubble_and_chrome_trace_of_a_known_timeline(tmp_path: Path) -> None:
@@ -152,8 +156,7 @@ def test_calibration_round_trips_message_and_executor_costs() -> None:
     for latency in (0.0, 0.3):
         truth = CostModel(f=1.0, b=2.0, w=0.0, send=0.05, recv=0.1, overhead=0.2, latency=latency)
         rep = simulate(table, truth, 4)
-        tl = [[{"rank": r, "world_rank": r, "action": str(a), "stage": a.stage, "kind": a.kind, "mb": a.mb,
-                "start": t0, "end": t1} for a, t0, t1 in events] for r, events in enumerate(rep.events)]
+        tl = _as_timelines(rep)
         cost = trace.calibrate(tl, 2)
         assert cost.send == pytest.approx(0.05) and cost.recv == pytest.approx(0.1)
         assert cost.latency == pytest.approx(latency) and cost.overhead == pytest.approx(0.2)

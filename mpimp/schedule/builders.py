@@ -247,7 +247,7 @@ def _v_place(p: int, m: int, split: set[tuple[int, int]], cap: int) -> tuple[Tab
     stages = 2 * p
     owner = v_owner(p)
     mine = [(r, stages - 1 - r) for r in range(p)]
-    end: dict[tuple[int, str, int], float] = {}
+    end: dict[tuple[int, str, int], int] = {}
     next_f, next_b = [0] * stages, [0] * stages
     held: list[deque[Action]] = [deque() for _ in range(p)]
     live, clock, left = [0] * p, [0] * p, [4 * m] * p

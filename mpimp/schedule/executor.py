@@ -357,12 +357,11 @@ class StageExecutor:
                 self._targets = split_batch(targets, self.chunks, "targets") if last and train else None
             except ConfigError as exc:
                 err = f"rank {self.topo.rank} (pipeline rank {self.topo.pp_rank}, stages {self.local_stages}): {exc}"
-                missing = next(((what, end) for what, end, needed, value in (
-                    ("inputs", "first", first, inputs), ("targets", "last", last and train, targets))
-                    if needed and value is None), None)
-                if missing is not None:  # (the placement decides: zb-v holds the last stage on pipeline rank 0)
-                    what, end = missing
-                    err += f"; this rank holds the {end} stage (Pipeline.is_{end}_stage): pass the {what} here"
+                # (the placement decides which rank that is: zb-v holds the last stage on pipeline rank 0)
+                if first and inputs is None:
+                    err += "; this rank holds the first stage (Pipeline.is_first_stage): pass the inputs here"
+                elif last and train and targets is None:
+                    err += "; this rank holds the last stage (Pipeline.is_last_stage): pass the targets here"
         # a blocking all-reduce (under the watchdog's deadline) tells every rank whether any
         # rank's input is bad or its pipeline broken; only then are the messages gathered
         flag = all_reduce(torch.tensor([2 if broken else 1 if err else 0], dtype=torch.int32),
